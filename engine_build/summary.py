@@ -1,0 +1,117 @@
+"""Size figures of a graph: parameters, weight bytes per dtype and KV-cache bytes per token."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from engine_build.graph import AttentionKind, ModelGraph
+from engine_build.weights import WeightRole, weight_specs
+
+# Bytes per element of each storage dtype the product uses.
+DTYPE_BYTES: dict[str, int] = {"bf16": 2, "fp8": 1, "fp32": 4}
+
+# FP8 weights carry one fp32 scale per output channel of every linear layer.
+FP8_SCALE_BYTES = 4
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    """One row of the per-layer table."""
+
+    index: int
+    attention: str
+    kv_heads: int
+    ffn: str
+    ffn_width: int
+    parameters: int
+
+
+@dataclass(frozen=True)
+class GraphSummary:
+    """The figures `nemotron-build inspect` reports for one graph."""
+
+    layers: int
+    parameters: int
+    attention_layers: int
+    linear_attention_layers: int
+    no_attention_layers: int
+    ffn_kinds: dict[str, int]
+    ffn_widths: dict[int, int]
+    weight_bytes: dict[str, int]
+    kv_bytes_per_token: dict[str, int]
+    uniform_kv_bytes_per_token_bf16: int
+    per_layer: tuple[LayerSummary, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (integer keys become strings)."""
+        data = asdict(self)
+        data["ffn_widths"] = {str(k): v for k, v in self.ffn_widths.items()}
+        return data
+
+
+def kv_bytes_per_token(graph: ModelGraph, dtype: str) -> int:
+    """Bytes of K and V one token occupies across all KV-cached layers."""
+    per_element = DTYPE_BYTES[dtype]
+    return sum(2 * kv * graph.head_dim * per_element for kv in graph.kv_heads_per_layer)
+
+
+def tensor_bytes(role: WeightRole, shape: tuple[int, ...], dtype: str) -> int:
+    """Bytes of one tensor stored in `dtype`.
+
+    For fp8, linear matrices hold e4m3 values plus one fp32 scale per output channel, while
+    embeddings, lm_head and norms stay bf16, as the FP8 engines store them.
+    """
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    if dtype != "fp8":
+        return numel * DTYPE_BYTES[dtype]
+    if role is WeightRole.LINEAR:
+        return numel * DTYPE_BYTES["fp8"] + shape[0] * FP8_SCALE_BYTES
+    return numel * DTYPE_BYTES["bf16"]
+
+
+def weight_bytes(graph: ModelGraph, dtype: str) -> int:
+    """Bytes of all weights stored in `dtype` (see `tensor_bytes` for fp8)."""
+    return sum(tensor_bytes(s.role, s.shape, dtype) for s in weight_specs(graph))
+
+
+def summarize(graph: ModelGraph) -> GraphSummary:
+    """Compute every figure of the summary."""
+    specs = weight_specs(graph)
+    per_layer_params: Counter[int] = Counter()
+    for spec in specs:
+        if spec.layer is not None:
+            per_layer_params[spec.layer] += spec.numel
+    attention = Counter(b.attention.kind for b in graph.blocks)
+    swiglu_widths = Counter(
+        b.ffn.intermediate_size for b in graph.blocks if b.ffn.intermediate_size
+    )
+    widest_kv = max(graph.kv_heads_per_layer, default=0)
+    return GraphSummary(
+        layers=graph.num_layers,
+        parameters=sum(s.numel for s in specs),
+        attention_layers=attention[AttentionKind.GQA],
+        linear_attention_layers=attention[AttentionKind.LINEAR],
+        no_attention_layers=attention[AttentionKind.NONE],
+        ffn_kinds=dict(Counter(b.ffn.kind.value for b in graph.blocks)),
+        ffn_widths=dict(sorted(swiglu_widths.items(), reverse=True)),
+        weight_bytes={dtype: weight_bytes(graph, dtype) for dtype in DTYPE_BYTES},
+        kv_bytes_per_token={dtype: kv_bytes_per_token(graph, dtype) for dtype in DTYPE_BYTES},
+        uniform_kv_bytes_per_token_bf16=(
+            graph.num_layers * 2 * widest_kv * graph.head_dim * DTYPE_BYTES["bf16"]
+        ),
+        per_layer=tuple(
+            LayerSummary(
+                index=i,
+                attention=b.attention.kind.value,
+                kv_heads=b.attention.num_kv_heads,
+                ffn=b.ffn.kind.value,
+                ffn_width=b.ffn.intermediate_size,
+                parameters=per_layer_params[i],
+            )
+            for i, b in enumerate(graph.blocks)
+        ),
+    )

@@ -1,0 +1,1 @@
+"""The nemotron-serve service: tokenization, generation and (later) the gRPC surface."""

@@ -1,0 +1,1 @@
+"""The gRPC surface: protobuf conversions, the servicer, and the error table."""

@@ -1,0 +1,86 @@
+"""One table from domain errors to gRPC status codes, applied around every handler.
+
+INVALID_ARGUMENT carries the field and the allowed range (our messages already do);
+RESOURCE_EXHAUSTED adds a retry hint; INTERNAL never echoes internal text, only an id to find
+the logged traceback by.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from engine_build.checkpoint import CheckpointError
+from service.runtime.interface import EngineError, NotReadyError, OverloadedError, RequestError
+from service.tokenizer import TokenizerError
+
+_LOG = logging.getLogger("nemotron.api")
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Domain exception -> status code, most specific first.
+STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (NotReadyError, grpc.StatusCode.UNAVAILABLE),
+    (RequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (TokenizerError, grpc.StatusCode.INVALID_ARGUMENT),
+    (CheckpointError, grpc.StatusCode.FAILED_PRECONDITION),
+    (EngineError, grpc.StatusCode.UNAVAILABLE),  # the engine failed: its message says how
+)
+
+
+def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and the message a client may see."""
+    for kind, code in STATUS_OF:
+        if isinstance(error, kind):
+            message = str(error)
+            if isinstance(error, OverloadedError):
+                message += f" (retry after {error.retry_after_s:g} s)"
+            return code, message
+    incident = uuid.uuid4().hex[:12]
+    _LOG.error("internal_error", exc_info=error, extra={"fields": {"incident": incident}})
+    return grpc.StatusCode.INTERNAL, f"internal error (incident {incident} in the server log)"
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: BaseException) -> None:
+    code, message = status_for(error)
+    if isinstance(error, OverloadedError):
+        context.set_trailing_metadata((("retry-after-ms", str(int(error.retry_after_s * 1000))),))
+    await context.abort(code, message)
+
+
+def unary(handler: F) -> F:
+    """Map domain errors of a unary handler to status codes."""
+
+    @functools.wraps(handler)
+    async def wrapped(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await handler(self, request, context)
+        except (grpc.aio.AbortError, grpc.aio.UsageError):
+            raise
+        except Exception as error:
+            await _abort(context, error)
+
+    return wrapped  # type: ignore[return-value]
+
+
+def streaming(handler: F) -> F:
+    """Map domain errors of a server-streaming handler to status codes."""
+
+    @functools.wraps(handler)
+    async def wrapped(
+        self: Any, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        try:
+            async for message in handler(self, request, context):
+                yield message
+        except (grpc.aio.AbortError, grpc.aio.UsageError):
+            raise
+        except Exception as error:
+            await _abort(context, error)
+
+    return wrapped  # type: ignore[return-value]

@@ -1,0 +1,1 @@
+"""The generation runtime: one engine interface, the PyTorch scheduler and its backends."""

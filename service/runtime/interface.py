@@ -1,0 +1,192 @@
+"""The engine interface the gRPC layer uses, independent of backend.
+
+Submit a `GenerationRequest`, receive an async stream of `TokenEvent`s ending with one that
+carries a finish reason, usage and timings; abort by request id; read `EngineStats`; watch
+`EngineState` for readiness; shut down cleanly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+
+class FinishReason(StrEnum):
+    """Why a request ended."""
+
+    STOP = "stop"  # a stop string, stop token or end-of-turn token
+    LENGTH = "length"  # max_new_tokens or the engine's max sequence length
+    ABORTED = "aborted"  # abort() or the client went away
+    DEADLINE = "deadline"  # its deadline passed
+    ERROR = "error"  # the engine failed
+    TOOL_CALLS = "tool_calls"  # the chat layer found tool calls in a stopped turn
+
+
+class EngineState(StrEnum):
+    """Readiness as probes see it."""
+
+    STARTING = "starting"
+    READY = "ready"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+class EngineError(RuntimeError):
+    """Base of the runtime's typed errors."""
+
+
+class RequestError(EngineError, ValueError):
+    """A request the engine refuses; the message names the field and the allowed range."""
+
+
+class OverloadedError(EngineError):
+    """The waiting queue is full; retry later."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class NotReadyError(EngineError):
+    """The engine is starting, failed or shutting down."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How each next token is chosen. Ranges are checked by `validate_sampling`."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        """Argmax decoding (temperature 0, or too small to sample stably)."""
+        return self.temperature < 1e-5
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One request: prompt ids, sampling, stops, limits, id and deadline."""
+
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_new_tokens: int = 256
+    stop_strings: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: no log-probabilities; n >= 0: chosen plus top n
+    deadline: float | None = None  # time.monotonic() value after which the request is dropped
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """Log-probability of a generated token and of the top alternatives at that step."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of a finished request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Where a request's time went, in seconds."""
+
+    queue_s: float
+    time_to_first_token_s: float
+    total_s: float
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """New tokens of one request, with their text; the last event carries the finish data."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    timings: Timings | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load and memory."""
+
+    state: EngineState
+    running: int
+    waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_blocks_free: int
+    kv_block_size: int
+    kv_bytes_per_token: int
+    uniform_kv_bytes_per_token: int  # what a model with attention in every layer would need
+    tokens_processed: int  # tokens run through the model (prefill and decode)
+    generated_tokens: int
+    preemptions: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    steps: int
+
+    @property
+    def kv_saving(self) -> float:
+        """Share of KV memory saved against the uniform model (0.39 for Nemotron-Super-49B)."""
+        if not self.uniform_kv_bytes_per_token:
+            return 0.0
+        return 1.0 - self.kv_bytes_per_token / self.uniform_kv_bytes_per_token
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Prompt tokens served from cached blocks / prompt tokens looked up."""
+        return (
+            self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+        )
+
+
+class Engine(Protocol):
+    """What every backend implements."""
+
+    @property
+    def state(self) -> EngineState:
+        """Readiness."""
+        ...
+
+    async def start(self) -> None:
+        """Load, warm up and begin serving (state READY, or FAILED with the reason logged)."""
+        ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Submit and stream; raises RequestError, OverloadedError or NotReadyError up front."""
+        ...
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request at the next step and free its memory; False if unknown."""
+        ...
+
+    def stats(self) -> EngineStats:
+        """A snapshot of load and memory."""
+        ...
+
+    async def shutdown(self) -> None:
+        """Fail pending requests as aborted, stop the loop and workers."""
+        ...

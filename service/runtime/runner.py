@@ -1,0 +1,67 @@
+"""Running one scheduled step on one rank: the packed token batch through the model.
+
+A `StepPlan` is plain data (lists of ints), so rank 0 can broadcast it to tensor-parallel
+workers, which run the same step on their shard and their own copy of the KV pages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from engine_build.model import NemotronModel
+from service.runtime.kv_pages import PagedKVStore, PagedStep, Segment
+from service.runtime.scheduler import ScheduledStep
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Everything needed to run one step: tokens, positions, per-sequence layout, rows to sample."""
+
+    token_ids: list[int]
+    positions: list[int]
+    segments: list[tuple[int, int, int, list[int]]]  # (start, count, context, block ids)
+    sample_rows: list[int]  # packed rows whose next-token logits are needed
+
+
+def make_plan(step: ScheduledStep) -> StepPlan:
+    """The plan of a scheduled step (rank 0)."""
+    tokens: list[int] = []
+    positions: list[int] = []
+    segments, sample_rows = [], []
+    for seq, count in step.items:
+        start, first = len(tokens), seq.num_computed
+        tokens.extend(seq.token_ids[first : first + count])
+        positions.extend(range(first, first + count))
+        segments.append((start, count, first, list(seq.blocks)))
+        if first + count == len(seq.token_ids):  # prefill finished or decoding: sample next
+            sample_rows.append(start + count - 1)
+    return StepPlan(tokens, positions, segments, sample_rows)
+
+
+class ModelRunner:
+    """One rank's model and KV pages."""
+
+    def __init__(self, model: NemotronModel, store: PagedKVStore) -> None:
+        self.model, self.store = model, store
+        self.device = model.embed.weight.device
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> Tensor:
+        """Logits [len(plan.sample_rows), vocab] (float32)."""
+        device = self.device
+        size = self.store.block_size
+        segments = []
+        for start, count, context, blocks in plan.segments:
+            positions = torch.arange(context + count, device=device)
+            table = torch.tensor(blocks, dtype=torch.long, device=device)
+            segments.append(
+                Segment(start, count, context, table[positions // size] * size + positions % size)
+            )
+        tokens = torch.tensor([plan.token_ids], dtype=torch.long, device=device)
+        positions = torch.tensor([plan.positions], dtype=torch.long, device=device)
+        attention = PagedStep(self.store, positions, segments)
+        select = torch.tensor(plan.sample_rows, dtype=torch.long, device=device)
+        return self.model.forward_step(tokens, attention, select).float()

@@ -1,0 +1,238 @@
+"""The `Engine` interface on TensorRT-LLM's LLM API, for engines built by the tensorrt-llm backend.
+
+TensorRT-LLM cannot be installed on our CI machines (PyPI has only a stub that downloads from
+NVIDIA's index, and it needs CUDA), so this adapter has NOT been executed by us. The tests pin
+its translation of our requests into TensorRT-LLM's `SamplingParams` and `generate_async`
+arguments, and of its streamed outputs and iteration stats back into our events and stats,
+against the field names in TensorRT-LLM's source (`llmapi/llm.py`, `sampling_params.py`,
+`executor/result.py`; read at release 1.0). Check them against the version in your image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from service.runtime.interface import (
+    EngineState,
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    NotReadyError,
+    RequestError,
+    TokenEvent,
+    TokenLogprob,
+    Usage,
+)
+from service.runtime.validation import RequestLimits, validate_request
+
+# TensorRT-LLM's finish reasons -> ours.
+FINISH_REASONS = {
+    "stop": FinishReason.STOP,
+    "length": FinishReason.LENGTH,
+    "cancelled": FinishReason.ABORTED,
+    "timeout": FinishReason.DEADLINE,
+}
+
+
+class TensorRTLLMUnavailableError(NotReadyError):
+    """The tensorrt_llm package is not importable here."""
+
+
+def sampling_kwargs(request: GenerationRequest) -> dict[str, Any]:
+    """`tensorrt_llm.SamplingParams(**kwargs)` for our request."""
+    s = request.sampling
+    kwargs: dict[str, Any] = {
+        "max_tokens": request.max_new_tokens,
+        "temperature": 0.0 if s.greedy else s.temperature,
+        "top_p": s.top_p,
+        "top_k": s.top_k or None,
+        "min_p": s.min_p or None,
+        "repetition_penalty": s.repetition_penalty,
+        "frequency_penalty": s.frequency_penalty,
+        "presence_penalty": s.presence_penalty,
+        "seed": s.seed,
+        "stop": list(request.stop_strings) or None,
+        "stop_token_ids": list(request.stop_token_ids) or None,
+        "include_stop_str_in_output": False,
+        "ignore_eos": request.ignore_eos,
+        "logprobs": request.logprobs,
+        "detokenize": True,
+    }
+    return {key: value for key, value in kwargs.items() if value is not None}
+
+
+def generate_kwargs(request: GenerationRequest) -> dict[str, Any]:
+    """Keyword arguments of `LLM.generate_async` (sampling params still as a dict)."""
+    return {
+        "inputs": list(request.prompt_ids),
+        "sampling_params": sampling_kwargs(request),
+        "streaming": True,
+    }
+
+
+def llm_kwargs(
+    engine_dir: Path, tokenizer_dir: Path, kv_cache_free_fraction: float
+) -> dict[str, Any]:
+    """Keyword arguments of the TensorRT-engine `LLM` (kv_cache_config still as a dict)."""
+    return {
+        "model": str(engine_dir),
+        "tokenizer": str(tokenizer_dir),
+        "kv_cache_config": {
+            "free_gpu_memory_fraction": kv_cache_free_fraction,
+            "enable_block_reuse": True,
+        },
+    }
+
+
+def event_from_output(
+    request_id: str, output: Any, finished: bool, prompt_tokens: int
+) -> TokenEvent:
+    """One streamed `CompletionOutput` (its `*_diff` fields) as our event."""
+    logprobs = tuple(
+        TokenLogprob(token, float(_chosen_logprob(entry, token)))
+        for token, entry in zip(
+            output.token_ids_diff,
+            getattr(output, "logprobs_diff", None) or [None] * len(output.token_ids_diff),
+            strict=True,
+        )
+        if entry is not None
+    )
+    reason = FINISH_REASONS.get(str(output.finish_reason)) if finished else None
+    if finished and reason is None:
+        reason = FinishReason.STOP
+    usage = Usage(prompt_tokens, len(output.token_ids)) if finished else None
+    return TokenEvent(
+        request_id, tuple(output.token_ids_diff), output.text_diff, logprobs, reason, usage
+    )
+
+
+def _chosen_logprob(entry: Any, token: int) -> float:
+    """TensorRT-LLM gives a {token: Logprob(logprob=...)} map per position."""
+    value = entry[token] if isinstance(entry, dict) else entry
+    return getattr(value, "logprob", value)
+
+
+def past_deadline(request: GenerationRequest) -> bool:
+    """Whether the request's deadline (a time.monotonic() value) has passed."""
+    return request.deadline is not None and time.monotonic() > request.deadline
+
+
+def stats_from_iteration(stats: dict[str, Any], state: EngineState) -> EngineStats:
+    """Our stats from one entry of `LLM.get_stats()` (the executor's iteration stats)."""
+    kv = stats.get("kvCacheStats", {})
+    total, free = int(kv.get("maxNumBlocks", 0)), int(kv.get("freeNumBlocks", 0))
+    return EngineStats(
+        state=state,
+        running=int(stats.get("numActiveRequests", 0)),
+        waiting=int(stats.get("numQueuedRequests", 0)),
+        kv_blocks_total=total,
+        kv_blocks_used=int(kv.get("usedNumBlocks", total - free)),
+        kv_blocks_free=free,
+        kv_block_size=int(kv.get("tokensPerBlock", 0)),
+        kv_bytes_per_token=0,
+        uniform_kv_bytes_per_token=0,
+        tokens_processed=0,
+        generated_tokens=0,
+        preemptions=0,
+        prefix_cache_queries=int(kv.get("missedBlocks", 0)) + int(kv.get("reusedBlocks", 0)),
+        prefix_cache_hits=int(kv.get("reusedBlocks", 0)),
+        steps=int(stats.get("iter", 0)),
+    )
+
+
+class TensorRTLLMRuntime:
+    """The `Engine` on TensorRT-LLM's LLM API (optional import; needs NVIDIA's container)."""
+
+    def __init__(
+        self,
+        engine_dir: Path,
+        tokenizer_dir: Path,
+        limits: RequestLimits,
+        kv_cache_free_fraction: float = 0.9,
+    ) -> None:
+        self.engine_dir, self.tokenizer_dir, self.limits = engine_dir, tokenizer_dir, limits
+        self.kv_cache_free_fraction = kv_cache_free_fraction
+        self._state = EngineState.STARTING
+        self._llm: Any = None
+        self._results: dict[str, Any] = {}
+        self._last_stats: dict[str, Any] = {}
+
+    @property
+    def state(self) -> EngineState:
+        """Readiness."""
+        return self._state
+
+    async def start(self) -> None:  # pragma: no cover - needs tensorrt_llm and CUDA
+        """Load the engine with the LLM API."""
+        if importlib.util.find_spec("tensorrt_llm") is None:
+            self._state = EngineState.FAILED
+            raise TensorRTLLMUnavailableError(
+                "the tensorrt_llm package is not installed here; serve torch engines instead"
+            )
+        llm_module = importlib.import_module("tensorrt_llm._tensorrt_engine")
+        llmapi = importlib.import_module("tensorrt_llm.llmapi")
+        kwargs = llm_kwargs(self.engine_dir, self.tokenizer_dir, self.kv_cache_free_fraction)
+        kwargs["kv_cache_config"] = llmapi.KvCacheConfig(**kwargs["kv_cache_config"])
+        self._llm = await asyncio.to_thread(llm_module.LLM, **kwargs)
+        self._state = EngineState.READY
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Validate, submit and stream."""
+        if self._state is not EngineState.READY:
+            raise NotReadyError(f"engine is {self._state.value}")
+        validate_request(request, self.limits)
+        if request.request_id in self._results:
+            raise RequestError(f"request_id {request.request_id!r} is already in use")
+        return self._stream(request)
+
+    async def _stream(
+        self, request: GenerationRequest
+    ) -> AsyncIterator[TokenEvent]:  # pragma: no cover
+        tensorrt_llm = importlib.import_module("tensorrt_llm")
+        kwargs = generate_kwargs(request)
+        kwargs["sampling_params"] = tensorrt_llm.SamplingParams(**kwargs["sampling_params"])
+        result = self._llm.generate_async(**kwargs)
+        self._results[request.request_id] = result
+        try:
+            async for chunk in result:
+                output = chunk.outputs[0]
+                if past_deadline(request) and not chunk.finished:
+                    result.abort()
+                    usage = Usage(len(request.prompt_ids), len(output.token_ids))
+                    yield TokenEvent(request.request_id, (), "", (), FinishReason.DEADLINE, usage)
+                    return
+                yield event_from_output(
+                    request.request_id, output, chunk.finished, len(request.prompt_ids)
+                )
+        finally:
+            self._results.pop(request.request_id, None)
+            if not result.finished:
+                result.abort()
+
+    def abort(self, request_id: str) -> bool:
+        """Abort through the request's GenerationResult."""
+        result = self._results.get(request_id)
+        if result is None:
+            return False
+        result.abort()
+        return True
+
+    def stats(self) -> EngineStats:
+        """The latest iteration stats the executor reported."""
+        if self._llm is not None:  # pragma: no cover - needs tensorrt_llm
+            latest = self._llm.get_stats(timeout=0.01)
+            if latest:
+                self._last_stats = latest[-1]
+        return stats_from_iteration(self._last_stats, self._state)
+
+    async def shutdown(self) -> None:
+        """Stop the executor."""
+        if self._llm is not None:  # pragma: no cover - needs tensorrt_llm
+            await asyncio.to_thread(self._llm.shutdown)
+        self._state = EngineState.STOPPED

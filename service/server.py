@@ -1,0 +1,186 @@
+"""The gRPC server process: health and reflection at once, the engine behind, a drain on SIGTERM.
+
+Health service names: `""` and `liveness` are SERVING as soon as the port is open;
+`readiness` and the API's own name turn SERVING once the engine is loaded and warmed up. On
+SIGTERM (or SIGINT) everything goes NOT_SERVING, new calls are refused, in-flight calls get
+`grace_s` to finish, then the process exits 0; a second signal exits at once. An engine that
+fails turns readiness NOT_SERVING and ends the process with exit code 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from nemotron.v1 import generation_pb2_grpc as pb_grpc
+
+from engine_build.events import log_event
+from service.api.servicer import SERVICE_NAME, GenerationServicer, ModelInfo
+from service.chat import ChatContext
+from service.chat_format import family_of, load_families
+from service.runtime.compute import reserve_cores_for_compute_threads, run_in_compute_thread
+from service.runtime.factory import RuntimeOptions, open_runtime
+from service.runtime.interface import EngineState
+from service.runtime.torch_runtime import TorchRuntime
+from service.startup import ensure_cpu_engine
+
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+LIVENESS, READINESS = "liveness", "readiness"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+ENGINE_WATCH_INTERVAL_S = 0.5
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the server process needs, parsed once at startup."""
+
+    host: str
+    port: int
+    cache_dir: Path
+    checkpoint: Path | None
+    gguf: Path | None
+    precision: str | None
+    grace_s: float = 30.0
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_concurrent_streams: int = 256
+
+
+async def serve(config: ServerConfig) -> int:
+    """Run until a signal or an engine failure; return the exit code."""
+    reserve_cores_for_compute_threads()
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+        ]
+    )
+    health = HealthServicer()
+    for name, status in (
+        ("", SERVING),
+        (LIVENESS, SERVING),
+        (READINESS, NOT_SERVING),
+        (SERVICE_NAME, NOT_SERVING),
+    ):
+        await health.set(name, status)
+    servicer = GenerationServicer()
+    pb_grpc.add_GenerationServiceServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    await server.start()
+    log_event("server_listening", host=config.host, port=port)
+    stop = asyncio.Event()
+    _install_signal_handlers(stop)
+    outcome = {"exit_code": 0}
+    runtime: TorchRuntime | None = None
+    try:
+        runtime = await _start_engine(config, servicer, stop)
+        if runtime is not None:
+            await health.set(READINESS, SERVING)
+            await health.set(SERVICE_NAME, SERVING)
+            log_event("server_ready", port=port)
+            watcher = asyncio.create_task(_watch_engine(runtime, health, stop, outcome))
+            await stop.wait()
+            watcher.cancel()
+    finally:
+        await health.enter_graceful_shutdown()
+        log_event("server_draining", grace_s=config.grace_s)
+        await server.stop(grace=config.grace_s)
+        if runtime is not None:
+            await runtime.shutdown()
+        log_event("server_stopped", exit_code=outcome["exit_code"])
+    return outcome["exit_code"]
+
+
+async def _start_engine(
+    config: ServerConfig, servicer: GenerationServicer, stop: asyncio.Event
+) -> TorchRuntime | None:
+    """Build (once) and load the engine; None when a signal came first."""
+    started = time.perf_counter()
+    build = asyncio.create_task(
+        asyncio.to_thread(
+            run_in_compute_thread,  # tensor work away from the main thread's compute team
+            lambda: ensure_cpu_engine(
+                config.cache_dir, config.checkpoint, config.gguf, config.precision
+            ),
+        )
+    )
+    stopped = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({build, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if build not in done:
+        return None
+    stopped.cancel()
+    engine_dir = build.result()
+    runtime = open_runtime(engine_dir, RuntimeOptions())
+    await runtime.start()
+    family = family_of(runtime.tokenizer.chat_template_source, load_families())
+    context = ChatContext(runtime, runtime.tokenizer, family, runtime.config.max_seq_len)
+    servicer.attach(context, _model_info(engine_dir, runtime, family.name))
+    log_event(
+        "engine_started", engine=str(engine_dir), seconds=round(time.perf_counter() - started, 2)
+    )
+    return runtime
+
+
+def _model_info(engine_dir: Path, runtime: TorchRuntime, family: str) -> ModelInfo:
+    import importlib.metadata as metadata
+    import json
+
+    import torch
+
+    description = json.loads((engine_dir / "engine.json").read_text())
+    config = description["model_config"]
+    return ModelInfo(
+        model=str(config.get("_name_or_path") or config.get("model_type", "")),
+        family=family,
+        profile=description["profile"],
+        backend="torch",
+        precision=description["precision"]["weights"],
+        tensor_parallel=int(description["tensor_parallel"]),
+        max_context_tokens=runtime.config.max_seq_len,
+        engine_id=engine_dir.name,
+        engine_name=f"torch-{description['profile']}-{description['precision']['weights']}"
+        f"-tp{description['tensor_parallel']}",
+        versions={
+            "nemotron-serve": metadata.version("nemotron-serve"),
+            "torch": torch.__version__,
+            "grpcio": grpc.__version__,
+        },
+    )
+
+
+async def _watch_engine(
+    runtime: TorchRuntime, health: HealthServicer, stop: asyncio.Event, outcome: dict[str, int]
+) -> None:
+    while runtime.state is not EngineState.FAILED:
+        await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
+    await health.set(READINESS, NOT_SERVING)
+    await health.set(SERVICE_NAME, NOT_SERVING)
+    log_event("engine_failed_exiting", exit_code=1)
+    outcome["exit_code"] = 1
+    stop.set()
+
+
+def _install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():  # the second signal: no more waiting
+            os._exit(128 + signum)
+        log_event("signal_received", signal=signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)

@@ -1,0 +1,53 @@
+"""Runtime fixtures: a built synthetic engine (fp32) and a helper to drive asyncio from tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from engine_build.build import BuildRequest, build_engine
+from engine_build.profiles import load_profiles
+from engine_build.repository import EngineRepository
+from service.runtime.factory import RuntimeOptions, open_runtime
+from service.runtime.interface import GenerationRequest, TokenEvent
+from service.runtime.torch_runtime import TorchRuntime
+
+T = TypeVar("T")
+
+
+@pytest.fixture(scope="session")
+def synthetic_engine(synthetic_checkpoint, tmp_path_factory) -> Path:
+    request = BuildRequest(synthetic_checkpoint, load_profiles().get("cpu"), precision="fp32")
+    return build_engine(request, EngineRepository(tmp_path_factory.mktemp("repo"))).entry.directory
+
+
+def run_with_runtime(
+    engine_dir: Path, body: Callable[[TorchRuntime], Awaitable[T]], **options: int
+) -> T:
+    """Start a runtime on `engine_dir`, run `body` with it, shut it down."""
+
+    async def main() -> T:
+        runtime = open_runtime(
+            engine_dir, RuntimeOptions(**{"kv_cache_bytes": 64_000_000, **options})
+        )
+        await runtime.start()
+        try:
+            return await body(runtime)
+        finally:
+            await runtime.shutdown()
+
+    return asyncio.run(main())
+
+
+async def collect(runtime: TorchRuntime, request: GenerationRequest) -> list[TokenEvent]:
+    """All events of one request."""
+    return [event async for event in runtime.generate(request)]
+
+
+def tokens_of(events: list[TokenEvent]) -> list[int]:
+    """The generated token ids of a finished stream."""
+    return [t for e in events for t in e.token_ids]

@@ -1,0 +1,125 @@
+"""`nemotron-serve`: the terminal chat with the embedded default, and its error reporting."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from service.cli import main
+
+
+def _exe() -> str:
+    return shutil.which("nemotron-serve") or f"{sys.prefix}/bin/nemotron-serve"
+
+
+@pytest.mark.slow
+def test_embedded_model_answers_the_capital_of_france_from_stdin(
+    cached_embedded_checkpoint, cache_dir
+):
+    result = subprocess.run(
+        [_exe(), "--cache-dir", str(cache_dir)],
+        input="What is the capital of France?\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert result.stdout.strip().endswith(".")  # a sentence, not a fragment
+
+
+@pytest.mark.slow
+def test_multi_turn_prompts_are_answered_in_order(embedded_checkpoint, capsys):
+    code = main(
+        [
+            "chat",
+            "--checkpoint",
+            str(embedded_checkpoint),
+            "--max-new-tokens",
+            "40",
+            "--prompt",
+            "What is the capital of France?",
+            "--prompt",
+            "And of Italy?",
+        ]
+    )
+    assert code == 0
+    answers = capsys.readouterr().out.strip().splitlines()
+    assert "Paris" in answers[0]
+    assert "Rome" in "\n".join(answers[1:])
+
+
+def test_a_bad_precision_is_refused_with_the_allowed_values(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--precision", "fp16"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --precision: invalid choice: 'fp16'" in err
+    assert "bf16" in err and "fp32" in err
+
+
+def test_out_of_range_sampling_is_a_cli_error(synthetic_checkpoint, tmp_path, capsys):
+    args = ["--checkpoint", str(synthetic_checkpoint), "--cache-dir", str(tmp_path)]
+    assert main([*args, "--temperature", "-1", "--prompt", "x"]) == 2
+    assert "temperature -1.0 is outside [0.0, 100.0]" in capsys.readouterr().err
+
+
+def test_a_checkpoint_without_config_is_a_cli_error(tmp_path, capsys):
+    args = ["--checkpoint", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]
+    assert main([*args, "--prompt", "hi"]) == 2
+    assert "no such config file" in capsys.readouterr().err
+
+
+def test_a_checkpoint_without_tokenizer_is_a_cli_error(tmp_path, capsys):
+    from engine_build.synthetic import write_synthetic_checkpoint
+
+    checkpoint = write_synthetic_checkpoint(tmp_path / "ckpt", with_tokenizer=False)
+    args = ["--checkpoint", str(checkpoint), "--cache-dir", str(tmp_path / "cache")]
+    assert main([*args, "--prompt", "hi"]) == 2
+    assert "missing tokenizer.json" in capsys.readouterr().err
+
+
+def test_flags_before_the_chat_subcommand_are_kept():
+    import os
+
+    from service.cli import parse_config
+
+    config = parse_config(["--temperature", "0.7", "--max-new-tokens", "5", "chat"], os.environ)
+    assert (config.temperature, config.max_new_tokens) == (0.7, 5)
+    config = parse_config(["--temperature", "0.7", "chat", "--temperature", "0.2"], os.environ)
+    assert config.temperature == 0.2
+
+
+def test_a_seed_out_of_range_is_a_cli_error(synthetic_checkpoint, tmp_path, capsys):
+    args = ["--checkpoint", str(synthetic_checkpoint), "--cache-dir", str(tmp_path)]
+    code = main([*args, "--seed", str(10**23), "--prompt", "x"])
+    assert code == 2
+    assert "seed 100000000000000000000000 is outside [0, 2**63)" in capsys.readouterr().err
+
+
+def test_a_cache_dir_that_is_a_file_is_a_cli_error(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert (
+        main(["--cache-dir", str(blocker), "--gguf", str(tmp_path / "x.gguf"), "--prompt", "hi"])
+        == 2
+    )
+    assert "nemotron-serve: error:" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_bad_turn_on_stdin_does_not_end_the_conversation(embedded_checkpoint):
+    too_long = "word " * 9000  # more tokens than the 8192-token context
+    result = subprocess.run(
+        [_exe(), "--checkpoint", str(embedded_checkpoint), "--max-new-tokens", "30"],
+        input=f"{too_long}\nWhat is the capital of France?\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2  # one turn failed
+    assert "prompt has" in result.stderr and "allowed: 1 to 8191" in result.stderr
+    assert "Paris" in result.stdout
