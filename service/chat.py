@@ -32,6 +32,7 @@ from service.runtime.interface import (
     Timings,
     TokenEvent,
 )
+from service.telemetry import phase
 from service.tokenizer import ChatMessage, TextTokenizer
 
 _TURNS = itertools.count()
@@ -105,7 +106,8 @@ async def run_chat_turn(context: ChatContext, turn: ChatTurn) -> AsyncIterator[C
     """Stream the assistant's turn."""
     if turn.reasoning_budget_tokens is not None and turn.reasoning_budget_tokens < 1:
         raise RequestError(f"reasoning_budget_tokens {turn.reasoning_budget_tokens} must be >= 1")
-    prompt = render_prompt(context, turn)
+    with phase("tokenize"):
+        prompt = render_prompt(context, turn)
     thinking = context.family.reasoning_enabled(turn.reasoning)
     splitter = OutputSplitter(thinking=thinking)
     room = context.max_seq_len - len(prompt)

@@ -1,8 +1,10 @@
-"""`nemotron-serve`: the service's entry point.
+"""`nemotron-serve`: serve the gRPC API (the default command), or chat in the terminal.
 
-Until the gRPC server exists, its main job is a terminal chat with the loaded model: with no
-arguments it fetches and imports the embedded SmolLM2 default (cached) and answers prompts
-given with `--prompt` or read line by line from standard input.
+`nemotron-serve` with no arguments, on a machine without GPUs, fetches and imports the embedded
+SmolLM2 default (cached), builds its cpu engine once and serves it on port 50051 with health,
+reflection and metrics. `nemotron-serve chat` answers prompts given with `--prompt` or read
+line by line from standard input, with no server. Every serve flag also reads an environment
+variable (named in its help), which is how the Helm chart configures the pod.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from engine_build.events import configure_logging, log_event
 
 if TYPE_CHECKING:
     from service.chat import ChatSession
+    from service.server import ServerConfig
 
-PRECISIONS = ("bf16", "fp32")
+from service.serve_args import LOG_LEVELS, PRECISIONS
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """Everything the process needs, parsed once from flags and environment."""
+    """The terminal chat's settings, parsed once from flags and environment."""
 
     checkpoint: Path | None
     gguf: Path | None
@@ -41,42 +44,6 @@ class ServeConfig:
     precision: str
     log_level: str
     log_json: bool
-    command: str = "chat"
-    host: str = "0.0.0.0"
-    port: int = 50051
-    grace_s: float = 30.0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (subcommand `chat`, also the default)."""
-    parser = argparse.ArgumentParser(prog="nemotron-serve", description=__doc__)
-    _add_chat_arguments(parser, with_defaults=True)
-    sub = parser.add_subparsers(dest="command")
-    chat = sub.add_parser("chat", help="chat with the model in the terminal (default)")
-    # Flags given after `chat` override those before it; absent ones keep the top-level value.
-    _add_chat_arguments(chat, with_defaults=False)
-    server = sub.add_parser("serve", help="serve the gRPC API (health, reflection, generation)")
-    _add_chat_arguments(server, with_defaults=False, only=_ENGINE_FLAGS)
-    server.add_argument("--host", default="0.0.0.0", help="address to listen on")
-    server.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
-    server.add_argument(
-        "--grace-s",
-        type=float,
-        default=30.0,
-        help="seconds in-flight calls get to finish after SIGTERM",
-    )
-    return parser
-
-
-# Flags that choose and run the engine (shared by `chat` and `serve`).
-_ENGINE_FLAGS = (
-    "--checkpoint",
-    "--gguf",
-    "--cache-dir",
-    "--precision",
-    "--log-level",
-    "--log-json",
-)
 
 
 _CHAT_ARGUMENTS: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -129,28 +96,26 @@ _CHAT_ARGUMENTS: tuple[tuple[str, dict[str, Any]], ...] = (
             "help": "weights of the cpu engine built for the model",
         },
     ),
-    ("--log-level", {"choices": ("debug", "info", "warning", "error"), "default": "warning"}),
+    ("--log-level", {"choices": LOG_LEVELS, "default": "warning"}),
     ("--log-json", {"action": "store_true", "default": False, "help": "log JSON lines"}),
 )
 
 
-def _add_chat_arguments(
-    parser: argparse.ArgumentParser, with_defaults: bool, only: tuple[str, ...] | None = None
-) -> None:
+def build_chat_parser() -> argparse.ArgumentParser:
+    """The parser of `nemotron-serve chat`."""
+    parser = argparse.ArgumentParser(
+        prog="nemotron-serve chat", description="Chat with the model in the terminal (no server)."
+    )
     for flag, options in _CHAT_ARGUMENTS:
-        if only is not None and flag not in only:
-            continue
-        options = dict(options)
-        if not with_defaults:
-            options["default"] = argparse.SUPPRESS
         parser.add_argument(flag, **options)
+    return parser
 
 
 def parse_config(argv: Sequence[str], environ: Mapping[str, str]) -> ServeConfig:
-    """Parse flags (and the cache directory's environment default) into a `ServeConfig`."""
+    """Parse `nemotron-serve chat`'s flags into a `ServeConfig`."""
     from engine_build.embedded import default_cache_dir
 
-    args = build_parser().parse_args(argv)
+    args = build_chat_parser().parse_args(argv)
     return ServeConfig(
         checkpoint=args.checkpoint,
         gguf=args.gguf,
@@ -164,27 +129,7 @@ def parse_config(argv: Sequence[str], environ: Mapping[str, str]) -> ServeConfig
         precision=args.precision,
         log_level=args.log_level,
         log_json=args.log_json,
-        command=args.command or "chat",
-        host=getattr(args, "host", "0.0.0.0"),
-        port=getattr(args, "port", 50051),
-        grace_s=getattr(args, "grace_s", 30.0),
     )
-
-
-def run_server(config: ServeConfig) -> int:
-    """Serve the gRPC API until SIGTERM; the exit code."""
-    from service.server import ServerConfig, serve
-
-    server = ServerConfig(
-        host=config.host,
-        port=config.port,
-        cache_dir=config.cache_dir,
-        checkpoint=config.checkpoint,
-        gguf=config.gguf,
-        precision=config.precision,
-        grace_s=config.grace_s,
-    )
-    return asyncio.run(serve(server))
 
 
 def run_chat(config: ServeConfig) -> int:
@@ -264,12 +209,18 @@ def _stdin_prompts(interactive: bool) -> Iterator[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
-    config = parse_config(sys.argv[1:] if argv is None else argv, os.environ)
-    configure_logging(config.log_level, config.log_json)
+    args = list(sys.argv[1:] if argv is None else argv)
     from service.errors import USER_ERRORS
+    from service.serve_args import parse_serve_config
 
     try:
-        return run_server(config) if config.command == "serve" else run_chat(config)
+        if args[:1] == ["chat"]:
+            config = parse_config(args[1:], os.environ)
+            configure_logging(config.log_level, config.log_json)
+            return run_chat(config)
+        return run_server(
+            parse_serve_config(args[1:] if args[:1] == ["serve"] else args, os.environ)
+        )
     except (*USER_ERRORS, OSError) as err:
         if isinstance(err, BrokenPipeError):  # the reader went away (`| head`): stop quietly
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -278,3 +229,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def run_server(config: ServerConfig) -> int:
+    """Serve the gRPC API until SIGTERM; the exit code."""
+    from service.logs import configure_service_logging
+    from service.server import serve
+
+    configure_service_logging(config.log_level, config.log_format)
+    return asyncio.run(serve(config))

@@ -11,7 +11,9 @@ from engine_build.gguf_import import GGUFImportError
 from engine_build.graph import GraphConfigError
 from engine_build.profiles import ProfileError
 from engine_build.repository import RepositoryError
+from service.api.auth import ApiKeyFileError
 from service.runtime.interface import EngineError
+from service.telemetry import TracingConfigError
 from service.tokenizer import TokenizerError
 
 USER_ERRORS: tuple[type[Exception], ...] = (
@@ -26,4 +28,6 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     PlanRefusedError,
     BackendError,
     EngineFormatError,
+    ApiKeyFileError,
+    TracingConfigError,
 )

@@ -23,20 +23,42 @@ from grpc_reflection.v1alpha import reflection
 from nemotron.v1 import generation_pb2_grpc as pb_grpc
 
 from engine_build.events import log_event
+from service.api.auth import ApiKeys, AuthInterceptor
+from service.api.rpc import Observability
 from service.api.servicer import SERVICE_NAME, GenerationServicer, ModelInfo
 from service.chat import ChatContext
 from service.chat_format import family_of, load_families
+from service.metrics import ServiceMetrics
 from service.runtime.compute import reserve_cores_for_compute_threads, run_in_compute_thread
 from service.runtime.factory import RuntimeOptions, open_runtime
 from service.runtime.interface import EngineState
 from service.runtime.torch_runtime import TorchRuntime
 from service.startup import ensure_cpu_engine
+from service.telemetry import Tracing
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 LIVENESS, READINESS = "liveness", "readiness"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 ENGINE_WATCH_INTERVAL_S = 0.5
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Server certificate and key; a client CA turns on mutual TLS (client certs required)."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        """gRPC server credentials from the files (read once at startup)."""
+        ca = self.client_ca_file.read_bytes() if self.client_ca_file else None
+        return grpc.ssl_server_credentials(
+            [(self.key_file.read_bytes(), self.cert_file.read_bytes())],
+            root_certificates=ca,
+            require_client_auth=ca is not None,
+        )
 
 
 @dataclass(frozen=True)
@@ -52,18 +74,49 @@ class ServerConfig:
     grace_s: float = 30.0
     max_message_bytes: int = 4 * 1024 * 1024
     max_concurrent_streams: int = 256
+    keepalive_time_s: float = 30.0
+    keepalive_timeout_s: float = 10.0
+    max_connection_age_s: float = 0.0  # 0: connections live until the client closes them
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 8002  # 0: no metrics endpoint
+    api_keys_file: Path | None = None
+    tls: TlsConfig | None = None
+    log_prompts: bool = False
+    log_level: str = "info"
+    log_format: str = "auto"
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """Channel arguments: message and stream limits, keepalive, connection age."""
+        options = [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_concurrent_streams", self.max_concurrent_streams),
+            ("grpc.keepalive_time_ms", int(self.keepalive_time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            # Clients may ping as often as the server does without being told off.
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", int(self.keepalive_time_s * 500)),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+        if self.max_connection_age_s > 0:
+            options += [
+                ("grpc.max_connection_age_ms", int(self.max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(self.grace_s * 1000)),
+            ]
+        return options
 
 
 async def serve(config: ServerConfig) -> int:
     """Run until a signal or an engine failure; return the exit code."""
     reserve_cores_for_compute_threads()
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
-            ("grpc.max_concurrent_streams", config.max_concurrent_streams),
-        ]
+    metrics = ServiceMetrics() if config.metrics_port else None
+    observability = Observability(
+        Tracing(os.environ, _version()), metrics, log_prompts=config.log_prompts
     )
+    interceptors = []
+    if config.api_keys_file is not None:
+        interceptors.append(AuthInterceptor(ApiKeys(config.api_keys_file), metrics))
+    server = grpc.aio.server(options=config.grpc_options(), interceptors=interceptors)
     health = HealthServicer()
     for name, status in (
         ("", SERVING),
@@ -72,15 +125,28 @@ async def serve(config: ServerConfig) -> int:
         (SERVICE_NAME, NOT_SERVING),
     ):
         await health.set(name, status)
-    servicer = GenerationServicer()
+    servicer = GenerationServicer(observability)
     pb_grpc.add_GenerationServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    if config.tls is not None:
+        port = server.add_secure_port(address, config.tls.credentials())
+    else:
+        port = server.add_insecure_port(address)
     await server.start()
-    log_event("server_listening", host=config.host, port=port)
+    metrics_port = metrics.serve(config.metrics_host, config.metrics_port) if metrics else None
+    log_event(
+        "server_listening",
+        host=config.host,
+        port=port,
+        tls="mutual" if config.tls and config.tls.client_ca_file else bool(config.tls),
+        api_keys=config.api_keys_file is not None,
+        metrics_port=metrics_port,
+        tracing=observability.tracing.enabled,
+    )
     stop = asyncio.Event()
     _install_signal_handlers(stop)
     outcome = {"exit_code": 0}
@@ -88,6 +154,9 @@ async def serve(config: ServerConfig) -> int:
     try:
         runtime = await _start_engine(config, servicer, stop)
         if runtime is not None:
+            if metrics is not None:
+                info = servicer.model_info
+                metrics.attach_engine(runtime.stats, _info_labels(info) if info else {})
             await health.set(READINESS, SERVING)
             await health.set(SERVICE_NAME, SERVING)
             log_event("server_ready", port=port)
@@ -100,8 +169,28 @@ async def serve(config: ServerConfig) -> int:
         await server.stop(grace=config.grace_s)
         if runtime is not None:
             await runtime.shutdown()
+        observability.tracing.shutdown()  # flush the last spans
         log_event("server_stopped", exit_code=outcome["exit_code"])
     return outcome["exit_code"]
+
+
+def _version() -> str:
+    import importlib.metadata as metadata
+
+    return metadata.version("nemotron-serve")
+
+
+def _info_labels(info: ModelInfo) -> dict[str, str]:
+    return {
+        "model": info.model,
+        "family": info.family,
+        "profile": info.profile,
+        "backend": info.backend,
+        "precision": info.precision,
+        "tensor_parallel": str(info.tensor_parallel),
+        "engine_id": info.engine_id,
+        "version": info.versions.get("nemotron-serve", ""),
+    }
 
 
 async def _start_engine(
@@ -135,7 +224,6 @@ async def _start_engine(
 
 
 def _model_info(engine_dir: Path, runtime: TorchRuntime, family: str) -> ModelInfo:
-    import importlib.metadata as metadata
     import json
 
     import torch
@@ -154,7 +242,7 @@ def _model_info(engine_dir: Path, runtime: TorchRuntime, family: str) -> ModelIn
         engine_name=f"torch-{description['profile']}-{description['precision']['weights']}"
         f"-tp{description['tensor_parallel']}",
         versions={
-            "nemotron-serve": metadata.version("nemotron-serve"),
+            "nemotron-serve": _version(),
             "torch": torch.__version__,
             "grpcio": grpc.__version__,
         },

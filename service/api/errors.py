@@ -7,11 +7,9 @@ the logged traceback by.
 
 from __future__ import annotations
 
-import functools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable
 
 import grpc
 
@@ -20,7 +18,6 @@ from service.runtime.interface import EngineError, NotReadyError, OverloadedErro
 from service.tokenizer import TokenizerError
 
 _LOG = logging.getLogger("nemotron.api")
-F = TypeVar("F", bound=Callable[..., Any])
 
 # Domain exception -> status code, most specific first.
 STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
@@ -46,41 +43,15 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error (incident {incident} in the server log)"
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: BaseException) -> None:
+async def abort_with(
+    context: grpc.aio.ServicerContext,
+    error: Exception,
+    end: Callable[[grpc.StatusCode, str], None],
+) -> grpc.StatusCode:
+    """End the call with the status for `error` (`end` records it first); raises AbortError."""
     code, message = status_for(error)
+    end(code, message)
     if isinstance(error, OverloadedError):
         context.set_trailing_metadata((("retry-after-ms", str(int(error.retry_after_s * 1000))),))
     await context.abort(code, message)
-
-
-def unary(handler: F) -> F:
-    """Map domain errors of a unary handler to status codes."""
-
-    @functools.wraps(handler)
-    async def wrapped(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await handler(self, request, context)
-        except (grpc.aio.AbortError, grpc.aio.UsageError):
-            raise
-        except Exception as error:
-            await _abort(context, error)
-
-    return wrapped  # type: ignore[return-value]
-
-
-def streaming(handler: F) -> F:
-    """Map domain errors of a server-streaming handler to status codes."""
-
-    @functools.wraps(handler)
-    async def wrapped(
-        self: Any, request: Any, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[Any]:
-        try:
-            async for message in handler(self, request, context):
-                yield message
-        except (grpc.aio.AbortError, grpc.aio.UsageError):
-            raise
-        except Exception as error:
-            await _abort(context, error)
-
-    return wrapped  # type: ignore[return-value]
+    return code

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -12,14 +11,17 @@ from nemotron.v1 import generation_pb2 as pb
 from nemotron.v1 import generation_pb2_grpc as pb_grpc
 
 from service.api import convert
-from service.api.errors import streaming, unary
-from service.chat import ChatContext, run_chat_turn
+from service.api.rpc import Observability, streaming, unary
+from service.chat import ChatContext, ChatDelta, ChatTurn, run_chat_turn
 from service.runtime.interface import (
     EngineError,
     FinishReason,
+    GenerationRequest,
     NotReadyError,
+    SamplingParams,
     TokenEvent,
 )
+from service.telemetry import current_record, phase
 from service.tokenizer import ChatMessage
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
@@ -44,13 +46,20 @@ class ModelInfo:
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
     """Serves the API from a started engine (UNAVAILABLE until `attach` is called)."""
 
-    def __init__(self) -> None:
+    def __init__(self, observability: Observability | None = None) -> None:
+        self.observability = observability or Observability()
         self._context: ChatContext | None = None
         self._info: ModelInfo | None = None
 
     def attach(self, context: ChatContext, info: ModelInfo) -> None:
         """Start serving with a ready engine."""
         self._context, self._info = context, info
+        self.observability.model = info.model
+
+    @property
+    def model_info(self) -> ModelInfo | None:
+        """What GetModelInfo reports, once attached."""
+        return self._info
 
     def _ready(self) -> ChatContext:
         if self._context is None:
@@ -79,17 +88,23 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[TokenEvent]:
         chat = self._ready()
-        domain = convert.generation_from_pb(
-            request,
-            _request_id(request.request_id),
-            chat.tokenizer,
-            convert.deadline_from(context.time_remaining()),
-        )
+        with phase("tokenize"):
+            domain = convert.generation_from_pb(
+                request,
+                request.request_id,
+                chat.tokenizer,
+                convert.deadline_from(context.time_remaining()),
+            )
+        _note_request("text_completion", domain.sampling, domain.max_new_tokens)
         stream = chat.engine.generate(domain)
+        completion = 0
         try:
             async for event in stream:
                 if event.finish_reason is FinishReason.ERROR:
                     raise EngineError(event.error or "the engine failed")
+                completion += len(event.token_ids)
+                if event.finish_reason is not None:
+                    _note_finish(domain, completion, event)
                 yield event
         finally:
             await stream.aclose()  # a client that went away aborts its request
@@ -99,24 +114,22 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self, request: pb.ChatRequest, context: grpc.aio.ServicerContext
     ) -> pb.ChatResponse:
         """The assistant's whole turn."""
-        request_id = _request_id(request.request_id)
         turn = convert.chat_from_pb(
-            request, request_id, convert.deadline_from(context.time_remaining())
+            request, request.request_id, convert.deadline_from(context.time_remaining())
         )
-        deltas = [d async for d in run_chat_turn(self._ready(), turn)]
-        return convert.chat_response_to_pb(request_id, deltas)
+        deltas = [d async for d in _chat_turn(self._ready(), turn)]
+        return convert.chat_response_to_pb(request.request_id, deltas)
 
     @streaming
     async def ChatStream(
         self, request: pb.ChatStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ChatStreamResponse]:
         """The assistant's turn, streamed."""
-        request_id = _request_id(request.request_id)
         turn = convert.chat_from_pb(
-            request, request_id, convert.deadline_from(context.time_remaining())
+            request, request.request_id, convert.deadline_from(context.time_remaining())
         )
-        async for delta in run_chat_turn(self._ready(), turn):
-            yield convert.chat_delta_to_pb(request_id, delta)
+        async for delta in _chat_turn(self._ready(), turn):
+            yield convert.chat_delta_to_pb(request.request_id, delta)
 
     @unary
     async def Tokenize(
@@ -158,5 +171,45 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         return convert.stats_to_pb(self._ready().engine.stats())
 
 
-def _request_id(given: str) -> str:
-    return given or f"req-{uuid.uuid4().hex[:16]}"
+async def _chat_turn(context: ChatContext, turn: ChatTurn) -> AsyncIterator[ChatDelta]:
+    """`run_chat_turn`, noting the request and its outcome for logs, traces and metrics."""
+    _note_request("chat", turn.sampling, turn.max_new_tokens)
+    async for delta in run_chat_turn(context, turn):
+        record = current_record()
+        if record is not None and delta.usage is not None:
+            u = delta.usage
+            record.finish(
+                u.prompt_tokens,
+                u.completion_tokens,
+                delta.timings,
+                delta.finish_reason,
+                u.reasoning_tokens,
+                u.cached_prompt_tokens,
+            )
+        yield delta
+
+
+def _note_request(operation: str, sampling: SamplingParams, max_tokens: int | None) -> None:
+    record = current_record()
+    if record is None:
+        return
+    record.operation = operation
+    record.request_attributes = {
+        "gen_ai.request.temperature": sampling.temperature,
+        "gen_ai.request.top_p": sampling.top_p,
+        **({"gen_ai.request.max_tokens": max_tokens} if max_tokens else {}),
+        **({"gen_ai.request.seed": sampling.seed} if sampling.seed is not None else {}),
+    }
+
+
+def _note_finish(request: GenerationRequest, completion: int, last: TokenEvent) -> None:
+    record = current_record()
+    if record is not None:
+        usage = last.usage
+        record.finish(
+            usage.prompt_tokens if usage else len(request.prompt_ids),
+            completion,
+            last.timings,
+            last.finish_reason,
+            cached_prompt_tokens=usage.cached_prompt_tokens if usage else 0,
+        )

@@ -1,4 +1,4 @@
-"""`nemotron-serve`: the terminal chat with the embedded default, and its error reporting."""
+"""`nemotron-serve`: serve flags, the terminal chat with the embedded default, and errors."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def test_embedded_model_answers_the_capital_of_france_from_stdin(
     cached_embedded_checkpoint, cache_dir
 ):
     result = subprocess.run(
-        [_exe(), "--cache-dir", str(cache_dir)],
+        [_exe(), "chat", "--cache-dir", str(cache_dir)],
         input="What is the capital of France?\n",
         capture_output=True,
         text=True,
@@ -63,13 +63,13 @@ def test_a_bad_precision_is_refused_with_the_allowed_values(capsys):
 
 def test_out_of_range_sampling_is_a_cli_error(synthetic_checkpoint, tmp_path, capsys):
     args = ["--checkpoint", str(synthetic_checkpoint), "--cache-dir", str(tmp_path)]
-    assert main([*args, "--temperature", "-1", "--prompt", "x"]) == 2
+    assert main(["chat", *args, "--temperature", "-1", "--prompt", "x"]) == 2
     assert "temperature -1.0 is outside [0.0, 100.0]" in capsys.readouterr().err
 
 
 def test_a_checkpoint_without_config_is_a_cli_error(tmp_path, capsys):
     args = ["--checkpoint", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]
-    assert main([*args, "--prompt", "hi"]) == 2
+    assert main(["chat", *args, "--prompt", "hi"]) == 2
     assert "no such config file" in capsys.readouterr().err
 
 
@@ -78,24 +78,44 @@ def test_a_checkpoint_without_tokenizer_is_a_cli_error(tmp_path, capsys):
 
     checkpoint = write_synthetic_checkpoint(tmp_path / "ckpt", with_tokenizer=False)
     args = ["--checkpoint", str(checkpoint), "--cache-dir", str(tmp_path / "cache")]
-    assert main([*args, "--prompt", "hi"]) == 2
+    assert main(["chat", *args, "--prompt", "hi"]) == 2
     assert "missing tokenizer.json" in capsys.readouterr().err
 
 
-def test_flags_before_the_chat_subcommand_are_kept():
-    import os
+def test_serve_flags_default_to_their_environment_variables(tmp_path):
+    from service.serve_args import parse_serve_config
 
-    from service.cli import parse_config
+    environ = {"NEMOTRON_PORT": "6000", "NEMOTRON_LOG_PROMPTS": "true", "NEMOTRON_GRACE_S": "5"}
+    config = parse_serve_config(["--cache-dir", str(tmp_path)], environ)
+    assert (config.port, config.log_prompts, config.grace_s) == (6000, True, 5.0)
+    assert parse_serve_config(["--cache-dir", str(tmp_path), "--port", "7"], environ).port == 7
 
-    config = parse_config(["--temperature", "0.7", "--max-new-tokens", "5", "chat"], os.environ)
-    assert (config.temperature, config.max_new_tokens) == (0.7, 5)
-    config = parse_config(["--temperature", "0.7", "chat", "--temperature", "0.2"], os.environ)
-    assert config.temperature == 0.2
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "message"),
+    [
+        ([], {"NEMOTRON_PORT": "http"}, "NEMOTRON_PORT='http' is not a valid int"),
+        ([], {"NEMOTRON_LOG_FORMAT": "xml"}, "NEMOTRON_LOG_FORMAT='xml' is not one of auto,"),
+        ([], {"NEMOTRON_LOG_PROMPTS": "maybe"}, "is not a boolean (use true or false)"),
+        (["--port", "70000"], {}, "--port 70000 is outside [0, 65535]"),
+        (["--log-format", "xml"], {}, "argument --log-format: invalid choice: 'xml'"),
+        (["--tls-cert-file", "c.pem"], {}, "TLS needs both --tls-cert-file and --tls-key-file"),
+        (["--tls-client-ca-file", "ca.pem"], {}, "mutual TLS) needs --tls-cert-file"),
+        (["--keepalive-time-s", "0"], {}, "--keepalive-time-s 0.0 must be >= 1"),
+    ],
+)
+def test_bad_serve_settings_are_usage_errors_naming_the_flag(argv, environ, message, capsys):
+    from service.serve_args import parse_serve_config
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_serve_config(argv, environ)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_a_seed_out_of_range_is_a_cli_error(synthetic_checkpoint, tmp_path, capsys):
     args = ["--checkpoint", str(synthetic_checkpoint), "--cache-dir", str(tmp_path)]
-    code = main([*args, "--seed", str(10**23), "--prompt", "x"])
+    code = main(["chat", *args, "--seed", str(10**23), "--prompt", "x"])
     assert code == 2
     assert "seed 100000000000000000000000 is outside [0, 2**63)" in capsys.readouterr().err
 
@@ -104,7 +124,17 @@ def test_a_cache_dir_that_is_a_file_is_a_cli_error(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert (
-        main(["--cache-dir", str(blocker), "--gguf", str(tmp_path / "x.gguf"), "--prompt", "hi"])
+        main(
+            [
+                "chat",
+                "--cache-dir",
+                str(blocker),
+                "--gguf",
+                str(tmp_path / "x.gguf"),
+                "--prompt",
+                "hi",
+            ]
+        )
         == 2
     )
     assert "nemotron-serve: error:" in capsys.readouterr().err
@@ -114,7 +144,7 @@ def test_a_cache_dir_that_is_a_file_is_a_cli_error(tmp_path, capsys):
 def test_a_bad_turn_on_stdin_does_not_end_the_conversation(embedded_checkpoint):
     too_long = "word " * 9000  # more tokens than the 8192-token context
     result = subprocess.run(
-        [_exe(), "--checkpoint", str(embedded_checkpoint), "--max-new-tokens", "30"],
+        [_exe(), "chat", "--checkpoint", str(embedded_checkpoint), "--max-new-tokens", "30"],
         input=f"{too_long}\nWhat is the capital of France?\n",
         capture_output=True,
         text=True,

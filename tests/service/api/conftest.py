@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
@@ -31,6 +34,18 @@ class RunningServer:
     process: subprocess.Popen
     address: str
     channel: grpc.Channel
+    metrics_port: int
+    log_path: Path
+
+    def log_lines(self) -> list[dict]:
+        """The server's JSON log lines so far."""
+        lines = []
+        for raw in self.log_path.read_text().splitlines():
+            try:
+                lines.append(json.loads(raw))
+            except json.JSONDecodeError:
+                lines.append({"event": "<not json>", "raw": raw})
+        return lines
 
     @property
     def api(self) -> pb_grpc.GenerationServiceStub:
@@ -45,9 +60,16 @@ class RunningServer:
         return self.health.Check(request, timeout=5).status
 
 
-def start_server(cache_dir, *extra: str) -> RunningServer:
+def start_server(
+    cache_dir,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+    channel_options: tuple[tuple[str, str], ...] = (),
+) -> RunningServer:
     """Start a server and return as soon as its port answers (the engine may still load)."""
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
+    log_path = Path(tempfile.mkdtemp(prefix="nemotron-server-")) / "server.log"
     exe = shutil.which("nemotron-serve") or f"{sys.prefix}/bin/nemotron-serve"
     process = subprocess.Popen(
         [
@@ -59,17 +81,31 @@ def start_server(cache_dir, *extra: str) -> RunningServer:
             str(port),
             "--cache-dir",
             str(cache_dir),
+            "--metrics-port",
+            str(metrics_port),
             "--log-level",
             "info",
+            "--log-format",
+            "json",
             *extra,
         ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=log_path.open("w"),
         text=True,
+        env={**os.environ, **(env or {})},
     )
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    grpc.channel_ready_future(channel).result(timeout=120)
-    return RunningServer(process, f"127.0.0.1:{port}", channel)
+    address = f"127.0.0.1:{port}"
+    channel = (
+        grpc.secure_channel(address, credentials, channel_options)
+        if credentials is not None
+        else grpc.insecure_channel(address)
+    )
+    try:
+        grpc.channel_ready_future(channel).result(timeout=120)
+    except grpc.FutureTimeoutError:
+        process.kill()
+        raise AssertionError(f"the server did not open its port:\n{log_path.read_text()}") from None
+    return RunningServer(process, address, channel, metrics_port, log_path)
 
 
 def wait_ready(server: RunningServer, timeout_s: float = 300) -> None:

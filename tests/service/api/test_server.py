@@ -221,7 +221,7 @@ def test_real_grpcurl_lists_describes_calls_and_checks_health(server, grpcurl):
 def test_health_watch_sees_startup_and_drain_while_liveness_stays_serving(
     cache_dir, cached_embedded_checkpoint
 ):
-    server = start_server(cache_dir)
+    server = start_server(cache_dir, "--grace-s", "240")  # generous: CI machines are slow
     seen: list[int] = []
     liveness: list[int] = []
 
