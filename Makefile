@@ -17,7 +17,7 @@ $(VENV)/.installed-test: pyproject.toml
 	$(PIP) install -e '.[test]'
 	touch $@ $(VENV)/.installed-base
 
-# Fetch and import the embedded SmolLM2 once (cached), then chat: one prompt per line on stdin.
+# Fetch and import the embedded SmolLM2 once (cached), build its cpu engine, serve gRPC on :50051.
 run: $(VENV)/.installed-base
 	$(BIN)/nemotron-serve $(ARGS)
 

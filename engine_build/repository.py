@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -270,19 +270,37 @@ class EngineRepository:
 
         Raises EngineMismatchError listing every engine and why it was rejected.
         """
-        entries = self.entries()
+        return self.select_first((need,))
+
+    def select_first(self, needs: Sequence[EngineRequirement]) -> EngineEntry:
+        """The newest engine fitting the first of `needs` (best first) that any engine fits.
+
+        Raises EngineMismatchError listing every engine with why it fits none of them, each
+        judged against the requirement it comes closest to, and the command that builds one.
+        """
+        if not needs:
+            raise ValueError("select_first needs at least one requirement")
+        newest_first = list(reversed(self.entries()))
+        for need in needs:
+            for entry in newest_first:
+                if not mismatches(entry, need):
+                    self.verify_files(entry)
+                    return entry
+        raise EngineMismatchError(self._refusal(newest_first, needs))
+
+    def _refusal(self, entries: list[EngineEntry], needs: Sequence[EngineRequirement]) -> str:
+        best = needs[0]
+        wanted = " or ".join(dict.fromkeys(need.profile for need in needs))
         rejected = []
-        for entry in reversed(entries):
-            reasons = mismatches(entry, need)
-            if not reasons:
-                self.verify_files(entry)
-                return entry
+        for entry in entries:
+            reasons = min((mismatches(entry, need) for need in needs), key=len)
             rejected.append(f"  {entry.name} ({entry.engine_id}): " + "; ".join(reasons))
         listing = "\n".join(rejected) if rejected else "  (the repository has no engines)"
-        raise EngineMismatchError(
-            f"no engine in {self.root} fits profile {need.profile} on "
-            f"{describe_target(need.target)}:\n{listing}\nBuild one with: nemotron-build build "
-            f"--profile {need.profile} --checkpoint CHECKPOINT --repo {self.root}"
+        precision = f" --precision {best.precision}" if best.precision else ""
+        return (
+            f"no engine in {self.root} fits profile {wanted} on {describe_target(best.target)}:"
+            f"\n{listing}\nBuild one with: nemotron-build build --profile {best.profile}"
+            f"{precision} --checkpoint CHECKPOINT --repo {self.root}"
         )
 
     @contextlib.contextmanager

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from service.server import ServerConfig
 
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = ("bf16", "fp32")  # of the terminal chat's cpu engine
+SERVE_PRECISIONS = ("bf16", "fp8", "fp32")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
 DEFAULT_PORT = 50051
@@ -65,7 +66,47 @@ SERVE_ARGUMENTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     (
         "--precision",
         "NEMOTRON_PRECISION",
-        {"choices": PRECISIONS, "default": "bf16", "help": "weights of a cpu engine"},
+        {
+            "choices": SERVE_PRECISIONS,
+            "default": None,
+            "help": "weights precision (default: any the profile allows; a build uses the "
+            "profile's first)",
+        },
+    ),
+    (
+        "--profile",
+        "",  # NEMOTRON_PROFILE is read by the profile selection itself, which logs the source
+        {
+            "default": None,
+            "help": "engine profile to serve (a100x4, a100x8, h100x2, cpu, or one from "
+            "--profiles); default: $NEMOTRON_PROFILE, else detected from the Kubernetes node's "
+            "GPU labels, then NVML, else cpu",
+        },
+    ),
+    (
+        "--engine-repo",
+        "NEMOTRON_ENGINE_REPO",
+        {"type": Path, "default": None, "help": "engine repository (default CACHE_DIR/engines)"},
+    ),
+    (
+        "--build-if-missing",
+        "NEMOTRON_BUILD_IF_MISSING",
+        {
+            "action": "store_true",
+            "default": False,
+            "help": "build the selected GPU profile's engine from --checkpoint when the "
+            "repository has none (cpu engines are always built)",
+        },
+    ),
+    (
+        "--profiles",
+        "",  # NEMOTRON_PROFILES is read by the profile selection itself
+        {
+            "type": Path,
+            "action": "append",
+            "default": [],
+            "help": "extra profile YAML file (repeatable; also NEMOTRON_PROFILES=FILE[:FILE])",
+        },
     ),
     (
         "--grace-s",
@@ -175,8 +216,9 @@ def build_serve_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     for flag, env, options in SERVE_ARGUMENTS:
         options = dict(options)
-        options["help"] = f"{options.get('help', '')} [env {env}]".strip()
-        if environ.get(env, "") != "":
+        if env:
+            options["help"] = f"{options.get('help', '')} [env {env}]".strip()
+        if env and environ.get(env, "") != "":
             options["default"] = _from_env(parser, env, environ[env], options)
         parser.add_argument(flag, **options)
     return parser
@@ -206,6 +248,7 @@ def parse_serve_config(argv: Sequence[str], environ: Mapping[str, str]) -> Serve
     """Parse serve flags (environment as defaults) into the server's `ServerConfig`."""
     from engine_build.embedded import default_cache_dir
     from service.server import ServerConfig, TlsConfig
+    from service.startup import StartupOptions
 
     parser = build_serve_parser(environ)
     args = parser.parse_args(argv)
@@ -220,10 +263,16 @@ def parse_serve_config(argv: Sequence[str], environ: Mapping[str, str]) -> Serve
     return ServerConfig(
         host=args.host,
         port=args.port,
-        cache_dir=args.cache_dir or default_cache_dir(environ),
-        checkpoint=args.checkpoint,
-        gguf=args.gguf,
-        precision=args.precision,
+        startup=StartupOptions(
+            cache_dir=args.cache_dir or default_cache_dir(environ),
+            profile=args.profile,
+            engine_repo=args.engine_repo,
+            checkpoint=args.checkpoint,
+            gguf=args.gguf,
+            precision=args.precision,
+            build_if_missing=args.build_if_missing,
+            profile_files=tuple(args.profiles),
+        ),
         grace_s=args.grace_s,
         max_message_bytes=args.max_message_bytes,
         max_concurrent_streams=args.max_concurrent_streams,

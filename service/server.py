@@ -10,6 +10,7 @@ fails turns readiness NOT_SERVING and ends the process with exit code 1.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import time
@@ -28,12 +29,13 @@ from service.api.rpc import Observability
 from service.api.servicer import SERVICE_NAME, GenerationServicer, ModelInfo
 from service.chat import ChatContext
 from service.chat_format import family_of, load_families
+from service.errors import USER_ERRORS
 from service.metrics import ServiceMetrics
 from service.runtime.compute import reserve_cores_for_compute_threads, run_in_compute_thread
 from service.runtime.factory import RuntimeOptions, open_runtime
 from service.runtime.interface import EngineState
 from service.runtime.torch_runtime import TorchRuntime
-from service.startup import ensure_cpu_engine
+from service.startup import StartupOptions, resolve_engine
 from service.telemetry import Tracing
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -67,10 +69,7 @@ class ServerConfig:
 
     host: str
     port: int
-    cache_dir: Path
-    checkpoint: Path | None
-    gguf: Path | None
-    precision: str | None
+    startup: StartupOptions  # which engine: profile, repository, checkpoint, build policy
     grace_s: float = 30.0
     max_message_bytes: int = 4 * 1024 * 1024
     max_concurrent_streams: int = 256
@@ -152,7 +151,11 @@ async def serve(config: ServerConfig) -> int:
     outcome = {"exit_code": 0}
     runtime: TorchRuntime | None = None
     try:
-        runtime = await _start_engine(config, servicer, stop)
+        try:
+            runtime = await _start_engine(config, servicer, stop)
+        except BaseException:
+            outcome["exit_code"] = 2  # the caller reports the refusal
+            raise
         if runtime is not None:
             if metrics is not None:
                 info = servicer.model_info
@@ -196,14 +199,12 @@ def _info_labels(info: ModelInfo) -> dict[str, str]:
 async def _start_engine(
     config: ServerConfig, servicer: GenerationServicer, stop: asyncio.Event
 ) -> TorchRuntime | None:
-    """Build (once) and load the engine; None when a signal came first."""
+    """Choose (building if needed) and load the engine; None when a signal came first."""
     started = time.perf_counter()
     build = asyncio.create_task(
         asyncio.to_thread(
             run_in_compute_thread,  # tensor work away from the main thread's compute team
-            lambda: ensure_cpu_engine(
-                config.cache_dir, config.checkpoint, config.gguf, config.precision
-            ),
+            lambda: resolve_engine(config.startup, os.environ),
         )
     )
     stopped = asyncio.create_task(stop.wait())
@@ -211,8 +212,13 @@ async def _start_engine(
     if build not in done:
         return None
     stopped.cancel()
-    engine_dir = build.result()
-    runtime = open_runtime(engine_dir, RuntimeOptions())
+    try:
+        choice = build.result()
+    except USER_ERRORS as error:
+        log_event("startup_refused", logging.ERROR, reason=str(error))
+        raise
+    engine_dir = choice.directory
+    runtime = open_runtime(engine_dir, RuntimeOptions(), device=choice.device)
     await runtime.start()
     family = family_of(runtime.tokenizer.chat_template_source, load_families())
     context = ChatContext(runtime, runtime.tokenizer, family, runtime.config.max_seq_len)

@@ -153,3 +153,20 @@ def test_a_bad_turn_on_stdin_does_not_end_the_conversation(embedded_checkpoint):
     assert result.returncode == 2  # one turn failed
     assert "prompt has" in result.stderr and "allowed: 1 to 8191" in result.stderr
     assert "Paris" in result.stdout
+
+
+def test_serve_refuses_to_start_listing_engines_and_the_build_command(tmp_path):
+    result = subprocess.run(
+        [
+            _exe(), "--profile", "a100x8", "--engine-repo", str(tmp_path / "repo"),
+            "--cache-dir", str(tmp_path), "--port", "0", "--metrics-port", "0",
+            "--log-format", "json",
+        ],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "no engine in" in result.stderr and "fits profile a100x8" in result.stderr
+    assert f"nemotron-build build --profile a100x8 --checkpoint CHECKPOINT --repo {tmp_path}" in (
+        result.stderr
+    )
+    assert '"event": "startup_refused"' in result.stderr and "Traceback" not in result.stderr
