@@ -5,15 +5,21 @@
 The peer is our own engine called in process (`engine.generate`), with the options the server
 uses. The service side is a real `nemotron-serve` process on a loopback port, serving the same
 engine directory, with clients streaming `GenerateStream` from this process over grpc.aio (a
-closed loop of `--concurrency` streams). Rounds alternate peer and service; both engines are
-idle while the other runs.
+closed loop of `--concurrency` streams). Rounds alternate peer and service; each engine is idle
+while the other runs. Client and server share this machine's cores, so the client's work is part
+of the service's cost here.
 
-Reported: output tokens/s of each side and their ratio; added latency per streamed token,
-measured on the first and the last token of every stream as the time the client received it
-minus the time the engine reports for it (its own `time_to_first_token` and `total` timings,
-counted from the request's arrival in the engine), so it holds the request's way in plus the
-token's way out; inter-token latency on both sides. Client and server share this machine's
-cores, so client work is part of the service's cost here.
+Reported:
+- output tokens/s of each side and their ratio;
+- delivery delay of streamed tokens: when the client received a token minus when the engine
+  produced it. The server runs with tracing on (to a receiver in this process), and its own
+  spans say when each stream's first token (end of `prefill`) and last token (end of `decode`)
+  were produced, on the same wall clock as the client. In process, the engine's timings give
+  the same two instants. The service's added latency per streamed token is the difference of
+  the two sides' p50;
+- the request's way in (client call -> engine arrival, the start of the `queue` span): what
+  the service adds to time to first token besides the token's way out;
+- inter-token latency as each client saw it.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from nemotron.v1 import generation_pb2_grpc as pb_grpc
 
 from bench.compare_hf import machine
 from bench.loadgen import RequestSpec, Workload, make_requests, percentiles
+from bench.otlp_sink import OtlpReceiver, start_receiver
 from engine_build.embedded import default_cache_dir
 from service.runtime.compute import reserve_cores_for_compute_threads, run_in_compute_thread
 from service.runtime.factory import RuntimeOptions, open_runtime
@@ -45,14 +52,19 @@ from service.runtime.interface import Engine, GenerationRequest, SamplingParams
 from service.startup import ensure_cpu_engine
 
 
-@dataclass(frozen=True)
+@dataclass
 class StreamResult:
-    """One stream as its client saw it, against the engine's own timings."""
+    """One stream as its client saw it; delays filled in once the engine's instants are known."""
 
+    request_id: str
     tokens: int
     itl_s: list[float]
-    first_added_s: float  # client time to first token - engine time to first token
-    last_added_s: float  # client total - engine total
+    sent_ns: int  # wall clock: call started
+    first_ns: int  # wall clock: first token received
+    last_ns: int  # wall clock: message with the finish reason received
+    out_first_s: float = 0.0  # first token: received - produced
+    out_last_s: float = 0.0  # last token: received - produced
+    way_in_s: float = 0.0  # engine arrival - call started
 
 
 @dataclass(frozen=True)
@@ -64,31 +76,22 @@ class Round:
     results: list[StreamResult]
 
 
-def _result(
-    start: float, stamps: list[float], end: float, ttft_s: float, total_s: float
-) -> StreamResult:
-    return StreamResult(
-        tokens=len(stamps),
-        itl_s=[b - a for a, b in itertools.pairwise(stamps)],
-        first_added_s=(stamps[0] - start) - ttft_s,
-        last_added_s=(end - start) - total_s,
-    )
-
-
 async def _in_process(engine: Engine, spec: RequestSpec, name: str) -> StreamResult:
     request = GenerationRequest(
         name, spec.prompt_ids, SamplingParams(), max_new_tokens=spec.output_tokens, ignore_eos=True
     )
-    start = time.perf_counter()
-    stamps: list[float] = []
-    last = None
-    async for event in engine.generate(request):
-        now = time.perf_counter()
-        stamps.extend([now] * len(event.token_ids))
+    sent = time.time_ns()
+    stamps: list[int] = []
+    last, end = None, sent
+    async for event in engine.generate(request):  # arrival: this call, microseconds after `sent`
+        end = time.time_ns()
+        stamps.extend([end] * len(event.token_ids))
         last = event
-    end = time.perf_counter()
     assert last is not None and last.timings is not None
-    return _result(start, stamps, end, last.timings.time_to_first_token_s, last.timings.total_s)
+    result = _result(name, sent, stamps, end)
+    result.out_first_s = (stamps[0] - sent) / 1e9 - last.timings.time_to_first_token_s
+    result.out_last_s = (end - sent) / 1e9 - last.timings.total_s
+    return result
 
 
 async def _through_grpc(
@@ -99,23 +102,46 @@ async def _through_grpc(
         prompt=pb.Prompt(token_ids=pb.TokenIds(ids=spec.prompt_ids)),
         limits=pb.GenerationLimits(max_new_tokens=spec.output_tokens, ignore_eos=True),
     )
-    start = time.perf_counter()
-    stamps: list[float] = []
-    last = None
+    sent = time.time_ns()
+    stamps: list[int] = []
+    end = sent
     async for message in stub.GenerateStream(request, timeout=600):
-        now = time.perf_counter()
-        stamps.extend([now] * len(message.token_ids))
-        last = message
-    end = time.perf_counter()
-    assert last is not None and last.HasField("timings"), "the last message carries timings"
-    t = last.timings
-    return _result(start, stamps, end, t.time_to_first_token_ms / 1000, t.total_ms / 1000)
+        end = time.time_ns()  # the message carrying the finish reason, not the trailers
+        stamps.extend([end] * len(message.token_ids))
+    return _result(name, sent, stamps, end)  # delays: from the server's spans, later
+
+
+def _result(name: str, sent: int, stamps: list[int], end: int) -> StreamResult:
+    gaps = [(b - a) / 1e9 for a, b in itertools.pairwise(stamps)]
+    return StreamResult(name, len(stamps), gaps, sent, stamps[0], end)
+
+
+def place_on_spans(results: list[StreamResult], receiver: OtlpReceiver) -> None:
+    """Fill the delays of gRPC streams from the server's `queue`, `prefill` and `decode` spans."""
+    wanted = {r.request_id for r in results}
+    rpc = {
+        s.attributes["nemotron.request_id"]: s.span_id
+        for s in receiver.wait_for(
+            lambda s: s.attributes.get("nemotron.request_id") in wanted, timeout_s=60
+        )
+    }
+    missing = wanted - rpc.keys()
+    if missing:
+        raise SystemExit(f"no server span for {len(missing)} of {len(wanted)} streams")
+    phases = {(s.parent_span_id, s.name): s for s in receiver.spans}
+    for r in results:
+        span = rpc[r.request_id]
+        queue, prefill, decode = (phases[(span, n)] for n in ("queue", "prefill", "decode"))
+        r.way_in_s = (queue.start_ns - r.sent_ns) / 1e9
+        r.out_first_s = (r.first_ns - prefill.end_ns) / 1e9
+        r.out_last_s = (r.last_ns - decode.end_ns) / 1e9
 
 
 async def closed_loop(
     one: Callable[[RequestSpec, str], Awaitable[StreamResult]],
     specs: list[RequestSpec],
     concurrency: int,
+    tag: str,
 ) -> Round:
     """All `specs` through `one`, `concurrency` at a time."""
     queue = list(enumerate(specs))
@@ -124,7 +150,7 @@ async def closed_loop(
     async def client() -> None:
         while queue:
             index, spec = queue.pop(0)
-            results.append(await one(spec, f"overhead-{index}-{time.monotonic_ns()}"))
+            results.append(await one(spec, f"{tag}-{index}"))
 
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -139,13 +165,22 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(cache_dir: str) -> tuple[subprocess.Popen, str]:
-    """A `nemotron-serve` process on loopback, ready (readiness SERVING)."""
+def start_server(
+    cache_dir: str, threads: int | None, otlp_port: int
+) -> tuple[subprocess.Popen, str]:
+    """A `nemotron-serve` process on loopback, tracing to `otlp_port`, ready."""
     port = _free_port()
     exe = shutil.which("nemotron-serve") or f"{sys.prefix}/bin/nemotron-serve"
     command = [exe, "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"]
     command += ["--cache-dir", cache_dir, "--log-level", "warning"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    command += ["--compute-threads", str(threads)] if threads else []
+    env = {
+        **os.environ,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp_port}",
+        "OTEL_BSP_SCHEDULE_DELAY": "1000",
+        "OTEL_BSP_MAX_QUEUE_SIZE": "65536",
+    }
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, env=env)
     address = f"127.0.0.1:{port}"
     channel = grpc.insecure_channel(address)
     health = health_pb2_grpc.HealthStub(channel)
@@ -171,15 +206,18 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--compute-threads", type=int, default=None, help="both engines")
     args = parser.parse_args()
     reserve_cores_for_compute_threads()
     cache = default_cache_dir(os.environ)
     engine_dir = run_in_compute_thread(lambda: ensure_cpu_engine(cache, precision="bf16"))
-    server, address = start_server(str(cache))
+    receiver, sink, otlp_port = start_receiver()
+    server, address = start_server(str(cache), args.compute_threads, otlp_port)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        runtime = open_runtime(engine_dir, RuntimeOptions())  # the server's options
+        options = RuntimeOptions(threads=args.compute_threads)  # the server's options
+        runtime = open_runtime(engine_dir, options)
         loop.run_until_complete(runtime.start())
         workload = Workload(args.requests, (16, 128), (32, 64), seed=0)
         specs = make_requests(workload, runtime.tokenizer.encode, runtime.graph.vocab_size)
@@ -193,17 +231,24 @@ def main() -> None:
             return _through_grpc(stub, spec, name)
 
         for one in (peer_one, ours_one):  # warm both paths
-            loop.run_until_complete(closed_loop(one, specs[:4], 4))
+            loop.run_until_complete(closed_loop(one, specs[:4], 4, "warm"))
         peer: list[Round] = []
         ours: list[Round] = []
-        for _ in range(args.rounds):
-            peer.append(loop.run_until_complete(closed_loop(peer_one, specs, args.concurrency)))
-            ours.append(loop.run_until_complete(closed_loop(ours_one, specs, args.concurrency)))
+        for number in range(args.rounds):
+            tag = f"round{number}"
+            peer.append(
+                loop.run_until_complete(closed_loop(peer_one, specs, args.concurrency, tag))
+            )
+            ours.append(
+                loop.run_until_complete(closed_loop(ours_one, specs, args.concurrency, tag))
+            )
         loop.run_until_complete(channel.close())
         loop.run_until_complete(runtime.shutdown())
     finally:
-        server.send_signal(signal.SIGTERM)
+        server.send_signal(signal.SIGTERM)  # flushes its last spans
         server.wait(timeout=120)
+    place_on_spans([r for x in ours for r in x.results], receiver)
+    sink.stop(None)
     report(engine_dir.name, args, peer, ours)
 
 
@@ -211,7 +256,9 @@ def report(engine_id: str, args: argparse.Namespace, peer: list[Round], ours: li
     """Print the markdown report."""
     print(f"machine: {machine()}")
     print(f"engine: {engine_id}; {args.requests} requests, prompts 16-128 tokens, outputs 32-64")
-    print(f"closed loop of {args.concurrency} concurrent streams, {args.rounds} rounds\n")
+    threads = args.compute_threads or "all cores"
+    print(f"closed loop of {args.concurrency} concurrent streams, {args.rounds} rounds, "
+          f"engine compute threads: {threads}\n")  # fmt: skip
     print("| round | in-process tokens/s | gRPC tokens/s | gRPC / in-process |\n|---|---|---|---|")
     for index, (p, o) in enumerate(zip(peer, ours, strict=True), start=1):
         ratio = o.output_tokens_per_s / p.output_tokens_per_s
@@ -224,19 +271,33 @@ def report(engine_id: str, args: argparse.Namespace, peer: list[Round], ours: li
     ]
     print(f"| all | {rate[0]:.1f} | {rate[1]:.1f} | {rate[1] / rate[0]:.3f} |\n")
     print(
-        "delivery delay per streamed token (client receipt - engine timing), first and last "
-        "token of each stream, ms:\n\n| path | p50 | p90 | p99 |\n|---|---|---|---|"
+        "token delivery delay (received by the client - produced by the engine), ms:\n\n"
+        "| path | tokens | p50 | p90 | p99 |\n|---|---|---|---|---|"
     )
-    delays = {}
+    p50 = {}
     for label, side in (("in-process", peer), ("gRPC", ours)):
-        values = [d for x in side for r in x.results for d in (r.first_added_s, r.last_added_s)]
-        delays[label] = q = percentiles(values)
-        print(f"| {label} | {q['p50']} | {q['p90']} | {q['p99']} |")
-    added = delays["gRPC"]["p50"] - delays["in-process"]["p50"]
-    print(f"\nadded by the service, p50: {added:.2f} ms per streamed token")
+        results = [r for x in side for r in x.results]
+        for which, values in (
+            ("first and last", [d for r in results for d in (r.out_first_s, r.out_last_s)]),
+            ("first", [r.out_first_s for r in results]),
+            ("last", [r.out_last_s for r in results]),
+        ):
+            q = percentiles(values)
+            p50.setdefault(label, q["p50"])
+            print(f"| {label} | {which} | {q['p50']} | {q['p90']} | {q['p99']} |")
+    print(
+        f"\nadded by the service per streamed token, p50: {p50['gRPC'] - p50['in-process']:.2f} ms"
+    )
+    way_in = percentiles([r.way_in_s for x in ours for r in x.results])
+    print(
+        f"request way in through gRPC (call -> engine arrival): p50 {way_in['p50']} ms, "
+        f"p90 {way_in['p90']} ms"
+    )
     for label, side in (("in-process", peer), ("gRPC", ours)):
         q = percentiles([g for x in side for r in x.results for g in r.itl_s])
-        print(f"inter-token latency {label}: p50 {q['p50']} ms, p90 {q['p90']} ms")
+        print(
+            f"inter-token latency seen by the client, {label}: p50 {q['p50']} ms, p90 {q['p90']} ms"
+        )
 
 
 if __name__ == "__main__":

@@ -109,6 +109,16 @@ SERVE_ARGUMENTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
         },
     ),
     (
+        "--compute-threads",
+        "NEMOTRON_COMPUTE_THREADS",
+        {
+            "type": int,
+            "default": None,
+            "help": "CPU threads of the engine's tensor work (default: all cores; fewer leaves "
+            "cores for the network path on a CPU deployment)",
+        },
+    ),
+    (
         "--grace-s",
         "NEMOTRON_GRACE_S",
         {
@@ -273,6 +283,7 @@ def parse_serve_config(argv: Sequence[str], environ: Mapping[str, str]) -> Serve
             build_if_missing=args.build_if_missing,
             profile_files=tuple(args.profiles),
         ),
+        compute_threads=args.compute_threads,
         grace_s=args.grace_s,
         max_message_bytes=args.max_message_bytes,
         max_concurrent_streams=args.max_concurrent_streams,
@@ -298,6 +309,8 @@ def _check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 0")
     if args.keepalive_time_s < 1:
         parser.error(f"--keepalive-time-s {args.keepalive_time_s} must be >= 1")
+    if args.compute_threads is not None and args.compute_threads < 1:
+        parser.error(f"--compute-threads {args.compute_threads} must be >= 1")
     for name in ("max_message_bytes", "max_concurrent_streams"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")

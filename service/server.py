@@ -70,6 +70,7 @@ class ServerConfig:
     host: str
     port: int
     startup: StartupOptions  # which engine: profile, repository, checkpoint, build policy
+    compute_threads: int | None = None  # engine compute threads (None: all cores)
     grace_s: float = 30.0
     max_message_bytes: int = 4 * 1024 * 1024
     max_concurrent_streams: int = 256
@@ -218,7 +219,8 @@ async def _start_engine(
         log_event("startup_refused", logging.ERROR, reason=str(error))
         raise
     engine_dir = choice.directory
-    runtime = open_runtime(engine_dir, RuntimeOptions(), device=choice.device)
+    options = RuntimeOptions(threads=config.compute_threads)
+    runtime = open_runtime(engine_dir, options, device=choice.device)
     await runtime.start()
     family = family_of(runtime.tokenizer.chat_template_source, load_families())
     context = ChatContext(runtime, runtime.tokenizer, family, runtime.config.max_seq_len)

@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -367,7 +367,10 @@ class TorchRuntime:
             for s in ready
         ]
         raw = raw_logprobs(logits, rows)
-        for index, (seq, row) in enumerate(zip(ready, rows, strict=True)):
+        # First tokens are pushed (and so delivered) first: time to first token is what waits.
+        order = sorted(range(len(ready)), key=lambda i: ready[i].num_generated > 0)
+        for index in order:
+            seq, row = ready[index], rows[index]
             live = self._live[seq.request.request_id]
             try:  # one request's failure must not take the batch down with it
                 token, logprob = sample_row(
@@ -459,8 +462,21 @@ class LocalExecutor:
         """A local executor has no workers to lose."""
 
 
+def merge_events(first: TokenEvent, then: TokenEvent) -> TokenEvent:
+    """Two consecutive events of a request as one (the finish data is the later one's)."""
+    return replace(
+        then,
+        token_ids=first.token_ids + then.token_ids,
+        text=first.text + then.text,
+        logprobs=first.logprobs + then.logprobs,
+    )
+
+
 class EventStream:
     """The async iterator `generate` returns: events until the one with a finish reason.
+
+    Events that are already waiting when the consumer asks are merged into one, so a consumer
+    that falls behind (or a token followed by the finish in the same step) gets one delta.
 
     If the consumer stops early (closes it, or drops it, even before the first event), the
     request is abandoned and its KV blocks are freed at the next step.
@@ -480,6 +496,8 @@ class EventStream:
         except asyncio.CancelledError:  # the consumer's task is going away
             self._close()
             raise
+        while event.finish_reason is None and not self._queue.empty():
+            event = merge_events(event, self._queue.get_nowait())  # one delta, not a backlog
         self._finished = event.finish_reason is not None
         return event
 

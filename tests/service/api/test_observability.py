@@ -11,8 +11,8 @@ import urllib.request
 import pytest
 from nemotron.v1 import generation_pb2 as pb
 
+from bench.otlp_sink import start_receiver
 from tests.service.api.conftest import start_server, stop_server, wait_ready
-from tests.service.api.otlp_receiver import start_receiver
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -436,3 +437,23 @@ def test_a_request_submitted_during_shutdown_is_refused(synthetic_engine):
         return events[-1]
 
     assert run_with_runtime(synthetic_engine, body).finish_reason is FinishReason.ABORTED
+
+
+def test_a_consumer_that_falls_behind_gets_merged_deltas_with_nothing_lost(synthetic_engine):
+    request = GenerationRequest("slow", (5, 6, 7), max_new_tokens=24, ignore_eos=True)
+
+    async def body(runtime):
+        alone = await collect(runtime, replace(request, request_id="fast"))
+        events = []
+        async for event in runtime.generate(request):
+            events.append(event)
+            await asyncio.sleep(0.2)  # several steps run meanwhile
+        return alone, events
+
+    alone, events = run_with_runtime(synthetic_engine, body)
+    merged = [e for e in events if len(e.token_ids) > 1]
+    assert merged, "a consumer that lags should get several tokens per event"
+    assert tokens_of(events) == tokens_of(alone)
+    assert "".join(e.text for e in events) == "".join(e.text for e in alone)
+    assert events[-1].finish_reason is FinishReason.LENGTH and events[-1].usage is not None
+    assert sum(e.finish_reason is not None for e in events) == 1

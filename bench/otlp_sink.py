@@ -1,11 +1,17 @@
-"""A real OTLP/gRPC trace receiver on loopback: the collector's TraceService, keeping spans."""
+"""A real OTLP/gRPC trace receiver on loopback (the collector's TraceService), keeping spans.
+
+Used by the tracing tests and by bench.service_overhead, which times token delivery against
+the server's own spans.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
@@ -26,14 +32,14 @@ class ReceivedSpan:
     status_code: int
 
 
-def _value(any_value) -> object:
+def _value(any_value: Any) -> object:
     kind = any_value.WhichOneof("value")
     if kind == "array_value":
         return [_value(v) for v in any_value.array_value.values]
     return getattr(any_value, kind) if kind else None
 
 
-def _attributes(items) -> dict:
+def _attributes(items: Any) -> dict:
     return {kv.key: _value(kv.value) for kv in items}
 
 
@@ -44,7 +50,8 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
     spans: list[ReceivedSpan] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def Export(self, request, context):
+    def Export(self, request: Any, context: Any) -> trace_service_pb2.ExportTraceServiceResponse:
+        """Keep the spans of one export."""
         with self.lock:
             for resource_spans in request.resource_spans:
                 resource = _attributes(resource_spans.resource.attributes)
@@ -65,7 +72,10 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
                         )
         return trace_service_pb2.ExportTraceServiceResponse()
 
-    def wait_for(self, predicate, timeout_s: float = 30) -> list[ReceivedSpan]:
+    def wait_for(
+        self, predicate: Callable[[ReceivedSpan], bool], timeout_s: float = 30
+    ) -> list[ReceivedSpan]:
+        """The spans matching `predicate`, once there is one (AssertionError after timeout)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with self.lock:
