@@ -24,13 +24,13 @@ from service.chat_format import (
 )
 from service.runtime.interface import (
     Engine,
-    EngineError,
     FinishReason,
     GenerationRequest,
     RequestError,
     SamplingParams,
     Timings,
     TokenEvent,
+    failure_of,
 )
 from service.telemetry import phase
 from service.tokenizer import ChatMessage, TextTokenizer
@@ -115,7 +115,7 @@ async def run_chat_turn(context: ChatContext, turn: ChatTurn) -> AsyncIterator[C
     budget = turn.reasoning_budget_tokens if thinking else None
     first = _request(turn, prompt, min(wanted, budget) if budget else wanted, turn.request_id)
     events: list[TokenEvent] = []
-    async for delta in _split(context.engine.generate(first), splitter, events):
+    async for delta in _split(context.engine, context.engine.generate(first), splitter, events):
         yield delta
     tail = events[-1]
     generated = sum(len(e.token_ids) for e in events)
@@ -134,7 +134,8 @@ async def run_chat_turn(context: ChatContext, turn: ChatTurn) -> AsyncIterator[C
         ]
         second = _request(turn, closed, wanted - generated, f"{turn.request_id}-answer")
         events2: list[TokenEvent] = []
-        async for delta in _split(context.engine.generate(second), splitter, events2):
+        answer = context.engine.generate(second)
+        async for delta in _split(context.engine, answer, splitter, events2):
             yield delta
         events, tail = events + events2, events2[-1]
     final = splitter.finish()
@@ -157,12 +158,15 @@ def _request(
 
 
 async def _split(
-    stream: AsyncIterator[TokenEvent], splitter: OutputSplitter, events: list[TokenEvent]
+    engine: Engine,
+    stream: AsyncIterator[TokenEvent],
+    splitter: OutputSplitter,
+    events: list[TokenEvent],
 ) -> AsyncIterator[ChatDelta]:
     async for event in stream:
         events.append(event)
         if event.finish_reason is FinishReason.ERROR:
-            raise EngineError(event.error or "the engine failed")
+            raise failure_of(event, engine.state)
         delta = splitter.push(event.text)
         if delta.reasoning or delta.content:
             yield ChatDelta(**_split_fields(delta))

@@ -72,8 +72,3 @@ def bind_request(**fields: Any) -> Iterator[None]:
         yield
     finally:
         structlog.contextvars.reset_contextvars(**tokens)
-
-
-def bind_more(**fields: Any) -> None:
-    """Add fields to the current request's lines (inside `bind_request`)."""
-    structlog.contextvars.bind_contextvars(**fields)

@@ -7,6 +7,7 @@ the environment, is a usage error (exit 2) that names the flag or variable and w
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -300,17 +301,27 @@ def parse_serve_config(argv: Sequence[str], environ: Mapping[str, str]) -> Serve
     )
 
 
+INT32_MAX = 2**31 - 1  # gRPC channel arguments are C ints
+MAX_SECONDS = INT32_MAX // 1000  # seconds that still fit in a millisecond channel argument
+
+
 def _check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    def fail(name: str, problem: str) -> None:
+        flag = "--" + name.replace("_", "-")
+        env = next(e for f, e, _ in SERVE_ARGUMENTS if f == flag)
+        parser.error(f"{flag} {getattr(args, name)} (flag or {env}) {problem}")
+
     for name in ("port", "metrics_port"):
         if not 0 <= getattr(args, name) <= 65535:
-            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)} is outside [0, 65535]")
+            fail(name, "is outside [0, 65535]")
     for name in ("grace_s", "keepalive_time_s", "keepalive_timeout_s", "max_connection_age_s"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 0")
+        value = getattr(args, name)
+        if not (math.isfinite(value) and 0 <= value <= MAX_SECONDS):
+            fail(name, f"is outside [0, {MAX_SECONDS}] seconds")
     if args.keepalive_time_s < 1:
-        parser.error(f"--keepalive-time-s {args.keepalive_time_s} must be >= 1")
-    if args.compute_threads is not None and args.compute_threads < 1:
-        parser.error(f"--compute-threads {args.compute_threads} must be >= 1")
+        fail("keepalive_time_s", "must be >= 1")
     for name in ("max_message_bytes", "max_concurrent_streams"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
+        if not 1 <= getattr(args, name) <= INT32_MAX:
+            fail(name, f"is outside [1, {INT32_MAX}]")
+    if args.compute_threads is not None and not 1 <= args.compute_threads <= 4096:
+        fail("compute_threads", "is outside [1, 4096]")

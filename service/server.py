@@ -95,7 +95,7 @@ class ServerConfig:
             ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_s * 1000)),
             ("grpc.keepalive_permit_without_calls", 1),
             # Clients may ping as often as the server does without being told off.
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", int(self.keepalive_time_s * 500)),
+            ("grpc.http2.min_ping_interval_without_data_ms", int(self.keepalive_time_s * 500)),
             ("grpc.http2.max_pings_without_data", 0),
         ]
         if self.max_connection_age_s > 0:
@@ -153,11 +153,11 @@ async def serve(config: ServerConfig) -> int:
     runtime: TorchRuntime | None = None
     try:
         try:
-            runtime = await _start_engine(config, servicer, stop)
+            runtime = await _start_engine(config, servicer, stop, outcome)
         except BaseException:
             outcome["exit_code"] = 2  # the caller reports the refusal
             raise
-        if runtime is not None:
+        if runtime is not None and not stop.is_set():
             if metrics is not None:
                 info = servicer.model_info
                 metrics.attach_engine(runtime.stats, _info_labels(info) if info else {})
@@ -175,6 +175,9 @@ async def serve(config: ServerConfig) -> int:
             await runtime.shutdown()
         observability.tracing.shutdown()  # flush the last spans
         log_event("server_stopped", exit_code=outcome["exit_code"])
+        if outcome.get("abandoned"):  # a build or load thread is still running: do not wait
+            logging.shutdown()
+            os._exit(outcome["exit_code"])
     return outcome["exit_code"]
 
 
@@ -198,9 +201,16 @@ def _info_labels(info: ModelInfo) -> dict[str, str]:
 
 
 async def _start_engine(
-    config: ServerConfig, servicer: GenerationServicer, stop: asyncio.Event
+    config: ServerConfig,
+    servicer: GenerationServicer,
+    stop: asyncio.Event,
+    outcome: dict[str, int],
 ) -> TorchRuntime | None:
-    """Choose (building if needed) and load the engine; None when a signal came first."""
+    """Choose (building if needed) and load the engine; None when a signal came first.
+
+    A signal during the build or the load leaves that work running in its thread; `serve`
+    then exits the process at once instead of waiting for it (nothing was served yet).
+    """
     started = time.perf_counter()
     build = asyncio.create_task(
         asyncio.to_thread(
@@ -208,11 +218,9 @@ async def _start_engine(
             lambda: resolve_engine(config.startup, os.environ),
         )
     )
-    stopped = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait({build, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    if build not in done:
+    if not await _first(build, stop):
+        outcome["abandoned"] = 1
         return None
-    stopped.cancel()
     try:
         choice = build.result()
     except USER_ERRORS as error:
@@ -221,7 +229,10 @@ async def _start_engine(
     engine_dir = choice.directory
     options = RuntimeOptions(threads=config.compute_threads)
     runtime = open_runtime(engine_dir, options, device=choice.device)
-    await runtime.start()
+    starting = asyncio.create_task(runtime.start())
+    if not await _first(starting, stop):
+        outcome["abandoned"] = 1
+        return None
     family = family_of(runtime.tokenizer.chat_template_source, load_families())
     context = ChatContext(runtime, runtime.tokenizer, family, runtime.config.max_seq_len)
     servicer.attach(context, _model_info(engine_dir, runtime, family.name))
@@ -255,6 +266,14 @@ def _model_info(engine_dir: Path, runtime: TorchRuntime, family: str) -> ModelIn
             "grpcio": grpc.__version__,
         },
     )
+
+
+async def _first(task: asyncio.Task, stop: asyncio.Event) -> bool:
+    """Wait for `task` or `stop`; True when the task finished first."""
+    stopped = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    return task in done
 
 
 async def _watch_engine(

@@ -68,6 +68,7 @@ class ApiKeys:
         self._stamp = self._file_stamp()
         self._keys = self._load()
         self._checked = time.monotonic()
+        self._last_error = ""
 
     def _file_stamp(self) -> tuple[int, int, int]:
         try:
@@ -96,7 +97,11 @@ class ApiKeys:
                     self._keys, self._stamp = self._load(), stamp
                     log_event("api_keys_reloaded", path=str(self.path), keys=len(self._keys))
             except ApiKeyFileError as err:  # keep serving with the keys we have
-                log_event("api_keys_reload_failed", error=str(err))
+                if str(err) != self._last_error:  # once per new problem, not every second
+                    log_event("api_keys_reload_failed", error=str(err))
+                self._last_error = str(err)
+            else:
+                self._last_error = ""
 
     def check(self, authorization: str, method: str) -> tuple[grpc.StatusCode, str] | None:
         """None when `authorization` may call `method`; else the status and message."""

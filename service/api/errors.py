@@ -14,30 +14,40 @@ from collections.abc import Callable
 import grpc
 
 from engine_build.checkpoint import CheckpointError
-from service.runtime.interface import EngineError, NotReadyError, OverloadedError, RequestError
+from service.runtime.interface import (
+    EngineError,
+    NotReadyError,
+    OverloadedError,
+    RequestError,
+    RequestFailedError,
+)
 from service.tokenizer import TokenizerError
 
 _LOG = logging.getLogger("nemotron.api")
 
 # Domain exception -> status code, most specific first.
 STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (RequestFailedError, grpc.StatusCode.INTERNAL),  # a bug: its text stays in the log
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NotReadyError, grpc.StatusCode.UNAVAILABLE),
     (RequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (TokenizerError, grpc.StatusCode.INVALID_ARGUMENT),
     (CheckpointError, grpc.StatusCode.FAILED_PRECONDITION),
-    (EngineError, grpc.StatusCode.UNAVAILABLE),  # the engine failed: its message says how
+    (EngineError, grpc.StatusCode.UNAVAILABLE),
 )
 
 
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and the message a client may see."""
     for kind, code in STATUS_OF:
-        if isinstance(error, kind):
-            message = str(error)
-            if isinstance(error, OverloadedError):
-                message += f" (retry after {error.retry_after_s:g} s)"
-            return code, message
+        if not isinstance(error, kind):
+            continue
+        if code is grpc.StatusCode.INTERNAL:
+            break
+        message = str(error)
+        if isinstance(error, OverloadedError):
+            message += f" (retry after {error.retry_after_s:g} s)"
+        return code, message
     incident = uuid.uuid4().hex[:12]
     _LOG.error("internal_error", exc_info=error, extra={"fields": {"incident": incident}})
     return grpc.StatusCode.INTERNAL, f"internal error (incident {incident} in the server log)"

@@ -37,6 +37,7 @@ from service.telemetry import (
 
 F = TypeVar("F", bound=Callable[..., Any])
 API_PREFIX = "/nemotron.v1.GenerationService/"
+DEADLINE_SLACK_S = 0.25
 
 
 @dataclass
@@ -65,6 +66,8 @@ class _Call:
         self.trace_id, self.span_id = (
             span_ids(self.span) if self.span is not None else caller_trace_ids(metadata)
         )
+        remaining = context.time_remaining()
+        self.deadline = time.monotonic() + remaining if remaining is not None else None
         self.response_text: list[str] = []
         if obs.log_prompts:
             self.request_body = json_format.MessageToDict(request)
@@ -79,6 +82,16 @@ class _Call:
                 log_event("rpc_request", body=self.request_body)
             yield
 
+    def cancel_code(self) -> grpc.StatusCode:
+        """DEADLINE_EXCEEDED when the call went away at its deadline, else CANCELLED.
+
+        The client's clock runs out slightly before the server's copy of the deadline (it was
+        sent as a timeout and started on arrival), so a cancellation close to it counts.
+        """
+        if self.deadline is not None and time.monotonic() >= self.deadline - DEADLINE_SLACK_S:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+        return grpc.StatusCode.CANCELLED
+
     def keep_text(self, message: Message) -> None:
         if self.obs.log_prompts:
             for name in ("text", "reasoning", "content"):
@@ -89,9 +102,7 @@ class _Call:
     async def fail(self, error: BaseException) -> None:
         """End the call for `error`: map it to a status (raises) or re-raise it."""
         if isinstance(error, asyncio.CancelledError):
-            remaining = self.context.time_remaining()
-            expired = remaining is not None and remaining <= 0
-            self.end(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED)
+            self.end(self.cancel_code())
             raise error
         if isinstance(error, grpc.aio.AbortError | grpc.aio.UsageError):
             self.end(self.context.code() or grpc.StatusCode.UNKNOWN)
@@ -212,7 +223,7 @@ def streaming(handler: F) -> F:
                     yield message
             except BaseException as error:
                 if isinstance(error, GeneratorExit):
-                    call.end(grpc.StatusCode.CANCELLED)
+                    call.end(call.cancel_code())
                     raise
                 await call.fail(error)
                 raise

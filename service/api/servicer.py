@@ -14,12 +14,12 @@ from service.api import convert
 from service.api.rpc import Observability, streaming, unary
 from service.chat import ChatContext, ChatDelta, ChatTurn, run_chat_turn
 from service.runtime.interface import (
-    EngineError,
     FinishReason,
     GenerationRequest,
     NotReadyError,
     SamplingParams,
     TokenEvent,
+    failure_of,
 )
 from service.telemetry import current_record, phase
 from service.tokenizer import ChatMessage
@@ -96,13 +96,18 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 convert.deadline_from(context.time_remaining()),
             )
         _note_request("text_completion", domain.sampling, domain.max_new_tokens)
+        record = current_record()
+        if record is not None:  # counted as they come: a cancelled stream still counts
+            record.prompt_tokens = len(domain.prompt_ids)
         stream = chat.engine.generate(domain)
         completion = 0
         try:
             async for event in stream:
                 if event.finish_reason is FinishReason.ERROR:
-                    raise EngineError(event.error or "the engine failed")
+                    raise failure_of(event, chat.engine.state)
                 completion += len(event.token_ids)
+                if record is not None:
+                    record.completion_tokens = completion
                 if event.finish_reason is not None:
                     _note_finish(domain, completion, event)
                 yield event

@@ -53,6 +53,17 @@ class NotReadyError(EngineError):
     """The engine is starting, failed or shutting down."""
 
 
+class RequestFailedError(EngineError):
+    """One request failed inside a working engine (a bug); the details are for the server log."""
+
+
+def failure_of(event: TokenEvent, state: EngineState) -> EngineError:
+    """The error for an event with finish reason ERROR: the engine's failure, or the request's."""
+    if state is EngineState.FAILED:
+        return NotReadyError("the engine failed and this server is restarting; retry elsewhere")
+    return RequestFailedError(event.error or "the request failed in the engine")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How each next token is chosen. Ranges are checked by `validate_sampling`."""

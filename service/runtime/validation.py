@@ -90,12 +90,12 @@ def _validate_stops(request: GenerationRequest, limits: RequestLimits) -> None:
         raise RequestError(
             f"{len(request.stop_strings)} stop strings; allowed: at most {MAX_STOP_STRINGS}"
         )
-    for text in request.stop_strings:
+    for index, text in enumerate(request.stop_strings):  # messages never quote the text
         if not isinstance(text, str):
-            raise RequestError(f"stop strings must be text, got {text!r}")
+            raise RequestError(f"stop_strings[{index}] must be text, got {type(text).__name__}")
         if not 1 <= len(text) <= MAX_STOP_STRING_CHARS:
             raise RequestError(
-                f"stop string {text[:40]!r} has {len(text)} characters; "
+                f"stop_strings[{index}] has {len(text)} characters; "
                 f"allowed: 1 to {MAX_STOP_STRING_CHARS}"
             )
     for token in request.stop_token_ids:

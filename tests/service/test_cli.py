@@ -97,11 +97,14 @@ def test_serve_flags_default_to_their_environment_variables(tmp_path):
         ([], {"NEMOTRON_PORT": "http"}, "NEMOTRON_PORT='http' is not a valid int"),
         ([], {"NEMOTRON_LOG_FORMAT": "xml"}, "NEMOTRON_LOG_FORMAT='xml' is not one of auto,"),
         ([], {"NEMOTRON_LOG_PROMPTS": "maybe"}, "is not a boolean (use true or false)"),
-        (["--port", "70000"], {}, "--port 70000 is outside [0, 65535]"),
+        (["--port", "70000"], {}, "--port 70000 (flag or NEMOTRON_PORT) is outside [0, 65535]"),
+        (["--grace-s", "inf"], {}, "--grace-s inf (flag or NEMOTRON_GRACE_S) is outside [0,"),
+        ([], {"NEMOTRON_KEEPALIVE_TIMEOUT_S": "nan"}, "--keepalive-timeout-s nan (flag or NEMO"),
+        (["--max-message-bytes", "3000000000"], {}, "is outside [1, 2147483647]"),
         (["--log-format", "xml"], {}, "argument --log-format: invalid choice: 'xml'"),
         (["--tls-cert-file", "c.pem"], {}, "TLS needs both --tls-cert-file and --tls-key-file"),
         (["--tls-client-ca-file", "ca.pem"], {}, "mutual TLS) needs --tls-cert-file"),
-        (["--keepalive-time-s", "0"], {}, "--keepalive-time-s 0.0 must be >= 1"),
+        (["--keepalive-time-s", "0"], {}, "--keepalive-time-s 0.0 (flag or NEMOTRON_KEEPALIVE_T"),
     ],
 )
 def test_bad_serve_settings_are_usage_errors_naming_the_flag(argv, environ, message, capsys):

@@ -69,10 +69,9 @@ def test_key_file_format_errors_name_the_line_and_never_the_key(tmp_path):
         parse_key_file("good\nsecret-one Chat extra\n", Path("keys"))
     with pytest.raises(ApiKeyFileError, match="holds no API keys"):
         parse_key_file("# only a comment\n\n", Path("keys"))
-    try:
+    with pytest.raises(ApiKeyFileError) as error:
         parse_key_file("a b c\n", Path("keys"))
-    except ApiKeyFileError as error:
-        assert "a b c" not in str(error)
+    assert "a b c" not in str(error.value)
 
 
 def test_bearer_checks(tmp_path):

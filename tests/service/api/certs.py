@@ -32,5 +32,3 @@ def make_certificates(directory: Path) -> dict[str, bytes]:
         _openssl("x509", "-req", "-in", f"{name}.csr", *signing, "-out", f"{name}.pem", *extra,
                  cwd=directory)  # fmt: skip
     return {p.name: p.read_bytes() for p in directory.iterdir()}
-
-

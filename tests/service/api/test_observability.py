@@ -8,6 +8,7 @@ import re
 import time
 import urllib.request
 
+import grpc
 import pytest
 from nemotron.v1 import generation_pb2 as pb
 
@@ -148,7 +149,15 @@ def test_metrics_are_scraped_over_http_and_move_as_requests_run(traced):
         _sample(after, "nemotron_requests_total", **code_ok)
         == _sample(before, "nemotron_requests_total", **code_ok) + 1
     )
-    assert _sample(after, "nemotron_requests_total", method="GenerateStream", code="CANCELLED") >= 1
+    cancelled = {"method": "GenerateStream", "code": "CANCELLED"}
+    assert (
+        _sample(after, "nemotron_requests_total", **cancelled)
+        == _sample(before, "nemotron_requests_total", **cancelled) + 1
+    )
+    streamed = {"method": "GenerateStream"}  # a cancelled stream's tokens still count
+    assert _sample(after, "nemotron_generation_tokens_total", **streamed) > _sample(
+        before, "nemotron_generation_tokens_total", **streamed
+    )
     for name in (
         "nemotron_generation_tokens_total",
         "nemotron_prompt_tokens_total",
@@ -160,3 +169,20 @@ def test_metrics_are_scraped_over_http_and_move_as_requests_run(traced):
             before, name, method="ChatStream"
         )
     assert _sample(after, "nemotron_requests_running") == 0
+
+
+def test_a_passed_deadline_is_recorded_as_deadline_exceeded_not_cancelled(traced):
+    server, _ = traced
+    labels = {"method": "GenerateStream", "code": "DEADLINE_EXCEEDED"}
+    before = _sample(_scrape(server), "nemotron_requests_total", **labels)
+    request = pb.GenerateStreamRequest(
+        prompt=pb.Prompt(text="Count: one two three"),
+        limits=pb.GenerationLimits(max_new_tokens=2000, ignore_eos=True),
+    )
+    with pytest.raises(grpc.RpcError) as error:
+        list(server.api.GenerateStream(request, timeout=1.0))
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 10
+    while _sample(_scrape(server), "nemotron_requests_total", **labels) != before + 1:
+        assert time.monotonic() < deadline, "the server did not record DEADLINE_EXCEEDED"
+        time.sleep(0.2)

@@ -117,7 +117,7 @@ def _bad_tool():
             "oversized message",
             pb.ChatRequest(messages=[pb.ChatMessage(role=pb.ROLE_USER, content="x" * 5_000_000)]),
             grpc.StatusCode.RESOURCE_EXHAUSTED,
-            "",
+            "larger than max",
         ),
     ],
 )
