@@ -70,9 +70,11 @@ def test_a_killed_worker_fails_pending_requests_and_readiness(
 
     last, state, ended_after, pid = run_with_runtime(tp2, body, tp_timeout_s=10)
     assert last.finish_reason is FinishReason.ERROR
-    assert (
-        last.error
-        == f"engine step failed: tensor-parallel worker rank 1 (pid {pid}) exited with code -9"
+    # The step that was running reports it ("engine step failed: ...") or, when the worker
+    # monitor sees the death first, the monitor does: the same cause either way.
+    assert last.error in (
+        f"engine step failed: tensor-parallel worker rank 1 (pid {pid}) exited with code -9",
+        f"tensor-parallel worker rank 1 (pid {pid}) exited with code -9",
     )
     assert state is EngineState.FAILED
     assert ended_after < 10
