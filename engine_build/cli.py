@@ -1,4 +1,4 @@
-"""`nemotron-build`: inspect graphs, import GGUFs, fetch the embedded model, make checkpoints."""
+"""`nemotron-build`: inspect graphs, import GGUFs, fetch the embedded model, build engines."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -14,12 +15,19 @@ from engine_build.backends.torch_engine import EngineFormatError
 from engine_build.build import BuildRequest, PlanRefusedError, build_engine
 from engine_build.checkpoint import CheckpointError
 from engine_build.embedded import EmbeddedModelError, default_cache_dir, ensure_embedded_checkpoint
-from engine_build.events import configure_logging
+from engine_build.events import configure_logging, log_event
 from engine_build.gguf_import import GGUFImportError, import_gguf, import_gguf_cached
 from engine_build.graph import GraphConfigError, ModelGraph
 from engine_build.plan import format_plans, plan_profile
 from engine_build.profiles import ProfileError, ProfileSet, load_profiles
-from engine_build.repository import EngineRepository, RepositoryError, describe_target
+from engine_build.repository import (
+    EngineEntry,
+    EngineRepository,
+    EngineRequirement,
+    RepositoryError,
+    describe_target,
+    mismatches,
+)
 from engine_build.sharding import ShardingError
 from engine_build.summary import GraphSummary, summarize
 from engine_build.synthetic import write_synthetic_checkpoint
@@ -164,6 +172,71 @@ def _list(args: argparse.Namespace) -> None:
         print("  ".join(str(value).ljust(widths[i]) for i, value in enumerate(row)).rstrip())
 
 
+class EngineWaitTimeoutError(RepositoryError):
+    """`wait` gave up: no fitting engine appeared in time; the message lists what is there."""
+
+
+def ready_engine(repository: EngineRepository, need: EngineRequirement) -> EngineEntry | None:
+    """The newest engine fitting `need` whose files are all present (sizes only, no hashing)."""
+    for entry in reversed(repository.entries()):
+        if not mismatches(entry, need) and repository.damage(entry) is None:
+            return entry
+    return None
+
+
+def _wait(args: argparse.Namespace) -> None:
+    profile = _profile_set(args).get(args.profile)
+    precision = profile.precision(args.precision).name if args.precision else None
+    backend = None if args.backend == "any" else args.backend
+    need = EngineRequirement(profile.name, profile.target, precision, backend=backend)
+    repository = EngineRepository(args.repo)
+    start = time.monotonic()
+    last_report = start
+    while (entry := ready_engine(repository, need)) is None:
+        now = time.monotonic()
+        if args.timeout is not None and now - start >= args.timeout:
+            raise EngineWaitTimeoutError(_wait_refusal(repository, need, args.timeout))
+        if now - last_report >= args.report_every:
+            log_event(
+                "engine_wait",
+                profile=profile.name,
+                repo=str(args.repo),
+                waited_s=round(now - start),
+            )
+            last_report = now
+        remaining = float("inf") if args.timeout is None else args.timeout - (now - start)
+        time.sleep(max(0.0, min(args.interval, remaining)))
+    print(f"{entry.name} ({entry.engine_id}) ready: {entry.directory}")
+
+
+def _wait_refusal(repository: EngineRepository, need: EngineRequirement, timeout: float) -> str:
+    wanted = f"profile {need.profile} on {describe_target(need.target)}"
+    if need.precision:
+        wanted += f", precision {need.precision}"
+    if need.backend:
+        wanted += f", backend {need.backend}"
+    lines = [f"no engine for {wanted} appeared in {repository.root} within {timeout:g} s"]
+    for entry in reversed(repository.entries()):
+        reasons = mismatches(entry, need) or [repository.damage(entry) or "incomplete"]
+        lines.append(f"  {entry.name} ({entry.engine_id}): " + "; ".join(reasons))
+    precision = f" --precision {need.precision}" if need.precision else ""
+    lines.append(
+        f"Build one with: nemotron-build build --profile {need.profile}{precision} "
+        f"--checkpoint CHECKPOINT --repo {repository.root}"
+    )
+    return "\n".join(lines)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {text}")
+    return value
+
+
 def _profiles(args: argparse.Namespace) -> None:
     for profile in _profile_set(args).profiles.values():
         precisions = ", ".join(p.name for p in profile.precisions)
@@ -234,6 +307,28 @@ def _add_engine_commands(sub: argparse._SubParsersAction) -> None:
     )
     build.add_argument("--profiles", action="append", default=[], help=profiles_help)
     build.set_defaults(run=_build)
+    wait = sub.add_parser(
+        "wait",
+        help="wait until a repository holds a complete engine for a profile (for init containers)",
+    )
+    wait.add_argument("--profile", required=True)
+    wait.add_argument("--repo", type=Path, required=True, help="engine repository directory")
+    wait.add_argument("--precision", help="only an engine of this weights precision")
+    wait.add_argument(
+        "--backend",
+        choices=[*(name for name in backend_names() if name != "auto"), "any"],
+        default="any",
+        help="only an engine of this backend (the server runs torch engines)",
+    )
+    wait.add_argument(
+        "--timeout", type=_seconds, help="give up (exit 2) after this many seconds; default never"
+    )
+    wait.add_argument("--interval", type=_seconds, default=5.0, help="seconds between checks")
+    wait.add_argument(
+        "--report-every", type=_seconds, default=60.0, help="seconds between engine_wait logs"
+    )
+    wait.add_argument("--profiles", action="append", default=[], help=profiles_help)
+    wait.set_defaults(run=_wait)
     listing = sub.add_parser("list", help="list the engines of a repository")
     listing.add_argument("repo", type=Path)
     listing.add_argument("--json", action="store_true")
