@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet
 
-.PHONY: run test lint clean
+.PHONY: run test test-apiserver lint clean
 
 # A stamp per extra set: reinstall when pyproject.toml changes.
 $(VENV)/.installed-base: pyproject.toml
@@ -25,6 +25,12 @@ run: $(VENV)/.installed-base
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The chart installed, upgraded and uninstalled by real helm on a real kube-apiserver v1.20 on
+# loopback (tools/kube_apiserver.sh builds it from Debian's source package once, then caches it).
+test-apiserver: $(VENV)/.installed-test
+	tools/kube_apiserver.sh build
+	NEMOTRON_APISERVER_TESTS=1 $(BIN)/pytest -m apiserver tests/deploy/test_chart_apiserver.py $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

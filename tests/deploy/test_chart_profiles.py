@@ -65,7 +65,7 @@ def test_a_gpu_profile_asks_for_tp_gpus_on_a_matching_node(chart, name):
     deployment = one(chart.objects(*profile_args(name)), "Deployment")
     spec = pod_spec(deployment)
     server = container(spec, "server")
-    assert server["resources"]["limits"]["nvidia.com/gpu"] == profile.tensor_parallel
+    assert server["resources"]["limits"]["nvidia.com/gpu"] == str(profile.tensor_parallel)
     terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     expressions = {e["key"]: e for e in terms["nodeSelectorTerms"][0]["matchExpressions"]}
     product = expressions["nvidia.com/gpu.product"]
@@ -214,7 +214,7 @@ def test_overrides_of_one_profile_entry_reach_the_pod(chart):
     assert next(v for v in spec["volumes"] if v["name"] == "shm")["emptyDir"]["sizeLimit"] == "24Gi"
     resources = container(spec, "server")["resources"]
     assert resources["requests"] == {"cpu": 24, "memory": "128Gi"}
-    assert resources["limits"]["nvidia.com/gpu"] == 2
+    assert resources["limits"]["nvidia.com/gpu"] == "2"
     assert one(objects, "ConfigMap")["data"]["NEMOTRON_ENGINE_REPO"].endswith(
         "h100x2-sm90-bf16-tp2"
     )

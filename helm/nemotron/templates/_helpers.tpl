@@ -210,7 +210,8 @@ exec:
 {{- $resources := mergeOverwrite (deepCopy ($profile.resources | default dict)) (deepCopy .Values.server.resources) -}}
 {{- if $profile.gpu -}}
 {{- $limits := $resources.limits | default dict -}}
-{{- $_ := set $limits "nvidia.com/gpu" (int $profile.tensorParallel) -}}
+{{- /* A string, like the profiles' cpu requests: server-side apply on Kubernetes < 1.21 rejects integer quantities. */}}
+{{- $_ := set $limits "nvidia.com/gpu" (int $profile.tensorParallel | toString) -}}
 {{- $_ := set $resources "limits" $limits -}}
 {{- end -}}
 {{- toYaml $resources -}}
