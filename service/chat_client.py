@@ -20,6 +20,9 @@ from google.protobuf import json_format, struct_pb2
 from nemotron.v1 import generation_pb2 as pb
 from nemotron.v1 import generation_pb2_grpc as pb_grpc
 
+from service.tls_client import ClientTls
+from service.tls_client import open_channel as tls_channel
+
 # The choices users type, as the API's enum.
 REASONING_MODES: dict[str, int] = {
     "default": pb.REASONING_MODE_UNSPECIFIED,
@@ -42,11 +45,7 @@ class Credentials:
     """TLS material and the API key for a server; secrets never appear in a repr."""
 
     api_key: str | None = field(default=None, repr=False)
-    tls: bool = False
-    root_certificates: bytes | None = field(default=None, repr=False)
-    private_key: bytes | None = field(default=None, repr=False)
-    certificate_chain: bytes | None = field(default=None, repr=False)
-    server_name: str | None = None
+    tls: ClientTls = field(default_factory=ClientTls)
 
     def call_metadata(self) -> tuple[tuple[str, str], ...]:
         """Metadata sent with every call: the API key as a bearer token, when there is one."""
@@ -55,19 +54,8 @@ class Credentials:
 
 def open_channel(address: str, credentials: Credentials) -> grpc.Channel:
     """A channel to `address`, with TLS (and a client certificate) when configured."""
-    options: list[tuple[str, str]] = [
-        ("grpc.primary_user_agent", f"nemotron-chat/{metadata.version('nemotron-serve')}")
-    ]
-    if credentials.server_name:
-        options.append(("grpc.ssl_target_name_override", credentials.server_name))
-    if not credentials.tls:
-        return grpc.insecure_channel(address, options=options)
-    channel_credentials = grpc.ssl_channel_credentials(
-        root_certificates=credentials.root_certificates,
-        private_key=credentials.private_key,
-        certificate_chain=credentials.certificate_chain,
-    )
-    return grpc.secure_channel(address, channel_credentials, options=options)
+    agent = ("grpc.primary_user_agent", f"nemotron-chat/{metadata.version('nemotron-serve')}")
+    return tls_channel(address, credentials.tls, [agent])
 
 
 def is_loopback(address: str) -> bool:

@@ -37,6 +37,7 @@ from service.chat_client import (
     tools_from_json,
     usage_line,
 )
+from service.tls_client import ClientFlagError, add_tls_arguments, read_flag_file, tls_from_args
 
 PROG = "nemotron-chat"
 DEFAULT_ADDRESS = "localhost:50051"
@@ -122,11 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--json", action="store_true", help="print each turn as one line of ChatResponse JSON")
     add("--timeout", type=_positive, metavar="S", help="deadline of each turn in seconds")
     add("--api-key-file", type=Path, metavar="PATH", help="API key (else env NEMOTRON_API_KEY)")
-    add("--tls", action="store_true", help="use TLS with the system's CA certificates")
-    add("--tls-ca", type=Path, metavar="FILE", help="CA certificates (PEM); implies --tls")
-    add("--tls-cert", type=Path, metavar="FILE", help="client certificate (PEM) for mTLS")
-    add("--tls-key", type=Path, metavar="FILE", help="client private key (PEM) for mTLS")
-    add("--tls-server-name", metavar="NAME", help="name the server's certificate must carry")
+    add_tls_arguments(parser)
     return parser
 
 
@@ -167,8 +164,10 @@ def parse_config(
 def _credentials(
     parser: argparse.ArgumentParser, args: argparse.Namespace, environ: Mapping[str, str]
 ) -> Credentials:
-    if (args.tls_cert is None) != (args.tls_key is None):
-        parser.error("--tls-cert and --tls-key go together (mutual TLS needs both)")
+    try:
+        tls = tls_from_args(args)
+    except ClientFlagError as error:
+        parser.error(str(error))
     if args.api_key_file is not None:
         api_key = _read(parser, "--api-key-file", args.api_key_file).decode("utf-8", "replace")
     else:
@@ -178,26 +177,14 @@ def _credentials(
         parser.error(f"--api-key-file: {args.api_key_file} is empty")
     if api_key and not (api_key.isascii() and api_key.isprintable()):
         parser.error("the API key must be printable ASCII (it is sent as a bearer token)")
-    tls = bool(args.tls or args.tls_ca or args.tls_cert or args.tls_server_name)
-
-    def optional(flag: str, path: Path | None) -> bytes | None:
-        return None if path is None else _read(parser, flag, path)
-
-    return Credentials(
-        api_key=api_key or None,
-        tls=tls,
-        root_certificates=optional("--tls-ca", args.tls_ca),
-        private_key=optional("--tls-key", args.tls_key),
-        certificate_chain=optional("--tls-cert", args.tls_cert),
-        server_name=args.tls_server_name,
-    )
+    return Credentials(api_key=api_key or None, tls=tls)
 
 
 def _read(parser: argparse.ArgumentParser, flag: str, path: Path) -> bytes:
     try:
-        return path.read_bytes()
-    except OSError as err:
-        parser.error(f"{flag}: cannot read {path}: {err.strerror}")
+        return read_flag_file(flag, path)
+    except ClientFlagError as error:
+        parser.error(str(error))
 
 
 def _read_tools(parser: argparse.ArgumentParser, path: Path) -> tuple[pb.Tool, ...]:
@@ -372,7 +359,7 @@ def run(config: ClientConfig) -> int:
     """Connect and chat in the mode the terminal and flags call for; the exit code."""
     if (
         config.credentials.api_key
-        and not config.credentials.tls
+        and not config.credentials.tls.enabled
         and not is_loopback(config.address)
     ):
         print(

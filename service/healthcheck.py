@@ -15,10 +15,17 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.tls_client import (
+    ClientFlagError,
+    ClientTls,
+    add_tls_arguments,
+    open_channel,
+    tls_from_args,
+)
 
 PROG = "nemotron-healthcheck"
 DEFAULT_ADDRESS = "localhost:50051"
@@ -46,11 +53,7 @@ class ProbeConfig:
     address: str
     service: str
     timeout_s: float
-    tls: bool = False
-    root_certificates: bytes | None = field(default=None, repr=False)
-    private_key: bytes | None = field(default=None, repr=False)
-    certificate_chain: bytes | None = field(default=None, repr=False)
-    server_name: str | None = None
+    tls: ClientTls = field(default_factory=ClientTls)
 
 
 def _positive(text: str) -> float:
@@ -75,53 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
         "nemotron.v1.GenerationService",
     )
     add("--timeout", type=_positive, default=3.0, metavar="S", help="seconds (default 3)")
-    add("--tls", action="store_true", help="TLS with the system's roots (implied by --tls-*)")
-    add("--tls-ca", type=Path, metavar="FILE", help="CA bundle that signed the server certificate")
-    add("--tls-cert", type=Path, metavar="FILE", help="client certificate (mutual TLS)")
-    add("--tls-key", type=Path, metavar="FILE", help="client private key (mutual TLS)")
-    add("--tls-server-name", metavar="NAME", help="name to expect in the server certificate")
+    add_tls_arguments(parser)
     return parser
-
-
-def _read(path: Path | None, flag: str) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        return path.read_bytes()
-    except OSError as error:
-        raise UsageError(f"{flag} {path}: {error.strerror or error}") from None
 
 
 def parse_config(args: argparse.Namespace, environ: Mapping[str, str]) -> ProbeConfig:
     """The check to make, from parsed flags and the environment."""
-    if (args.tls_cert is None) != (args.tls_key is None):
-        raise UsageError("--tls-cert and --tls-key go together (mutual TLS needs both)")
-    tls = args.tls or any(
-        value is not None for value in (args.tls_ca, args.tls_cert, args.tls_server_name)
-    )
+    try:
+        tls = tls_from_args(args)
+    except ClientFlagError as error:
+        raise UsageError(str(error)) from None
     return ProbeConfig(
         address=args.address or environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS,
         service=args.service,
         timeout_s=args.timeout,
         tls=tls,
-        root_certificates=_read(args.tls_ca, "--tls-ca"),
-        private_key=_read(args.tls_key, "--tls-key"),
-        certificate_chain=_read(args.tls_cert, "--tls-cert"),
-        server_name=args.tls_server_name,
     )
-
-
-def open_channel(config: ProbeConfig) -> grpc.Channel:
-    """A channel to the server, with TLS (and a client certificate) when configured."""
-    options = [("grpc.ssl_target_name_override", config.server_name)] if config.server_name else []
-    if not config.tls:
-        return grpc.insecure_channel(config.address, options=options)
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=config.root_certificates,
-        private_key=config.private_key,
-        certificate_chain=config.certificate_chain,
-    )
-    return grpc.secure_channel(config.address, credentials, options=options)
 
 
 @dataclass(frozen=True)
@@ -137,7 +109,7 @@ def check(config: ProbeConfig) -> ProbeResult:
     """Ask the server once."""
     label = f"{config.service!r} at {config.address}"
     request = health_pb2.HealthCheckRequest(service=config.service)
-    with open_channel(config) as channel:
+    with open_channel(config.address, config.tls) as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(request, timeout=config.timeout_s)
         except grpc.RpcError as error:

@@ -141,7 +141,10 @@ def test_a_server_that_never_answers_exits_1_after_the_timeout(capsys):
         (["--timeout", "nan"], "must be > 0 seconds"),
         (["--timeout", "soon"], "must be a number of seconds"),
         (["--tls-cert", "client.pem"], "--tls-cert and --tls-key go together"),
-        (["--tls-ca", "/nonexistent/ca.pem"], "--tls-ca /nonexistent/ca.pem: No such file"),
+        (
+            ["--tls-ca", "/nonexistent/ca.pem"],
+            "--tls-ca: cannot read /nonexistent/ca.pem: No such file",
+        ),
         (["surplus"], "unrecognized arguments: surplus"),
     ],
 )
