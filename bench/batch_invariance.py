@@ -20,7 +20,7 @@ from engine_build.embedded import default_cache_dir
 from service.runtime.compute import reserve_cores_for_compute_threads, run_in_compute_thread
 from service.runtime.factory import RuntimeOptions, open_runtime
 from service.runtime.interface import GenerationRequest
-from service.startup import ensure_cpu_engine
+from service.startup.selection import ensure_cpu_engine
 
 
 async def measure(engine_dir: str, requests: int) -> None:

@@ -50,7 +50,7 @@ def machine() -> str:
 
 def weight_bytes_read_per_step(engine_dir: Path) -> int:
     """Bytes of weights a decode step reads (tied embeddings count once: as the LM head)."""
-    from service.loader import load_rank_model
+    from service.runtime.loader import load_rank_model
 
     model = load_rank_model(engine_dir)
     storages = {

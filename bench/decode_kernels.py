@@ -21,10 +21,10 @@ import torch.nn.functional as F
 
 from engine_build.embedded import default_cache_dir
 from engine_build.model import Linear
-from service.loader import load_rank_model
 from service.runtime.kv_pages import PagedKVStore
+from service.runtime.loader import load_rank_model
 from service.runtime.runner import ModelRunner, StepPlan
-from service.startup import ensure_cpu_engine
+from service.startup.selection import ensure_cpu_engine
 
 
 def best_ms(job: Callable[[], object], repeats: int = 10) -> float:

@@ -49,7 +49,7 @@ from engine_build.embedded import default_cache_dir
 from service.runtime.compute import reserve_cores_for_compute_threads, run_in_compute_thread
 from service.runtime.factory import RuntimeOptions, open_runtime
 from service.runtime.interface import Engine, GenerationRequest, SamplingParams
-from service.startup import ensure_cpu_engine
+from service.startup.selection import ensure_cpu_engine
 
 
 @dataclass

@@ -10,11 +10,11 @@ import torch
 
 from engine_build.backends.torch_engine import TorchEngine
 from engine_build.sharding import rank_graph
-from service.loader import load_rank_model
 from service.runtime.kv_pages import PagedKVStore
+from service.runtime.loader import load_rank_model
 from service.runtime.runner import ModelRunner
+from service.runtime.tokenizer import TextTokenizer
 from service.runtime.torch_runtime import Booted, LocalExecutor, RuntimeConfig, TorchRuntime
-from service.tokenizer import TextTokenizer
 
 MEMINFO = Path("/proc/meminfo")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from service.tokenizer import IncrementalDetokenizer, TextTokenizer
+from service.runtime.tokenizer import IncrementalDetokenizer, TextTokenizer
 
 
 @dataclass

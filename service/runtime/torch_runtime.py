@@ -40,8 +40,8 @@ from service.runtime.runner import ModelRunner, StepPlan, make_plan
 from service.runtime.sampler import SampleInput, raw_logprobs, sample_row
 from service.runtime.scheduler import Scheduler, SeqStatus, Sequence
 from service.runtime.text import StopTextStream
+from service.runtime.tokenizer import TextTokenizer
 from service.runtime.validation import RequestLimits, validate_request
-from service.tokenizer import TextTokenizer
 
 _LOG = logging.getLogger("nemotron.runtime")
 

@@ -25,10 +25,10 @@ from torch import Tensor
 
 from engine_build.backends.torch_engine import TorchEngine
 from engine_build.sharding import rank_graph
-from service.loader import load_rank_model
 from service.runtime.factory import RuntimeOptions, kv_store_and_config
 from service.runtime.interface import EngineError
 from service.runtime.kv_pages import PagedKVStore
+from service.runtime.loader import load_rank_model
 from service.runtime.runner import ModelRunner, StepPlan
 from service.runtime.torch_runtime import Booted
 

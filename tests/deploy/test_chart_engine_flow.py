@@ -14,8 +14,8 @@ from pathlib import Path
 
 from engine_build.repository import EngineRepository
 from engine_build.synthetic import write_synthetic_checkpoint
-from service.serve_args import parse_serve_config
-from service.startup import resolve_engine
+from service.server.flags import parse_serve_config
+from service.startup.selection import resolve_engine
 from tests.deploy.helm_chart import one, profile_args
 
 MODELS, ENGINES = "/models", "/var/lib/nemotron/engines"

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from engine_build.cli import build_parser as build_cli_parser
-from service.client_cli import build_parser as chat_parser
-from service.healthcheck import build_parser as healthcheck_parser
-from service.serve_args import SERVE_ARGUMENTS, parse_serve_config
+from service.client.chat_cli import build_parser as chat_parser
+from service.client.healthcheck import build_parser as healthcheck_parser
+from service.server.flags import SERVE_ARGUMENTS, parse_serve_config
 from tests.deploy.helm_chart import GPU_PROFILES, PROFILES, by_kind, one, profile_args
 
 ALL_FEATURES = ["-f", str(Path(__file__).parent / "data" / "all-features.yaml")]

@@ -357,14 +357,14 @@ def test_each_target_runs_the_console_scripts_of_the_package(target):
     flags, rest = stage.last("HEALTHCHECK").split()
     kind, _, command = rest.partition(" ")
     assert kind == "CMD" and json.loads(command)[0] == "nemotron-healthcheck", rest
-    assert scripts["nemotron-healthcheck"] == "service.healthcheck:main"
+    assert scripts["nemotron-healthcheck"] == "service.client.healthcheck:main"
     assert {"interval", "timeout", "start-period", "retries"} <= flags.keys()
     assert not stage.all("CMD"), "arguments belong to the user (`docker run IMAGE chat ...`)"
 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_each_target_exposes_the_servers_ports_and_stops_on_sigterm(target):
-    from service.serve_args import DEFAULT_METRICS_PORT, DEFAULT_PORT
+    from service.server.flags import DEFAULT_METRICS_PORT, DEFAULT_PORT
 
     stage = dockerfile().stage(target)
     assert stage.last("EXPOSE").words() == [str(DEFAULT_PORT), str(DEFAULT_METRICS_PORT)]
@@ -492,7 +492,7 @@ def test_the_wheel_stage_builds_the_package_from_exactly_what_it_copies(tmp_path
         names = set(archive.namelist())
         entry_points = next(archive.read(n) for n in names if n.endswith("entry_points.txt"))
     assert {"nemotron/v1/generation_pb2.py", "nemotron/v1/generation_pb2_grpc.py",
-            "service/healthcheck.py", "service/families.yaml",
+            "service/client/healthcheck.py", "service/chat/families.yaml",
             "engine_build/profiles.yaml"} <= names  # fmt: skip
     for script in _pyproject()["project"]["scripts"]:
         assert f"{script} = ".encode() in entry_points
@@ -508,8 +508,8 @@ def test_the_wheel_stage_builds_the_package_from_exactly_what_it_copies(tmp_path
 def test_the_cpu_stage_bakes_the_engine_the_server_then_serves_without_building(
     tmp_path, embedded_gguf
 ):
-    from service.serve_args import parse_serve_config
-    from service.startup import resolve_engine
+    from service.server.flags import parse_serve_config
+    from service.startup.selection import resolve_engine
 
     stage = dockerfile().stage("cpu")
     (bake,) = [i for i in stage.all("RUN") if "nemotron-build" in i.arguments]

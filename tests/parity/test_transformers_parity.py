@@ -10,7 +10,7 @@ from engine_build.model import NemotronModel
 from engine_build.profiles import load_profiles
 from engine_build.repository import EngineRepository
 from service.runtime.interface import GenerationRequest
-from service.tokenizer import ChatMessage, ChatTemplate, TextTokenizer
+from service.runtime.tokenizer import ChatMessage, ChatTemplate, TextTokenizer
 from tests.service.runtime.conftest import collect, run_with_runtime, tokens_of
 
 pytestmark = pytest.mark.slow

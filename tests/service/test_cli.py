@@ -83,7 +83,7 @@ def test_a_checkpoint_without_tokenizer_is_a_cli_error(tmp_path, capsys):
 
 
 def test_serve_flags_default_to_their_environment_variables(tmp_path):
-    from service.serve_args import parse_serve_config
+    from service.server.flags import parse_serve_config
 
     environ = {"NEMOTRON_PORT": "6000", "NEMOTRON_LOG_PROMPTS": "true", "NEMOTRON_GRACE_S": "5"}
     config = parse_serve_config(["--cache-dir", str(tmp_path)], environ)
@@ -108,7 +108,7 @@ def test_serve_flags_default_to_their_environment_variables(tmp_path):
     ],
 )
 def test_bad_serve_settings_are_usage_errors_naming_the_flag(argv, environ, message, capsys):
-    from service.serve_args import parse_serve_config
+    from service.server.flags import parse_serve_config
 
     with pytest.raises(SystemExit) as exit_:
         parse_serve_config(argv, environ)

@@ -11,7 +11,7 @@ from service.runtime.kv_pages import BlockPool, block_hashes
 from service.runtime.sampler import SampleInput, sample_batch
 from service.runtime.scheduler import Scheduler, Sequence
 from service.runtime.text import StopTextStream
-from service.tokenizer import TextTokenizer
+from service.runtime.tokenizer import TextTokenizer
 
 
 @pytest.fixture(scope="module")

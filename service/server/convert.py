@@ -1,0 +1,280 @@
+"""Protobuf <-> domain objects in one place: servicer and engine never see the other's types."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2
+from nemotron.v1 import generation_pb2 as pb
+
+from service.chat.formats import Reasoning, ToolSpec
+from service.chat.turns import ChatDelta, ChatTurn
+from service.runtime.interface import (
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    RequestError,
+    SamplingParams,
+    Timings,
+    TokenEvent,
+    TokenLogprob,
+    Usage,
+)
+from service.runtime.tokenizer import ChatMessage, TextTokenizer
+
+DEFAULT_MAX_NEW_TOKENS = 256
+
+_ROLES = {
+    pb.ROLE_SYSTEM: "system",
+    pb.ROLE_USER: "user",
+    pb.ROLE_ASSISTANT: "assistant",
+    pb.ROLE_TOOL: "tool",
+}
+_REASONING = {
+    pb.REASONING_MODE_UNSPECIFIED: Reasoning.DEFAULT,
+    pb.REASONING_MODE_ON: Reasoning.ON,
+    pb.REASONING_MODE_OFF: Reasoning.OFF,
+}
+_FINISH = {
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.ABORTED: pb.FINISH_REASON_ABORTED,
+    FinishReason.DEADLINE: pb.FINISH_REASON_DEADLINE,
+    FinishReason.TOOL_CALLS: pb.FINISH_REASON_TOOL_CALLS,
+}
+
+
+def sampling_from_pb(message: pb.SamplingParams) -> SamplingParams:
+    """Unset fields keep the defaults of `SamplingParams`."""
+    fields = {
+        name: getattr(message, name)
+        for name in (
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "repetition_penalty",
+            "frequency_penalty",
+            "presence_penalty",
+            "seed",
+        )
+        if message.HasField(name)
+    }
+    return SamplingParams(**fields)
+
+
+def deadline_from(time_remaining: float | None) -> float | None:
+    """The engine deadline (monotonic) of a call with `time_remaining` seconds left."""
+    return None if time_remaining is None else time.monotonic() + time_remaining
+
+
+def prompt_ids(prompt: pb.Prompt, tokenizer: TextTokenizer) -> tuple[int, ...]:
+    """Token ids of a prompt given as text or as ids."""
+    kind = prompt.WhichOneof("input")
+    if kind is None:
+        raise RequestError("prompt: set text or token_ids")
+    return (
+        tuple(prompt.token_ids.ids) if kind == "token_ids" else tuple(tokenizer.encode(prompt.text))
+    )
+
+
+def generation_from_pb(
+    request: pb.GenerateRequest | pb.GenerateStreamRequest,
+    request_id: str,
+    tokenizer: TextTokenizer,
+    deadline: float | None,
+) -> GenerationRequest:
+    """The engine request of a Generate or GenerateStream call."""
+    limits = request.limits
+    return GenerationRequest(
+        request_id=request_id,
+        prompt_ids=prompt_ids(request.prompt, tokenizer),
+        sampling=sampling_from_pb(request.sampling),
+        max_new_tokens=limits.max_new_tokens
+        if limits.HasField("max_new_tokens")
+        else DEFAULT_MAX_NEW_TOKENS,
+        stop_strings=tuple(limits.stop_sequences),
+        stop_token_ids=tuple(limits.stop_token_ids),
+        ignore_eos=limits.ignore_eos,
+        logprobs=limits.logprobs if limits.HasField("logprobs") else None,
+        deadline=deadline,
+    )
+
+
+def messages_from_pb(messages: Any) -> tuple[ChatMessage, ...]:
+    """Chat messages, refusing unset roles with the allowed values."""
+    converted = []
+    for index, message in enumerate(messages):
+        if message.role not in _ROLES:
+            name = pb.Role.Name(message.role) if message.role in pb.Role.values() else message.role
+            raise RequestError(
+                f"messages[{index}].role: {name} is not allowed; "
+                "use ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT or ROLE_TOOL"
+            )
+        converted.append(ChatMessage(_ROLES[message.role], message.content))
+    return tuple(converted)
+
+
+def chat_from_pb(
+    request: pb.ChatRequest | pb.ChatStreamRequest,
+    request_id: str,
+    deadline: float | None,
+) -> ChatTurn:
+    """The domain chat turn of a Chat or ChatStream call."""
+    limits = request.limits
+    tools = tuple(
+        ToolSpec(t.name, t.description, json_format.MessageToDict(t.parameters))
+        for t in request.tools
+    )
+    return ChatTurn(
+        request_id=request_id,
+        messages=messages_from_pb(request.messages),
+        reasoning=_REASONING.get(request.reasoning, Reasoning.DEFAULT),
+        reasoning_budget_tokens=request.reasoning_budget_tokens
+        if request.HasField("reasoning_budget_tokens")
+        else None,
+        tools=tools,
+        sampling=sampling_from_pb(request.sampling),
+        max_new_tokens=limits.max_new_tokens if limits.HasField("max_new_tokens") else None,
+        stop_strings=tuple(limits.stop_sequences),
+        stop_token_ids=tuple(limits.stop_token_ids),
+        ignore_eos=limits.ignore_eos,
+        deadline=deadline,
+    )
+
+
+def finish_to_pb(reason: FinishReason | None) -> int:
+    """The enum value of a finish reason (UNSPECIFIED while streaming)."""
+    return (
+        _FINISH.get(reason, pb.FINISH_REASON_UNSPECIFIED)
+        if reason
+        else pb.FINISH_REASON_UNSPECIFIED
+    )
+
+
+def timings_to_pb(timings: Timings | None) -> pb.Timings | None:
+    """Milliseconds."""
+    if timings is None:
+        return None
+    return pb.Timings(
+        queue_ms=timings.queue_s * 1000,
+        time_to_first_token_ms=timings.time_to_first_token_s * 1000,
+        total_ms=timings.total_s * 1000,
+    )
+
+
+def usage_to_pb(usage: Usage | None) -> pb.Usage | None:
+    """Token counts of a generation."""
+    if usage is None:
+        return None
+    return pb.Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        cached_prompt_tokens=usage.cached_prompt_tokens,
+    )
+
+
+def logprobs_to_pb(logprobs: tuple[TokenLogprob, ...]) -> list[pb.TokenLogprob]:
+    """Per-token log-probabilities."""
+    return [
+        pb.TokenLogprob(
+            token_id=lp.token_id,
+            logprob=lp.logprob,
+            top_logprobs=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+        )
+        for lp in logprobs
+    ]
+
+
+def stream_event_to_pb(event: TokenEvent) -> pb.GenerateStreamResponse:
+    """One engine event as a stream message."""
+    return pb.GenerateStreamResponse(
+        request_id=event.request_id,
+        text=event.text,
+        token_ids=list(event.token_ids),
+        finish_reason=finish_to_pb(event.finish_reason),
+        usage=usage_to_pb(event.usage),
+        timings=timings_to_pb(event.timings),
+        logprobs=logprobs_to_pb(event.logprobs),
+    )
+
+
+def generate_response_to_pb(events: list[TokenEvent]) -> pb.GenerateResponse:
+    """All events of a request folded into one response."""
+    last = events[-1]
+    return pb.GenerateResponse(
+        request_id=last.request_id,
+        text="".join(e.text for e in events),
+        token_ids=[t for e in events for t in e.token_ids],
+        finish_reason=finish_to_pb(last.finish_reason),
+        usage=usage_to_pb(last.usage),
+        timings=timings_to_pb(last.timings),
+        logprobs=logprobs_to_pb(tuple(lp for e in events for lp in e.logprobs)),
+    )
+
+
+def _tool_calls_to_pb(calls: tuple[dict[str, Any], ...]) -> list[pb.ToolCall]:
+    out = []
+    for call in calls:
+        arguments = struct_pb2.Struct()
+        if isinstance(call.get("arguments"), dict):
+            arguments.update(call["arguments"])
+        out.append(pb.ToolCall(name=call.get("name", ""), arguments=arguments))
+    return out
+
+
+def _chat_usage_to_pb(delta: ChatDelta) -> pb.Usage | None:
+    usage = delta.usage
+    if usage is None:
+        return None
+    return pb.Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        reasoning_tokens=usage.reasoning_tokens,
+        cached_prompt_tokens=usage.cached_prompt_tokens,
+    )
+
+
+def chat_delta_to_pb(request_id: str, delta: ChatDelta) -> pb.ChatStreamResponse:
+    """One chat delta as a stream message."""
+    return pb.ChatStreamResponse(
+        request_id=request_id,
+        content=delta.content,
+        reasoning=delta.reasoning,
+        tool_calls=_tool_calls_to_pb(delta.tool_calls),
+        finish_reason=finish_to_pb(delta.finish_reason),
+        usage=_chat_usage_to_pb(delta),
+        timings=timings_to_pb(delta.timings),
+    )
+
+
+def chat_response_to_pb(request_id: str, deltas: list[ChatDelta]) -> pb.ChatResponse:
+    """A whole assistant turn."""
+    last = deltas[-1]
+    return pb.ChatResponse(
+        request_id=request_id,
+        content="".join(d.content for d in deltas),
+        reasoning="".join(d.reasoning for d in deltas),
+        tool_calls=_tool_calls_to_pb(last.tool_calls),
+        finish_reason=finish_to_pb(last.finish_reason),
+        usage=_chat_usage_to_pb(last),
+        timings=timings_to_pb(last.timings),
+    )
+
+
+def stats_to_pb(stats: EngineStats) -> pb.GetEngineStatsResponse:
+    """An engine snapshot."""
+    return pb.GetEngineStatsResponse(
+        running_requests=stats.running,
+        waiting_requests=stats.waiting,
+        kv_blocks_total=stats.kv_blocks_total,
+        kv_blocks_used=stats.kv_blocks_used,
+        kv_block_size=stats.kv_block_size,
+        kv_bytes_per_token=stats.kv_bytes_per_token,
+        uniform_kv_bytes_per_token=stats.uniform_kv_bytes_per_token,
+        prefix_cache_hit_rate=stats.prefix_cache_hit_rate,
+        preemptions=stats.preemptions,
+        tokens_processed=stats.tokens_processed,
+        generated_tokens=stats.generated_tokens,
+    )

@@ -1,0 +1,327 @@
+"""Flags of `nemotron-serve [serve]`; each also reads an environment variable (its default).
+
+The Helm chart configures the pod through these variables. A bad value, from a flag or from
+the environment, is a usage error (exit 2) that names the flag or variable and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from service.server.config import ServerConfig
+
+PRECISIONS = ("bf16", "fp32")  # of the terminal chat's cpu engine
+SERVE_PRECISIONS = ("bf16", "fp8", "fp32")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("auto", "json", "console")
+DEFAULT_PORT = 50051
+DEFAULT_METRICS_PORT = 8002  # Triton's metrics port; Prometheus text format on /metrics
+
+DESCRIPTION = """\
+Serve the gRPC API: nemotron.v1.GenerationService, grpc.health.v1 (service names "",
+liveness, readiness, nemotron.v1.GenerationService) and server reflection, with Prometheus
+metrics on their own port and OpenTelemetry tracing when OTEL_* asks for it.
+
+With no arguments on a machine without GPUs it fetches and imports the embedded SmolLM2
+default (cached), builds its cpu engine once and serves it. `nemotron-serve chat` chats in the
+terminal without a server (see `nemotron-serve chat --help`).
+"""
+
+# (flag, environment variable, argparse options). The variable, when set, is the default.
+SERVE_ARGUMENTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("--host", "NEMOTRON_HOST", {"default": "0.0.0.0", "help": "address to listen on"}),
+    (
+        "--port",
+        "NEMOTRON_PORT",
+        {"type": int, "default": DEFAULT_PORT, "help": "gRPC port (0: any free port)"},
+    ),
+    (
+        "--checkpoint",
+        "NEMOTRON_CHECKPOINT",
+        {
+            "type": Path,
+            "default": None,
+            "help": "Nemotron-NAS checkpoint the engine is built from (default: the embedded "
+            "SmolLM2-135M-Instruct)",
+        },
+    ),
+    (
+        "--gguf",
+        "NEMOTRON_GGUF",
+        {"type": Path, "default": None, "help": "local copy of the embedded model's GGUF"},
+    ),
+    (
+        "--cache-dir",
+        "NEMOTRON_CACHE_DIR",
+        {
+            "type": Path,
+            "default": None,
+            "help": "downloads, imports and engines (default ~/.cache/nemotron-serve)",
+        },
+    ),
+    (
+        "--precision",
+        "NEMOTRON_PRECISION",
+        {
+            "choices": SERVE_PRECISIONS,
+            "default": None,
+            "help": "weights precision (default: any the profile allows; a build uses the "
+            "profile's first)",
+        },
+    ),
+    (
+        "--profile",
+        "",  # NEMOTRON_PROFILE is read by the profile selection itself, which logs the source
+        {
+            "default": None,
+            "help": "engine profile to serve (a100x4, a100x8, h100x2, cpu, or one from "
+            "--profiles); default: $NEMOTRON_PROFILE, else detected from the Kubernetes node's "
+            "GPU labels, then NVML, else cpu",
+        },
+    ),
+    (
+        "--engine-repo",
+        "NEMOTRON_ENGINE_REPO",
+        {"type": Path, "default": None, "help": "engine repository (default CACHE_DIR/engines)"},
+    ),
+    (
+        "--build-if-missing",
+        "NEMOTRON_BUILD_IF_MISSING",
+        {
+            "action": "store_true",
+            "default": False,
+            "help": "build the selected GPU profile's engine from --checkpoint when the "
+            "repository has none (cpu engines are always built)",
+        },
+    ),
+    (
+        "--profiles",
+        "",  # NEMOTRON_PROFILES is read by the profile selection itself
+        {
+            "type": Path,
+            "action": "append",
+            "default": [],
+            "help": "extra profile YAML file (repeatable; also NEMOTRON_PROFILES=FILE[:FILE])",
+        },
+    ),
+    (
+        "--compute-threads",
+        "NEMOTRON_COMPUTE_THREADS",
+        {
+            "type": int,
+            "default": None,
+            "help": "CPU threads of the engine's tensor work (default: all cores; fewer leaves "
+            "cores for the network path on a CPU deployment)",
+        },
+    ),
+    (
+        "--grace-s",
+        "NEMOTRON_GRACE_S",
+        {
+            "type": float,
+            "default": 30.0,
+            "help": "seconds in-flight calls get to finish after SIGTERM",
+        },
+    ),
+    (
+        "--metrics-host",
+        "NEMOTRON_METRICS_HOST",
+        {"default": "0.0.0.0", "help": "address of the Prometheus endpoint"},
+    ),
+    (
+        "--metrics-port",
+        "NEMOTRON_METRICS_PORT",
+        {"type": int, "default": DEFAULT_METRICS_PORT, "help": "/metrics port (0: off)"},
+    ),
+    (
+        "--api-keys-file",
+        "NEMOTRON_API_KEYS_FILE",
+        {
+            "type": Path,
+            "default": None,
+            "help": "require 'authorization: Bearer KEY' on the API; the file holds one KEY "
+            "per line, optionally followed by the methods it may call (KEY Chat,ChatStream)",
+        },
+    ),
+    (
+        "--tls-cert-file",
+        "NEMOTRON_TLS_CERT_FILE",
+        {"type": Path, "default": None, "help": "server certificate chain (PEM)"},
+    ),
+    (
+        "--tls-key-file",
+        "NEMOTRON_TLS_KEY_FILE",
+        {"type": Path, "default": None, "help": "server private key (PEM)"},
+    ),
+    (
+        "--tls-client-ca-file",
+        "NEMOTRON_TLS_CLIENT_CA_FILE",
+        {
+            "type": Path,
+            "default": None,
+            "help": "CA bundle that client certificates must chain to: turns on mutual TLS",
+        },
+    ),
+    (
+        "--max-message-bytes",
+        "NEMOTRON_MAX_MESSAGE_BYTES",
+        {"type": int, "default": 4 * 1024 * 1024, "help": "largest request or response"},
+    ),
+    (
+        "--max-concurrent-streams",
+        "NEMOTRON_MAX_CONCURRENT_STREAMS",
+        {"type": int, "default": 256, "help": "concurrent calls per HTTP/2 connection"},
+    ),
+    (
+        "--keepalive-time-s",
+        "NEMOTRON_KEEPALIVE_TIME_S",
+        {"type": float, "default": 30.0, "help": "ping idle connections this often"},
+    ),
+    (
+        "--keepalive-timeout-s",
+        "NEMOTRON_KEEPALIVE_TIMEOUT_S",
+        {"type": float, "default": 10.0, "help": "drop a connection whose ping goes unanswered"},
+    ),
+    (
+        "--max-connection-age-s",
+        "NEMOTRON_MAX_CONNECTION_AGE_S",
+        {
+            "type": float,
+            "default": 0.0,
+            "help": "close connections after this long so clients rebalance (0: never)",
+        },
+    ),
+    ("--log-level", "NEMOTRON_LOG_LEVEL", {"choices": LOG_LEVELS, "default": "info"}),
+    (
+        "--log-format",
+        "NEMOTRON_LOG_FORMAT",
+        {
+            "choices": LOG_FORMATS,
+            "default": "auto",
+            "help": "auto: console lines on a terminal, JSON lines otherwise",
+        },
+    ),
+    (
+        "--log-prompts",
+        "NEMOTRON_LOG_PROMPTS",
+        {
+            "action": "store_true",
+            "default": False,
+            "help": "log request and response bodies (off by default: prompts may be private)",
+        },
+    ),
+)
+
+
+def build_serve_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    """The parser of `nemotron-serve [serve]`, its defaults taken from `environ`."""
+    parser = argparse.ArgumentParser(
+        prog="nemotron-serve",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for flag, env, options in SERVE_ARGUMENTS:
+        options = dict(options)
+        if env:
+            options["help"] = f"{options.get('help', '')} [env {env}]".strip()
+        if env and environ.get(env, "") != "":
+            options["default"] = _from_env(parser, env, environ[env], options)
+        parser.add_argument(flag, **options)
+    return parser
+
+
+def _from_env(parser: argparse.ArgumentParser, env: str, raw: str, options: dict[str, Any]) -> Any:
+    """An environment variable's value as the flag's type; a usage error names the variable."""
+    if options.get("action") == "store_true":
+        word = raw.strip().lower()
+        if word in ("1", "true", "yes", "on"):
+            return True
+        if word in ("0", "false", "no", "off"):
+            return False
+        parser.error(f"{env}={raw!r} is not a boolean (use true or false)")
+    convert: Callable[[str], Any] = options.get("type", str)
+    try:
+        value = convert(raw)
+    except ValueError:
+        parser.error(f"{env}={raw!r} is not a valid {getattr(convert, '__name__', 'value')}")
+    choices = options.get("choices")
+    if choices and value not in choices:
+        parser.error(f"{env}={raw!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def parse_serve_config(argv: Sequence[str], environ: Mapping[str, str]) -> ServerConfig:
+    """Parse serve flags (environment as defaults) into the server's `ServerConfig`."""
+    from engine_build.embedded import default_cache_dir
+    from service.server.config import ServerConfig, TlsConfig
+    from service.startup.selection import StartupOptions
+
+    parser = build_serve_parser(environ)
+    args = parser.parse_args(argv)
+    _check_ranges(parser, args)
+    tls = None
+    if args.tls_cert_file or args.tls_key_file:
+        if not (args.tls_cert_file and args.tls_key_file):
+            parser.error("TLS needs both --tls-cert-file and --tls-key-file")
+        tls = TlsConfig(args.tls_cert_file, args.tls_key_file, args.tls_client_ca_file)
+    elif args.tls_client_ca_file:
+        parser.error("--tls-client-ca-file (mutual TLS) needs --tls-cert-file and --tls-key-file")
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        startup=StartupOptions(
+            cache_dir=args.cache_dir or default_cache_dir(environ),
+            profile=args.profile,
+            engine_repo=args.engine_repo,
+            checkpoint=args.checkpoint,
+            gguf=args.gguf,
+            precision=args.precision,
+            build_if_missing=args.build_if_missing,
+            profile_files=tuple(args.profiles),
+        ),
+        compute_threads=args.compute_threads,
+        grace_s=args.grace_s,
+        max_message_bytes=args.max_message_bytes,
+        max_concurrent_streams=args.max_concurrent_streams,
+        keepalive_time_s=args.keepalive_time_s,
+        keepalive_timeout_s=args.keepalive_timeout_s,
+        max_connection_age_s=args.max_connection_age_s,
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
+        api_keys_file=args.api_keys_file,
+        tls=tls,
+        log_prompts=args.log_prompts,
+        log_level=args.log_level,
+        log_format=args.log_format,
+    )
+
+
+INT32_MAX = 2**31 - 1  # gRPC channel arguments are C ints
+MAX_SECONDS = INT32_MAX // 1000  # seconds that still fit in a millisecond channel argument
+
+
+def _check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    def fail(name: str, problem: str) -> None:
+        flag = "--" + name.replace("_", "-")
+        env = next(e for f, e, _ in SERVE_ARGUMENTS if f == flag)
+        parser.error(f"{flag} {getattr(args, name)} (flag or {env}) {problem}")
+
+    for name in ("port", "metrics_port"):
+        if not 0 <= getattr(args, name) <= 65535:
+            fail(name, "is outside [0, 65535]")
+    for name in ("grace_s", "keepalive_time_s", "keepalive_timeout_s", "max_connection_age_s"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and 0 <= value <= MAX_SECONDS):
+            fail(name, f"is outside [0, {MAX_SECONDS}] seconds")
+    if args.keepalive_time_s < 1:
+        fail("keepalive_time_s", "must be >= 1")
+    for name in ("max_message_bytes", "max_concurrent_streams"):
+        if not 1 <= getattr(args, name) <= INT32_MAX:
+            fail(name, f"is outside [1, {INT32_MAX}]")
+    if args.compute_threads is not None and not 1 <= args.compute_threads <= 4096:
+        fail("compute_threads", "is outside [1, 4096]")

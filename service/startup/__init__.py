@@ -1,0 +1,1 @@
+"""Choosing what to serve at startup: the hardware, the profile, the engine in the repository."""

@@ -1,0 +1,110 @@
+"""Lifecycle: a failed engine ends the process with 1, a second signal ends the drain, and
+request bodies reach the logs only with --log-prompts."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+from grpc_health.v1 import health_pb2
+from grpc_health.v1._async import HealthServicer
+
+from service.runtime.interface import EngineState
+from service.server.process import LIVENESS, READINESS, SERVING, _watch_engine
+from service.server.servicer import SERVICE_NAME
+from tests.service.server_process import start_server, stop_server, wait_ready
+
+
+class _Engine:
+    state = EngineState.READY
+
+
+def test_a_failed_engine_turns_readiness_off_and_sets_exit_code_1(monkeypatch):
+    monkeypatch.setattr("service.server.process.ENGINE_WATCH_INTERVAL_S", 0.01)
+
+    async def scenario() -> tuple[dict, dict[str, int], bool]:
+        health = HealthServicer()
+        for name in (LIVENESS, READINESS, SERVICE_NAME):
+            await health.set(name, SERVING)
+        engine, stop, outcome = _Engine(), asyncio.Event(), {"exit_code": 0}
+        watcher = asyncio.create_task(_watch_engine(engine, health, stop, outcome))
+        await asyncio.sleep(0.05)
+        assert not stop.is_set()  # a healthy engine is left alone
+        engine.state = EngineState.FAILED
+        await asyncio.wait_for(watcher, 5)
+        statuses = {}
+        for name in (LIVENESS, READINESS, SERVICE_NAME):
+            request = health_pb2.HealthCheckRequest(service=name)
+            statuses[name] = (await health.Check(request, None)).status
+        return statuses, outcome, stop.is_set()
+
+    statuses, outcome, stopped = asyncio.run(scenario())
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    assert statuses[READINESS] == not_serving and statuses[SERVICE_NAME] == not_serving
+    assert statuses[LIVENESS] == SERVING  # the process itself still answers until it exits
+    assert outcome["exit_code"] == 1 and stopped
+
+
+def _long_stream(server):
+    from nemotron.v1 import generation_pb2 as pb
+
+    request = pb.GenerateStreamRequest(
+        prompt=pb.Prompt(text="Count: one two three"),
+        limits=pb.GenerationLimits(max_new_tokens=2000, ignore_eos=True),
+    )
+    stream = server.api.GenerateStream(request, timeout=300)
+    next(iter(stream))
+    return stream
+
+
+def test_a_second_signal_exits_at_once_without_waiting_for_the_drain(
+    cache_dir, cached_embedded_checkpoint
+):
+    server = start_server(cache_dir, "--grace-s", "300")
+    wait_ready(server)
+    stream = _long_stream(server)
+    server.process.send_signal(signal.SIGTERM)
+    time.sleep(1.0)
+    assert server.process.poll() is None  # draining: the stream is still running
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    code = server.process.wait(timeout=30)
+    assert code == 128 + signal.SIGTERM and time.monotonic() - started < 5
+    stream.cancel()
+    server.channel.close()
+
+
+def test_log_prompts_logs_bodies_only_when_asked(cache_dir, cached_embedded_checkpoint):
+    from nemotron.v1 import generation_pb2 as pb
+
+    server = start_server(cache_dir, "--log-prompts")
+    try:
+        wait_ready(server)
+        request = pb.ChatRequest(
+            request_id="logged-body",
+            messages=[pb.ChatMessage(role=pb.ROLE_USER, content="Name a colour of the sky.")],
+            limits=pb.GenerationLimits(max_new_tokens=8),
+        )
+        answer = server.api.Chat(request, timeout=60)
+        time.sleep(0.3)
+        mine = [line for line in server.log_lines() if line.get("request_id") == "logged-body"]
+        bodies = [line for line in mine if line["event"] == "rpc_request"]
+        assert bodies and "Name a colour of the sky." in str(bodies[0]["body"])
+        (finished,) = [line for line in mine if line["event"] == "rpc_finished"]
+        assert finished["output"] == answer.content
+    finally:
+        assert stop_server(server) == 0
+
+
+def test_sigterm_during_startup_exits_without_waiting_for_the_engine(
+    cache_dir, cached_embedded_checkpoint
+):
+    server = start_server(cache_dir)  # returns once the port answers: the engine is loading
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    code = server.process.wait(timeout=60)
+    events = [line["event"] for line in server.log_lines()]
+    assert code == 0 and time.monotonic() - started < 10
+    assert "server_ready" not in events and "server_stopped" in events
+    server.channel.close()

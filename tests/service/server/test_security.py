@@ -1,0 +1,160 @@
+"""API keys and (mutual) TLS on a real server: the right status for each refusal, open health,
+keys re-read when the Secret's file changes, and keys never in the logs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+from nemotron.v1 import generation_pb2 as pb
+
+from tests.service.certs import SERVER_NAME, make_certificates, needs_openssl
+from tests.service.server_process import start_server, stop_server, wait_ready
+
+GOOD, CHAT_ONLY, ROTATED = "k3y-all-methods-7d1f", "k3y-chat-only-91ab", "k3y-rotated-55c0"
+HI = pb.GenerateRequest(prompt=pb.Prompt(text="Hi"), limits=pb.GenerationLimits(max_new_tokens=1))
+CHAT = pb.ChatRequest(
+    messages=[pb.ChatMessage(role=pb.ROLE_USER, content="Hi")],
+    limits=pb.GenerationLimits(max_new_tokens=1),
+)
+
+
+def _bearer(key: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {key}")]
+
+
+@pytest.fixture(scope="module")
+def keyed(cache_dir, cached_embedded_checkpoint, tmp_path_factory):
+    keys = tmp_path_factory.mktemp("secret") / "api-keys"
+    keys.write_text(f"# mounted from a Secret\n{GOOD}\n{CHAT_ONLY} Chat,ChatStream\n")
+    server = start_server(cache_dir, "--api-keys-file", str(keys))
+    wait_ready(server)  # health stays open: no key needed
+    yield server, keys
+    assert stop_server(server) == 0
+
+
+def _code(call, request, metadata=()):
+    try:
+        call(request, timeout=30, metadata=list(metadata))
+    except grpc.RpcError as error:
+        return error.code(), error.details()
+    return grpc.StatusCode.OK, ""
+
+
+def test_api_keys_refuse_with_the_right_status_and_serve_with_a_good_key(keyed):
+    server, _ = keyed
+    api = server.api
+    code, detail = _code(api.Generate, HI)
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "authorization: Bearer" in detail
+    assert _code(api.Generate, HI, _bearer("wrong"))[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert _code(api.Generate, HI, [("authorization", GOOD)])[0] == (
+        grpc.StatusCode.UNAUTHENTICATED  # the scheme is required
+    )
+    code, detail = _code(api.Generate, HI, _bearer(CHAT_ONLY))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "may call Chat, ChatStream" in detail
+    assert _code(api.Chat, CHAT, _bearer(CHAT_ONLY))[0] == grpc.StatusCode.OK
+    assert _code(api.Generate, HI, _bearer(GOOD))[0] == grpc.StatusCode.OK
+    stream = api.GenerateStream(pb.GenerateStreamRequest(prompt=HI.prompt), timeout=30)
+    with pytest.raises(grpc.RpcError) as refused:
+        list(stream)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert server.status("readiness") == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_stays_open_for_grpcurl(keyed, grpcurl):
+    server, _ = keyed
+    listed = subprocess.run(
+        [grpcurl, "-plaintext", server.address, "list"], capture_output=True, text=True, timeout=60
+    )
+    assert "nemotron.v1.GenerationService" in listed.stdout
+    called = subprocess.run(
+        [grpcurl, "-plaintext", "-H", f"authorization: Bearer {GOOD}", "-d",
+         json.dumps({"prompt": {"text": "Hi"}, "limits": {"max_new_tokens": 1}}),
+         server.address, "nemotron.v1.GenerationService/Generate"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert called.returncode == 0, called.stderr
+
+
+def test_a_rotated_key_file_takes_effect_without_a_restart(keyed):
+    server, keys = keyed
+    keys.write_text(f"{ROTATED}\n")
+    deadline = time.monotonic() + 10
+    while _code(server.api.Generate, HI, _bearer(ROTATED))[0] != grpc.StatusCode.OK:
+        assert time.monotonic() < deadline, "the new key was not picked up"
+        time.sleep(0.3)
+    assert _code(server.api.Generate, HI, _bearer(GOOD))[0] == grpc.StatusCode.UNAUTHENTICATED
+    keys.write_text(f"{GOOD}\n{CHAT_ONLY} Chat,ChatStream\n")  # back for the other tests
+    time.sleep(1.2)
+
+
+def test_keys_never_reach_the_logs(keyed):
+    server, _ = keyed
+    _code(server.api.Generate, HI, _bearer("a-wrong-key-that-must-not-be-logged"))
+    time.sleep(0.2)
+    text = server.log_path.read_text()
+    assert "rpc_refused" in text
+    for secret in (GOOD, CHAT_ONLY, ROTATED, "a-wrong-key-that-must-not-be-logged"):
+        assert secret not in text
+
+
+def test_an_unreadable_key_file_stops_startup_with_a_clear_error(cache_dir, tmp_path):
+    result = subprocess.run(
+        [
+            *_serve_command(),
+            "--cache-dir", str(cache_dir), "--port", "0", "--metrics-port", "0",
+            "--api-keys-file", str(tmp_path / "missing"),
+        ],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "cannot read the API key file" in result.stderr and "Traceback" not in result.stderr
+
+
+def _serve_command() -> list[str]:
+    import shutil
+    import sys
+
+    return [shutil.which("nemotron-serve") or f"{sys.prefix}/bin/nemotron-serve"]
+
+
+@needs_openssl
+def test_mutual_tls_serves_clients_with_a_certificate_and_refuses_others(
+    cache_dir, cached_embedded_checkpoint, tmp_path
+):
+    files = make_certificates(tmp_path)
+    options = (("grpc.ssl_target_name_override", SERVER_NAME),)
+    client = grpc.ssl_channel_credentials(files["ca.pem"], files["client.key"], files["client.pem"])
+    server = start_server(
+        cache_dir,
+        "--tls-cert-file", str(tmp_path / "server.pem"),
+        "--tls-key-file", str(tmp_path / "server.key"),
+        "--tls-client-ca-file", str(tmp_path / "ca.pem"),
+        credentials=client,
+        channel_options=options,
+    )  # fmt: skip
+    try:
+        wait_ready(server)
+        answer = server.api.Generate(HI, timeout=30)
+        assert len(answer.token_ids) == 1
+        for credentials in (grpc.ssl_channel_credentials(files["ca.pem"]), None):
+            channel = (
+                grpc.secure_channel(server.address, credentials, options)
+                if credentials
+                else grpc.insecure_channel(server.address)
+            )
+            with channel, pytest.raises(grpc.RpcError) as refused:
+                pb_stub(channel).Generate(HI, timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        assert stop_server(server) == 0
+
+
+def pb_stub(channel: grpc.Channel):
+    from nemotron.v1 import generation_pb2_grpc as pb_grpc
+
+    return pb_grpc.GenerationServiceStub(channel)

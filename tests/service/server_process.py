@@ -1,0 +1,122 @@
+"""A real `nemotron-serve` process on a loopback port, and the channel to it, for tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from nemotron.v1 import generation_pb2_grpc as pb_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class RunningServer:
+    """A `nemotron-serve serve` process and a channel to it."""
+
+    process: subprocess.Popen
+    address: str
+    channel: grpc.Channel
+    metrics_port: int
+    log_path: Path
+
+    def log_lines(self) -> list[dict]:
+        """The server's JSON log lines so far."""
+        lines = []
+        for raw in self.log_path.read_text().splitlines():
+            try:
+                lines.append(json.loads(raw))
+            except json.JSONDecodeError:
+                lines.append({"event": "<not json>", "raw": raw})
+        return lines
+
+    @property
+    def api(self) -> pb_grpc.GenerationServiceStub:
+        return pb_grpc.GenerationServiceStub(self.channel)
+
+    @property
+    def health(self) -> health_pb2_grpc.HealthStub:
+        return health_pb2_grpc.HealthStub(self.channel)
+
+    def status(self, service: str) -> int:
+        request = health_pb2.HealthCheckRequest(service=service)
+        return self.health.Check(request, timeout=5).status
+
+
+def start_server(
+    cache_dir,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+    channel_options: tuple[tuple[str, str], ...] = (),
+) -> RunningServer:
+    """Start a server and return as soon as its port answers (the engine may still load)."""
+    port, metrics_port = free_port(), free_port()
+    log_path = Path(tempfile.mkdtemp(prefix="nemotron-server-")) / "server.log"
+    exe = shutil.which("nemotron-serve") or f"{sys.prefix}/bin/nemotron-serve"
+    process = subprocess.Popen(
+        [
+            exe,
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--cache-dir",
+            str(cache_dir),
+            "--metrics-port",
+            str(metrics_port),
+            "--log-level",
+            "info",
+            "--log-format",
+            "json",
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=log_path.open("w"),
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    address = f"127.0.0.1:{port}"
+    channel = (
+        grpc.secure_channel(address, credentials, channel_options)
+        if credentials is not None
+        else grpc.insecure_channel(address)
+    )
+    try:
+        grpc.channel_ready_future(channel).result(timeout=120)
+    except grpc.FutureTimeoutError:
+        process.kill()
+        raise AssertionError(f"the server did not open its port:\n{log_path.read_text()}") from None
+    return RunningServer(process, address, channel, metrics_port, log_path)
+
+
+def wait_ready(server: RunningServer, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.status("readiness") == health_pb2.HealthCheckResponse.SERVING:
+            return
+        time.sleep(0.2)
+    raise AssertionError("the server did not become ready")
+
+
+def stop_server(server: RunningServer) -> int:
+    server.channel.close()
+    if server.process.poll() is None:
+        server.process.send_signal(signal.SIGTERM)
+    return server.process.wait(timeout=60)
