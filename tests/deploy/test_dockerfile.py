@@ -1,6 +1,7 @@
 """The Dockerfile and .dockerignore, checked without a Docker engine (none runs here or in CI).
 
-A small parser reads the Dockerfile into stages and instructions; the tests check what can be
+BuildKit's own parser (the `dockerfile` package) reads the Dockerfile, grouped here into stages,
+and pathspec matches the .dockerignore rules as Docker reads them. The tests check what can be
 checked statically: pinned bases, both targets ending as a numeric non-root user, every copied
 path present in the build context, the entrypoint and health check being console scripts of the
 package, and hadolint. Two tests run what the build stages run: the wheel built from exactly the
@@ -10,8 +11,8 @@ serves without building.
 
 from __future__ import annotations
 
-import json
 import os
+import posixpath
 import re
 import shlex
 import shutil
@@ -19,11 +20,14 @@ import subprocess
 import sys
 import tomllib
 import zipfile
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+import pathspec
 import pytest
+from dockerfile import Command, parse_file, parse_string
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO_ROOT / "Dockerfile"
@@ -33,61 +37,51 @@ RUNTIME_UID = 10001
 _VARIABLE = re.compile(r"\$(?:\{(\w+)(?::-([^}]*))?\}|(\w+))")
 
 
-# --- a small Dockerfile parser -------------------------------------------------------------------
+# --- the Dockerfile as BuildKit parses it, in stages ---------------------------------------------
 
 
 @dataclass(frozen=True)
-class Instruction:
-    """One instruction, its continuation lines joined and comment lines dropped."""
-
-    keyword: str
-    arguments: str
-    line: int
-
-    def split(self) -> tuple[dict[str, str], str]:
-        """The leading `--flag=value` options and the text after them."""
-        flags: dict[str, str] = {}
-        rest = self.arguments
-        while match := re.match(r"--([\w-]+)(?:=(\S*))?\s*", rest):
-            flags[match.group(1)] = match.group(2) or ""
-            rest = rest[match.end() :]
-        return flags, rest
-
-    def words(self) -> list[str]:
-        """The arguments after the flags: a JSON (exec form) array, else shell words."""
-        rest = self.split()[1]
-        if rest.lstrip().startswith("["):
-            return list(json.loads(rest))
-        return shlex.split(rest)
-
-
-@dataclass
 class Stage:
-    """A FROM and the instructions up to the next FROM."""
+    """A FROM and the commands up to the next FROM."""
 
     index: int
     name: str | None
     base: str  # as written, before ARG substitution
     line: int
-    instructions: list[Instruction] = field(default_factory=list)
+    instructions: tuple[Command, ...]
 
-    def all(self, keyword: str) -> list[Instruction]:
-        """This stage's instructions of one kind, in order."""
-        return [i for i in self.instructions if i.keyword == keyword]
+    def all(self, keyword: str) -> list[Command]:
+        """This stage's commands of one kind, in order (BuildKit keeps the keyword's case)."""
+        return [c for c in self.instructions if c.cmd.upper() == keyword]
 
-    def last(self, keyword: str) -> Instruction:
-        """The instruction of this kind in force at the end of the stage."""
+    def last(self, keyword: str) -> Command:
+        """The command of this kind in force at the end of the stage."""
         found = self.all(keyword)
         assert found, f"stage {self.name} has no {keyword}"
         return found[-1]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Dockerfile:
     """Global ARGs (those before the first FROM) and the build stages."""
 
     global_args: dict[str, str]
-    stages: list[Stage]
+    stages: tuple[Stage, ...]
+
+    @classmethod
+    def from_commands(cls, commands: Iterable[Command]) -> Dockerfile:
+        """Group BuildKit's flat command list into stages."""
+        global_args: dict[str, str] = {}
+        stages: list[tuple[Command, list[Command]]] = []
+        for command in commands:
+            if command.cmd.upper() == "FROM":
+                stages.append((command, []))
+            elif stages:
+                stages[-1][1].append(command)
+            else:
+                assert command.cmd.upper() == "ARG", f"line {command.start_line}: ARG before FROM"
+                global_args.update(declared.partition("=")[::2] for declared in command.value)
+        return cls(global_args, tuple(_stage(i, *stage) for i, stage in enumerate(stages)))
 
     def stage(self, name: str) -> Stage:
         """The stage called `name` (a build target)."""
@@ -96,16 +90,14 @@ class Dockerfile:
     def variables(self, stage: Stage) -> dict[str, str]:
         """The ARG and ENV values visible at the end of `stage` (build-arg defaults)."""
         values: dict[str, str] = {}
-        for instruction in stage.instructions:
-            if instruction.keyword == "ARG":
-                name, _, default = instruction.arguments.partition("=")
-                values[name] = (
-                    expand(default, values) if default else self.global_args.get(name, "")
-                )
-            elif instruction.keyword == "ENV":
-                for word in shlex.split(instruction.arguments):
-                    name, _, value = word.partition("=")
-                    values[name] = expand(value, values)
+        for command in stage.instructions:
+            if command.cmd.upper() == "ARG":  # NAME=default, or NAME for the global's value
+                for declared in command.value:
+                    name, has_default, default = declared.partition("=")
+                    global_value = self.global_args.get(name, "")
+                    values[name] = word(default, values) if has_default else global_value
+            elif command.cmd.upper() == "ENV":
+                values |= {name: word(value, values) for name, value in pairs(command)}
         return values
 
     def base_image(self, stage: Stage) -> str:
@@ -113,6 +105,24 @@ class Dockerfile:
         return expand(stage.base, self.global_args)
 
 
+def _stage(index: int, start: Command, instructions: list[Command]) -> Stage:
+    image, *alias = start.value  # FROM [--platform=P] IMAGE [AS NAME]
+    assert len(alias) in (0, 2), f"line {start.start_line}: FROM IMAGE [AS NAME]"
+    return Stage(index, alias[-1] if alias else None, image, start.start_line, tuple(instructions))
+
+
+def flags(command: Command) -> dict[str, str]:
+    """A command's `--name=value` flags by name (BuildKit keeps them as written)."""
+    return dict(flag.removeprefix("--").partition("=")[::2] for flag in command.flags)
+
+
+def pairs(command: Command) -> list[tuple[str, str]]:
+    """The name/value pairs of an ENV or LABEL, each value still as written (quotes kept)."""
+    return list(zip(command.value[::2], command.value[1::2], strict=True))
+
+
+# BuildKit substitutes build variables when it runs a stage, not when it parses; the `dockerfile`
+# package wraps only the parser, so the defaults are substituted here.
 def expand(text: str, variables: dict[str, str]) -> str:
     """`$NAME`, `${NAME}` and `${NAME:-default}` substituted from `variables` (others kept)."""
 
@@ -125,124 +135,65 @@ def expand(text: str, variables: dict[str, str]) -> str:
     return _VARIABLE.sub(one, text)
 
 
-def shell_text(instruction: Instruction, variables: dict[str, str]) -> str:
-    """A RUN's command as the shell sees it, quotes removed, build variables substituted."""
-    return " ".join(shlex.split(expand(instruction.arguments, variables)))
+def word(text: str, variables: dict[str, str]) -> str:
+    """One argument as BuildKit hands it on: build variables substituted, quotes removed."""
+    return "".join(shlex.split(expand(text, variables)))
 
 
-def logical_lines(text: str) -> list[tuple[int, str]]:
-    """(first line, text) of each instruction: `\\` continuations joined, comments dropped."""
-    lines: list[tuple[int, str]] = []
-    current: list[str] = []
-    start = 0
-    for number, raw in enumerate(text.splitlines(), 1):
-        stripped = raw.strip()
-        if stripped.startswith("#") or (not stripped and not current):
-            continue  # comments (also inside continuations) and blank lines between instructions
-        if not current:
-            start = number
-        if stripped.endswith("\\"):
-            current.append(stripped[:-1].strip())
-            continue
-        current.append(stripped)
-        lines.append((start, " ".join(part for part in current if part)))
-        current = []
-    assert not current, "the Dockerfile ends inside a continuation"
-    return lines
-
-
-def parse_dockerfile(text: str) -> Dockerfile:
-    """Stages, their instructions and the global ARGs of a Dockerfile."""
-    global_args: dict[str, str] = {}
-    stages: list[Stage] = []
-    for number, line in logical_lines(text):
-        keyword, _, arguments = line.partition(" ")
-        instruction = Instruction(keyword.upper(), arguments.strip(), number)
-        if instruction.keyword == "FROM":
-            rest = instruction.split()[1]
-            words = rest.split()
-            name = words[2] if len(words) == 3 and words[1].upper() == "AS" else None
-            assert len(words) in (1, 3), f"line {number}: FROM [--platform=P] IMAGE [AS NAME]"
-            stages.append(Stage(len(stages), name, words[0], number))
-        elif not stages:
-            assert instruction.keyword == "ARG", f"line {number}: only ARG may precede FROM"
-            name, _, default = instruction.arguments.partition("=")
-            global_args[name] = default
-        else:
-            stages[-1].instructions.append(instruction)
-    return Dockerfile(global_args, stages)
+def shell_text(command: Command, variables: dict[str, str]) -> str:
+    """A shell-form RUN as the shell sees it: quotes removed, build variables substituted."""
+    assert not command.json, f"line {command.start_line}: {command.cmd} is in exec form"
+    return " ".join(shlex.split(expand(command.value[0], variables)))
 
 
 @cache
 def dockerfile() -> Dockerfile:
-    return parse_dockerfile(DOCKERFILE.read_text())
+    return Dockerfile.from_commands(parse_file(str(DOCKERFILE)))
 
 
 # --- .dockerignore, with Docker's matching rules ------------------------------------------------
 
 
-def _pattern_regex(pattern: str) -> re.Pattern[str]:
-    """Go's filepath.Match syntax plus `**` (any number of directories), as Docker reads it."""
-    out, i = "", 0
-    while i < len(pattern):
-        if pattern.startswith("**/", i):
-            out, i = out + "(?:.*/)?", i + 3
-        elif pattern.startswith("**", i):
-            out, i = out + ".*", i + 2
-        elif pattern[i] == "*":
-            out, i = out + "[^/]*", i + 1
-        elif pattern[i] == "?":
-            out, i = out + "[^/]", i + 1
-        elif pattern[i] == "[":
-            end = pattern.index("]", i)
-            out, i = out + "[" + pattern[i + 1 : end].replace("^", "\\^") + "]", end + 1
-        else:
-            out, i = out + re.escape(pattern[i]), i + 1
-    return re.compile(out + r"\Z")
-
-
-@dataclass(frozen=True)
-class DockerIgnore:
-    """The patterns of a .dockerignore, in order; `!` re-includes."""
-
-    patterns: tuple[tuple[bool, re.Pattern[str]], ...]
-
-    @classmethod
-    def read(cls, path: Path) -> DockerIgnore:
-        """Parse a .dockerignore file."""
-        patterns = []
-        for raw in path.read_text().splitlines():
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            negated = line.startswith("!")
-            cleaned = os.path.normpath(line.lstrip("!").strip()).lstrip("/")
-            patterns.append((negated, _pattern_regex(cleaned)))
-        return cls(tuple(patterns))
-
-    def excludes(self, relative: str) -> bool:
-        """Whether a context path is left out (a pattern matching a parent directory counts)."""
-        parts = Path(relative).parts
-        candidates = ["/".join(parts[: n + 1]) for n in range(len(parts))]
-        excluded = False
-        for negated, regex in self.patterns:
-            if any(regex.match(candidate) for candidate in candidates):
-                excluded = not negated
-        return excluded
+# Docker (moby/patternmatcher) reads a .dockerignore differently from git, so each line is first
+# cleaned as Docker's ignorefile.ReadAll cleans it and then handed to pathspec's plain gitignore
+# patterns in a plain PathSpec (not GitIgnoreSpec, which mimics git's own precedence quirks):
+# - Docker matches every pattern from the context root: `docs` or `*.log` leaves out ./docs and
+#   ./server.log, never service/docs or logs/x.log as gitignore would. Anchored with a leading `/`.
+# - Docker cleans the pattern (Go's filepath.Clean), so `build/` also matches a file named build;
+#   in gitignore a trailing `/` means directories only. posixpath.normpath does the same cleaning.
+# - A path is left out when the pattern matches it or any parent directory, the last matching
+#   pattern winning and `!` re-including, even below an excluded directory (Docker still walks
+#   into it when an exception might apply; git never does). pathspec's pattern regexes match a
+#   directory's descendants too, and PathSpec applies the patterns in order, last match wins.
+# - `#` starts a comment only in a line's first column; surrounding spaces are trimmed.
+# Two differences remain, refused below rather than matched wrongly (the file uses neither):
+# `[!x]` is a negated class to gitignore but to Go a class holding `!`, and `**` inside a
+# segment (`a**b`) is `.*` across directories to Docker but a plain `*` to gitignore.
+def read_dockerignore(path: Path) -> pathspec.PathSpec:
+    """The rules of a .dockerignore, compiled to match as Docker does."""
+    patterns = []
+    for line in path.read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        negated = line.strip().startswith("!")
+        pattern = posixpath.normpath(line.strip().removeprefix("!").strip()).lstrip("/")
+        if "[!" in pattern or any("**" in s and s != "**" for s in pattern.split("/")):
+            raise ValueError(f"{path}: {line!r} means one thing to Docker and another to git")
+        patterns.append(("!/" if negated else "/") + pattern)
+    return pathspec.PathSpec.from_lines("gitignore", patterns)
 
 
 @cache
-def dockerignore() -> DockerIgnore:
-    return DockerIgnore.read(DOCKERIGNORE)
+def dockerignore() -> pathspec.PathSpec:
+    return read_dockerignore(DOCKERIGNORE)
 
 
-def context_sources(stage: Stage) -> list[tuple[Instruction, str]]:
-    """(instruction, source) of each COPY/ADD source taken from the build context."""
+def context_sources(stage: Stage) -> list[tuple[Command, str]]:
+    """(command, source) of each COPY/ADD source taken from the build context."""
     sources = []
-    for instruction in stage.all("COPY") + stage.all("ADD"):
-        flags, _ = instruction.split()
-        if "from" not in flags:
-            sources += [(instruction, source) for source in instruction.words()[:-1]]
+    for command in stage.all("COPY") + stage.all("ADD"):
+        if "from" not in flags(command):
+            sources += [(command, source) for source in command.value[:-1]]
     return sources
 
 
@@ -250,32 +201,64 @@ def _pyproject() -> dict:
     return tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
 
 
-# --- the parser itself --------------------------------------------------------------------------
+# --- the parsing ---------------------------------------------------------------------------------
 
 
 def test_the_parser_reads_stages_continuations_flags_and_exec_forms():
-    parsed = parse_dockerfile(
+    parsed = Dockerfile.from_commands(parse_string(
         "# syntax=docker/dockerfile:1\nARG BASE=python:3.11.15-slim\nFROM ${BASE} AS one\n"
-        "RUN a \\\n# a comment inside\n && b\nCOPY --from=one --chown=1:1 /x /y\n"
+        "RUN a \\\n# a comment inside\n && b\ncopy --from=one --chown=1:1 /x /y\n"
         'FROM one\nENTRYPOINT ["serve", "--port", "1"]\n'
-    )
+    ))  # fmt: skip
     assert parsed.global_args == {"BASE": "python:3.11.15-slim"}
     assert [(s.name, parsed.base_image(s)) for s in parsed.stages] == [
         ("one", "python:3.11.15-slim"),
         (None, "one"),
     ]
     run, copy = parsed.stages[0].instructions
-    assert (run.keyword, run.arguments, run.line) == ("RUN", "a && b", 4)
-    assert copy.split()[0] == {"from": "one", "chown": "1:1"} and copy.words() == ["/x", "/y"]
-    assert parsed.stages[1].last("ENTRYPOINT").words() == ["serve", "--port", "1"]
+    assert (run.cmd, shell_text(run, {}), run.start_line, run.end_line) == ("RUN", "a && b", 4, 6)
+    assert flags(copy) == {"from": "one", "chown": "1:1"} and copy.value == ("/x", "/y")
+    entrypoint = parsed.stages[1].last("ENTRYPOINT")
+    assert entrypoint.json and entrypoint.value == ("serve", "--port", "1")
+
+
+def test_the_real_dockerfile_parses_into_the_stages_and_commands_the_tests_read():
+    lines = DOCKERFILE.read_text().splitlines()
+    stages = dockerfile().stages
+    assert [lines[s.line - 1] for s in stages] == [f"FROM {s.base} AS {s.name}" for s in stages]
+    assert {"PYTHON_IMAGE", "TRTLLM_IMAGE"} <= dockerfile().global_args.keys()
+    ends = [s.line for s in stages[1:]] + [len(lines) + 1]
+    for stage, end in zip(stages, ends, strict=True):  # each command, continuations included
+        assert all(stage.line < c.start_line <= c.end_line < end for c in stage.instructions)
+    (build,) = dockerfile().stage("wheel").all("RUN")  # three lines joined into one command
+    assert build.end_line == build.start_line + 2 and lines[build.start_line - 1].endswith("\\")
+    assert shell_text(build, {}).endswith("--without torch > /dist/requirements-gpu.txt")
+    (from_wheel,) = dockerfile().stage("gpu").all("COPY")
+    assert flags(from_wheel) == {"from": "wheel"} and from_wheel.value == ("/dist/", "/tmp/dist/")
+    healthcheck = dockerfile().stage("gpu").last("HEALTHCHECK")
+    assert healthcheck.json and healthcheck.value[:2] == ("CMD", "nemotron-healthcheck")
+    assert flags(healthcheck)["start-period"] == "1200s"
 
 
 def test_the_dockerignore_matcher_follows_dockers_rules(tmp_path):
     (tmp_path / ".dockerignore").write_text("# c\n/build\n**/*.pyc\ndocs\n!docs/keep.md\nx?z\n")
-    ignore = DockerIgnore.read(tmp_path / ".dockerignore")
-    assert ignore.excludes("build/lib/a.py") and ignore.excludes("a/b/__pycache__/m.pyc")
-    assert ignore.excludes("docs/other.md") and not ignore.excludes("docs/keep.md")
-    assert ignore.excludes("xyz") and not ignore.excludes("service/build.py")
+    ignore = read_dockerignore(tmp_path / ".dockerignore")
+    assert ignore.match_file("build/lib/a.py") and ignore.match_file("a/b/__pycache__/m.pyc")
+    assert ignore.match_file("docs/other.md") and not ignore.match_file("docs/keep.md")
+    assert ignore.match_file("xyz") and not ignore.match_file("service/build.py")
+
+
+def test_the_dockerignore_matcher_reads_from_the_root_where_gitignore_would_not(tmp_path):
+    (tmp_path / ".dockerignore").write_text("docs\n*.log\nbuild/\n  # not a comment\n")
+    ignore = read_dockerignore(tmp_path / ".dockerignore")
+    assert ignore.match_file("docs/a.md") and not ignore.match_file("service/docs/a.md")
+    assert ignore.match_file("server.log") and not ignore.match_file("logs/server.log")
+    assert ignore.match_file("build")  # cleaned to `build`, so a file as well as a directory
+    assert ignore.match_file("# not a comment")  # `#` only in the first column
+    for line in ("[!a]b", "a**b", "x/**y"):
+        (tmp_path / ".dockerignore").write_text(f"{line}\n")
+        with pytest.raises(ValueError, match="means one thing to Docker and another to git"):
+            read_dockerignore(tmp_path / ".dockerignore")
 
 
 # --- the Dockerfile ------------------------------------------------------------------------------
@@ -314,18 +297,18 @@ def test_every_base_image_is_pinned_to_a_full_version_or_a_digest():
 def test_each_target_ends_as_a_numeric_non_root_user_that_owns_the_cache(target):
     stage = dockerfile().stage(target)
     variables = dockerfile().variables(stage)
-    user = expand(stage.last("USER").arguments, variables)
+    user = word(stage.last("USER").value[0], variables)
     # Numeric, so that the kubelet can check runAsNonRoot without reading /etc/passwd.
     assert user == f"{RUNTIME_UID}:{RUNTIME_UID}"
     assert stage.instructions.index(stage.last("USER")) > max(
-        stage.instructions.index(i) for i in stage.all("RUN") if "pip install" in i.arguments
+        stage.instructions.index(i) for i in stage.all("RUN") if "pip install" in i.value[0]
     ), "packages are installed as root, before the switch"
     setup = " ".join(shell_text(i, variables) for i in stage.all("RUN"))
     assert f"useradd --system --uid {RUNTIME_UID} --gid {RUNTIME_UID}" in setup
     cache_dir = variables["NEMOTRON_CACHE_DIR"]
     assert cache_dir == "/opt/nemotron/cache"
     assert f"chown -R {RUNTIME_UID}:{RUNTIME_UID} /opt/nemotron" in setup
-    assert expand(stage.last("WORKDIR").arguments, variables) == "/opt/nemotron"
+    assert word(stage.last("WORKDIR").value[0], variables) == "/opt/nemotron"
 
 
 def test_every_path_copied_from_the_context_exists_and_is_not_ignored():
@@ -333,18 +316,20 @@ def test_every_path_copied_from_the_context_exists_and_is_not_ignored():
     for stage in dockerfile().stages:
         for instruction, source in context_sources(stage):
             matches = list(REPO_ROOT.glob(source.rstrip("/")))
-            assert matches, f"line {instruction.line}: {source} does not exist"
+            assert matches, f"line {instruction.start_line}: {source} does not exist"
             for match in matches:
                 relative = match.relative_to(REPO_ROOT).as_posix()
-                assert not dockerignore().excludes(relative), (
-                    f"line {instruction.line}: {relative} is excluded by .dockerignore"
+                assert not dockerignore().match_file(relative), (
+                    f"line {instruction.start_line}: {relative} is excluded by .dockerignore"
                 )
             copied.append(source)
         for instruction in stage.all("COPY"):
-            origin = instruction.split()[0].get("from")
+            origin = flags(instruction).get("from")
             if origin is not None:
                 earlier = [s.name for s in dockerfile().stages[: stage.index]]
-                assert origin in earlier, f"line {instruction.line}: no earlier stage {origin}"
+                assert origin in earlier, (
+                    f"line {instruction.start_line}: no earlier stage {origin}"
+                )
     assert "setup.py" in copied and "tools/gen_proto.py" in copied  # the wheel build needs both
 
 
@@ -352,13 +337,16 @@ def test_every_path_copied_from_the_context_exists_and_is_not_ignored():
 def test_each_target_runs_the_console_scripts_of_the_package(target):
     stage = dockerfile().stage(target)
     scripts = _pyproject()["project"]["scripts"]
-    assert stage.last("ENTRYPOINT").words() == ["nemotron-serve"]
+    entrypoint = stage.last("ENTRYPOINT")
+    # Exec form: the server is PID 1 and gets the SIGTERM, with no `sh -c` in between.
+    assert entrypoint.json and entrypoint.value == ("nemotron-serve",)
     assert scripts["nemotron-serve"] == "service.cli:main"
-    flags, rest = stage.last("HEALTHCHECK").split()
-    kind, _, command = rest.partition(" ")
-    assert kind == "CMD" and json.loads(command)[0] == "nemotron-healthcheck", rest
+    healthcheck = stage.last("HEALTHCHECK")
+    kind, *command = healthcheck.value
+    assert kind == "CMD" and healthcheck.json, healthcheck.original
+    assert command[0] == "nemotron-healthcheck", healthcheck.original
     assert scripts["nemotron-healthcheck"] == "service.client.healthcheck:main"
-    assert {"interval", "timeout", "start-period", "retries"} <= flags.keys()
+    assert {"interval", "timeout", "start-period", "retries"} <= flags(healthcheck).keys()
     assert not stage.all("CMD"), "arguments belong to the user (`docker run IMAGE chat ...`)"
 
 
@@ -367,19 +355,19 @@ def test_each_target_exposes_the_servers_ports_and_stops_on_sigterm(target):
     from service.server.flags import DEFAULT_METRICS_PORT, DEFAULT_PORT
 
     stage = dockerfile().stage(target)
-    assert stage.last("EXPOSE").words() == [str(DEFAULT_PORT), str(DEFAULT_METRICS_PORT)]
-    assert stage.last("STOPSIGNAL").arguments == "SIGTERM"  # what the server drains on
+    assert stage.last("EXPOSE").value == (str(DEFAULT_PORT), str(DEFAULT_METRICS_PORT))
+    assert stage.last("STOPSIGNAL").value == ("SIGTERM",)  # what the server drains on
 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_each_target_carries_oci_labels_with_the_package_version(target):
     stage = dockerfile().stage(target)
     variables = dockerfile().variables(stage)
-    labels = dict(
-        word.split("=", 1)
+    labels = {
+        name: word(value, variables)
         for instruction in stage.all("LABEL")
-        for word in shlex.split(expand(instruction.arguments, variables))
-    )
+        for name, value in pairs(instruction)
+    }
     assert labels["org.opencontainers.image.version"] == _pyproject()["project"]["version"]
     assert labels["org.opencontainers.image.licenses"] == _pyproject()["project"]["license"]
     assert labels["org.opencontainers.image.base.name"] == dockerfile().base_image(stage)
@@ -399,11 +387,11 @@ def test_the_cpu_target_installs_the_torch_pinned_in_pyproject_from_the_cpu_inde
 
 
 def test_the_gpu_target_keeps_the_base_images_torch():
-    runs = " ".join(i.arguments for i in dockerfile().stage("gpu").all("RUN"))
+    runs = " ".join(shell_text(i, {}) for i in dockerfile().stage("gpu").all("RUN"))
     assert "torch==" not in runs and "--index-url" not in runs
     assert "--no-deps /tmp/dist/nemotron_serve-" in runs
     assert "-r /tmp/dist/requirements-gpu.txt" in runs
-    wheel_runs = " ".join(i.arguments for i in dockerfile().stage("wheel").all("RUN"))
+    wheel_runs = " ".join(shell_text(i, {}) for i in dockerfile().stage("wheel").all("RUN"))
     assert "--without torch > /dist/requirements-gpu.txt" in wheel_runs
 
 
@@ -412,9 +400,9 @@ def test_the_dockerignore_keeps_out_environments_build_outputs_caches_and_histor
                  "service/__pycache__/cli.cpython-311.pyc", ".pytest_cache/README.md",
                  ".ruff_cache/CACHEDIR.TAG", "nemotron_serve.egg-info/PKG-INFO", "build/lib/x",
                  "dist/nemotron_serve-0.1.0-py3-none-any.whl", "server.log"):  # fmt: skip
-        assert dockerignore().excludes(path), path
+        assert dockerignore().match_file(path), path
     for path in ("pyproject.toml", "service/cli.py", "proto/nemotron/v1/generation.proto"):
-        assert not dockerignore().excludes(path), path
+        assert not dockerignore().match_file(path), path
 
 
 def _hadolint() -> str | None:
@@ -463,13 +451,14 @@ def test_wheel_requirements_drop_extras_and_the_named_distributions():
 def _copy_context(stage: Stage, destination: Path) -> None:
     """Lay out what `stage` copies from the context (less what .dockerignore excludes)."""
     for instruction, source in context_sources(stage):
-        target = instruction.words()[-1].strip("/")
+        target = instruction.value[-1].strip("/")
         base = destination if target in ("", ".") else destination / target
         for match in REPO_ROOT.glob(source.rstrip("/")):
             # A directory source copies its contents; a file goes into a `dir/` target.
             files = [match] if match.is_file() else sorted(match.rglob("*"))
             for path in files:
-                if path.is_dir() or dockerignore().excludes(path.relative_to(REPO_ROOT).as_posix()):
+                relative = path.relative_to(REPO_ROOT).as_posix()
+                if path.is_dir() or dockerignore().match_file(relative):
                     continue
                 out = base / (path.relative_to(match) if match.is_dir() else path.name)
                 out.parent.mkdir(parents=True, exist_ok=True)
@@ -512,7 +501,7 @@ def test_the_cpu_stage_bakes_the_engine_the_server_then_serves_without_building(
     from service.startup.selection import resolve_engine
 
     stage = dockerfile().stage("cpu")
-    (bake,) = [i for i in stage.all("RUN") if "nemotron-build" in i.arguments]
+    (bake,) = [i for i in stage.all("RUN") if "nemotron-build" in i.value[0]]
     cache_dir = tmp_path / "cache"
     (cache_dir / "downloads").mkdir(parents=True)  # the GGUF as fetched (no second download)
     shutil.copy2(embedded_gguf, cache_dir / "downloads" / embedded_gguf.name)
@@ -523,7 +512,7 @@ def test_the_cpu_stage_bakes_the_engine_the_server_then_serves_without_building(
         "PATH": f"{scripts}{os.pathsep}{os.environ['PATH']}",
     }
     done = subprocess.run(
-        ["sh", "-c", bake.arguments], env=environ, capture_output=True, text=True, timeout=600
+        ["sh", "-c", bake.value[0]], env=environ, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
     serving = {"NEMOTRON_CACHE_DIR": str(cache_dir), "NEMOTRON_PROFILE": "cpu"}

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +25,7 @@ from engine_build.repository import (
     checkpoint_fingerprint,
 )
 from engine_build.synthetic import write_synthetic_checkpoint
+from tests.conftest import REPO_ROOT
 
 
 @pytest.fixture()
@@ -213,14 +216,43 @@ def test_a_repository_path_that_is_not_writable_is_refused(checkpoint, tmp_path)
         build_engine(_request(checkpoint), EngineRepository(blocker / "repo"))
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+# Root writes through directory permissions only by CAP_DAC_OVERRIDE. A child without it (and
+# without CAP_DAC_READ_SEARCH) meets the permission bits as any user does, still as uid 0, so it
+# reaches the checkpoint, the checkout and the interpreter wherever they are. setpriv (util-linux,
+# in every Debian) needs only CAP_SETPCAP, which a container's root keeps by default; a mount
+# namespace or `chattr +i` would need CAP_SYS_ADMIN or CAP_LINUX_IMMUTABLE, which it does not.
+_WITHOUT_DAC_OVERRIDE = (
+    "setpriv",
+    "--inh-caps=-dac_override,-dac_read_search",
+    "--bounding-set=-dac_override,-dac_read_search",
+)
+
+
+def _refuse_read_only_repository(checkpoint: Path, repo: Path) -> None:
+    with pytest.raises(RepositoryError, match="is not writable"):
+        build_engine(_request(checkpoint), EngineRepository(repo))
+
+
 def test_a_read_only_repository_is_refused(checkpoint, tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
     repo.chmod(0o500)
     try:
-        with pytest.raises(RepositoryError, match="is not writable"):
-            build_engine(_request(checkpoint), EngineRepository(repo))
+        if os.geteuid() != 0:
+            _refuse_read_only_repository(checkpoint, repo)
+            return
+        if shutil.which("setpriv") is None:
+            pytest.skip("root ignores directory permissions, and setpriv is not installed")
+        child = (
+            "import sys; from pathlib import Path; "
+            "from tests.engine_build.test_build import _refuse_read_only_repository as refuse; "
+            "refuse(Path(sys.argv[1]), Path(sys.argv[2]))"
+        )
+        done = subprocess.run(
+            [*_WITHOUT_DAC_OVERRIDE, sys.executable, "-c", child, str(checkpoint), str(repo)],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
     finally:
         repo.chmod(0o700)
 
