@@ -11,12 +11,35 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nemotron.v1 import generation_pb2_grpc as pb_grpc
+
+# How long a test waits for something a server does (a log line, a metric, a stats change):
+# generous, because a busy CI machine is slow, not broken. Tests wait on what they can observe,
+# never on a fixed sleep that assumes it happened meanwhile.
+WAIT_S = 60.0
+
+T = TypeVar("T")
+
+
+def wait_until(
+    predicate: Callable[[], T], what: str, timeout_s: float = WAIT_S, interval_s: float = 0.1
+) -> T:
+    """Poll `predicate` until it returns something truthy and return that; fail naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"gave up after {timeout_s:g} s waiting for {what}")
+        time.sleep(interval_s)
 
 
 def free_port() -> int:
@@ -36,14 +59,24 @@ class RunningServer:
     log_path: Path
 
     def log_lines(self) -> list[dict]:
-        """The server's JSON log lines so far."""
+        """The server's JSON log lines so far (a last line still being written is left out)."""
+        text = self.log_path.read_text()
         lines = []
-        for raw in self.log_path.read_text().splitlines():
+        for raw in text[: text.rfind("\n") + 1].splitlines():
             try:
                 lines.append(json.loads(raw))
             except json.JSONDecodeError:
                 lines.append({"event": "<not json>", "raw": raw})
         return lines
+
+    def wait_for_log(self, match: Callable[[dict], bool], what: str, count: int = 1) -> list[dict]:
+        """The log lines matching `match`, once there are at least `count` of them."""
+
+        def matching() -> list[dict]:
+            found = [line for line in self.log_lines() if match(line)]
+            return found if len(found) >= count else []
+
+        return wait_until(matching, f"{what} in the server log")
 
     @property
     def api(self) -> pb_grpc.GenerationServiceStub:
@@ -107,12 +140,13 @@ def start_server(
 
 
 def wait_ready(server: RunningServer, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.status("readiness") == health_pb2.HealthCheckResponse.SERVING:
-            return
-        time.sleep(0.2)
-    raise AssertionError("the server did not become ready")
+    """Wait until the server reports readiness (the engine is loaded)."""
+    wait_until(
+        lambda: server.status("readiness") == health_pb2.HealthCheckResponse.SERVING,
+        "the server to become ready",
+        timeout_s,
+        interval_s=0.2,
+    )
 
 
 def stop_server(server: RunningServer) -> int:

@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import select
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 
@@ -24,7 +25,7 @@ from nemotron.v1 import generation_pb2 as pb
 from nemotron.v1 import generation_pb2_grpc as pb_grpc
 
 from tests.service.certs import make_certificates, needs_openssl
-from tests.service.server_process import free_port
+from tests.service.server_process import WAIT_S, free_port, wait_until
 
 CHAT = shutil.which("nemotron-chat") or f"{sys.prefix}/bin/nemotron-chat"
 FRANCE = "What is the capital of France?"
@@ -118,14 +119,18 @@ class Terminal:
         self.seen = ""
 
     def expect(self, text: str, timeout: float = 60) -> None:
+        self.wait_for(lambda seen: text in seen, repr(text), timeout)
+
+    def wait_for(self, shown: Callable[[str], bool], what: str, timeout: float = 60) -> None:
+        """Read what the process writes until `shown(all of it)` holds; fail naming `what`."""
         deadline = time.monotonic() + timeout
-        while text not in self.seen and time.monotonic() < deadline:
+        while not shown(self.seen) and time.monotonic() < deadline:
             if select.select([self.master], [], [], 0.1)[0]:
                 try:
                     self.seen += os.read(self.master, 4096).decode(errors="replace")
                 except OSError:  # the process exited
                     break
-        assert text in self.seen, self.seen
+        assert shown(self.seen), f"the terminal did not show {what}:\n{self.seen}"
 
     def type(self, line: str) -> None:
         os.write(self.master, f"{line}\n".encode())
@@ -145,22 +150,43 @@ class Terminal:
         return self.process.wait(timeout=timeout)
 
 
+def _cancelled_chat_stream(line: dict) -> bool:
+    """Whether a server log line ends a ChatStream that its caller cancelled."""
+    fields = (line["event"], line.get("method"), line.get("code"))
+    return fields == ("rpc_finished", "ChatStream", "CANCELLED")
+
+
+def _reply_started(question: str) -> Callable[[str], bool]:
+    """Whether the terminal shows words after the echoed question (escape sequences aside)."""
+
+    def started(seen: str) -> bool:
+        after = seen.partition(question)[2]
+        return re.search(r"\w", re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", after)) is not None
+
+    return started
+
+
 @pytest.mark.slow
 def test_ctrl_c_cancels_the_reply_on_the_server_and_the_session_goes_on(server):
+    cancelled_before = len([line for line in server.log_lines() if _cancelled_chat_stream(line)])
     terminal = Terminal("--address", server.address, "--max-tokens", "400")
     try:
         terminal.expect("/help lists commands")
         terminal.expect("> ")
-        terminal.type("Write a very long story about a dragon who learns to cook.")
-        time.sleep(1.5)  # the reply is being written (about 20 tokens a second here)
+        question = "Write a very long story about a dragon who learns to cook."
+        terminal.type(question)
+        terminal.wait_for(_reply_started(question), "the reply being written", timeout=WAIT_S)
         terminal.process.send_signal(signal.SIGINT)
-        terminal.expect("[reply cancelled]", timeout=10)
-        deadline = time.monotonic() + 3  # the cancelled call aborted the request
-        while time.monotonic() < deadline:
+        terminal.expect("[reply cancelled]", timeout=WAIT_S)
+        server.wait_for_log(  # the server saw the call cancelled, not finished
+            _cancelled_chat_stream, "a cancelled ChatStream", count=cancelled_before + 1
+        )
+
+        def idle() -> pb.GetEngineStatsResponse | None:
             stats = server.api.GetEngineStats(pb.GetEngineStatsRequest(), timeout=5)
-            if stats.running_requests == 0 and stats.waiting_requests == 0:
-                break
-            time.sleep(0.1)
+            return stats if (stats.running_requests, stats.waiting_requests) == (0, 0) else None
+
+        stats = wait_until(idle, "the engine to drop the cancelled request")
         assert (stats.running_requests, stats.waiting_requests) == (0, 0)
         terminal.seen = ""
         terminal.type(FRANCE)
@@ -400,7 +426,7 @@ def test_mutual_tls_with_a_private_ca_and_a_server_name_override(tmp_path):
         assert done.returncode == 0, done.stderr
         assert done.stdout.startswith("Paris it is.")
         refused = chat(
-            "--address", running.address, "--prompt", FRANCE, "--timeout", "5", *tls, timeout=30
+            "--address", running.address, "--prompt", FRANCE, "--timeout", "30", *tls, timeout=60
         )
         assert refused.returncode == 2 and "UNAVAILABLE" in refused.stderr
         assert running.address in refused.stderr

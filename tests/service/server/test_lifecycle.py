@@ -13,11 +13,23 @@ from grpc_health.v1._async import HealthServicer
 from service.runtime.interface import EngineState
 from service.server.process import LIVENESS, READINESS, SERVING, _watch_engine
 from service.server.servicer import SERVICE_NAME
-from tests.service.server_process import start_server, stop_server, wait_ready
+from tests.service.server_process import WAIT_S, start_server, stop_server, wait_ready
 
 
 class _Engine:
-    state = EngineState.READY
+    """An engine whose state the test sets, counting how often the watcher looks at it."""
+
+    def __init__(self) -> None:
+        self._state, self.looks = EngineState.READY, 0
+
+    @property
+    def state(self) -> EngineState:
+        self.looks += 1
+        return self._state
+
+    @state.setter
+    def state(self, value: EngineState) -> None:
+        self._state = value
 
 
 def test_a_failed_engine_turns_readiness_off_and_sets_exit_code_1(monkeypatch):
@@ -29,10 +41,13 @@ def test_a_failed_engine_turns_readiness_off_and_sets_exit_code_1(monkeypatch):
             await health.set(name, SERVING)
         engine, stop, outcome = _Engine(), asyncio.Event(), {"exit_code": 0}
         watcher = asyncio.create_task(_watch_engine(engine, health, stop, outcome))
-        await asyncio.sleep(0.05)
+        deadline = time.monotonic() + WAIT_S
+        while engine.looks < 3:  # the watcher has seen a healthy engine a few times
+            assert time.monotonic() < deadline, "the watcher did not look at the engine"
+            await asyncio.sleep(0.01)
         assert not stop.is_set()  # a healthy engine is left alone
         engine.state = EngineState.FAILED
-        await asyncio.wait_for(watcher, 5)
+        await asyncio.wait_for(watcher, WAIT_S)
         statuses = {}
         for name in (LIVENESS, READINESS, SERVICE_NAME):
             request = health_pb2.HealthCheckRequest(service=name)
@@ -65,7 +80,7 @@ def test_a_second_signal_exits_at_once_without_waiting_for_the_drain(
     wait_ready(server)
     stream = _long_stream(server)
     server.process.send_signal(signal.SIGTERM)
-    time.sleep(1.0)
+    server.wait_for_log(lambda line: line["event"] == "server_draining", "server_draining")
     assert server.process.poll() is None  # draining: the stream is still running
     started = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
@@ -87,7 +102,12 @@ def test_log_prompts_logs_bodies_only_when_asked(cache_dir, cached_embedded_chec
             limits=pb.GenerationLimits(max_new_tokens=8),
         )
         answer = server.api.Chat(request, timeout=60)
-        time.sleep(0.3)
+        server.wait_for_log(
+            lambda line: (
+                line.get("request_id") == "logged-body" and line["event"] == "rpc_finished"
+            ),
+            "rpc_finished of logged-body",
+        )
         mine = [line for line in server.log_lines() if line.get("request_id") == "logged-body"]
         bodies = [line for line in mine if line["event"] == "rpc_request"]
         assert bodies and "Name a colour of the sky." in str(bodies[0]["body"])

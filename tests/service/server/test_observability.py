@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import re
-import time
 import urllib.request
 
 import grpc
@@ -13,7 +12,7 @@ import pytest
 from nemotron.v1 import generation_pb2 as pb
 
 from bench.otlp_sink import start_receiver
-from tests.service.server_process import start_server, stop_server, wait_ready
+from tests.service.server_process import start_server, stop_server, wait_ready, wait_until
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
@@ -92,7 +91,10 @@ def test_every_request_line_carries_request_and_trace_ids_and_no_prompt_text(tra
     server, receiver = traced
     _chat_stream(server, "logged-1", f"00-{TRACE_ID}-{CALLER_SPAN}-01")
     (rpc,) = receiver.wait_for(lambda s: s.attributes.get("nemotron.request_id") == "logged-1")
-    time.sleep(0.2)
+    server.wait_for_log(
+        lambda line: line.get("request_id") == "logged-1" and line["event"] == "rpc_finished",
+        "rpc_finished of logged-1",
+    )
     lines = server.log_lines()
     mine = [line for line in lines if line.get("request_id") == "logged-1"]
     assert mine, lines[-5:]
@@ -142,14 +144,22 @@ def test_metrics_are_scraped_over_http_and_move_as_requests_run(traced):
     assert _sample(during, "nemotron_kv_cache_blocks_used") > 0
     assert 0 < _sample(during, "nemotron_kv_cache_usage_ratio") < 1
     long.cancel()
-    time.sleep(0.5)
-    after = _scrape(server)
     code_ok = {"method": "ChatStream", "code": "OK"}
+    cancelled = {"method": "GenerateStream", "code": "CANCELLED"}
+
+    def settled() -> str | None:
+        """The metrics once the cancelled stream is counted and nothing runs."""
+        text = _scrape(server)
+        counted = _sample(text, "nemotron_requests_total", **cancelled) > _sample(
+            before, "nemotron_requests_total", **cancelled
+        )
+        return text if counted and _sample(text, "nemotron_requests_running") == 0 else None
+
+    after = wait_until(settled, "the cancelled stream to be counted and the engine idle")
     assert (
         _sample(after, "nemotron_requests_total", **code_ok)
         == _sample(before, "nemotron_requests_total", **code_ok) + 1
     )
-    cancelled = {"method": "GenerateStream", "code": "CANCELLED"}
     assert (
         _sample(after, "nemotron_requests_total", **cancelled)
         == _sample(before, "nemotron_requests_total", **cancelled) + 1
@@ -182,7 +192,8 @@ def test_a_passed_deadline_is_recorded_as_deadline_exceeded_not_cancelled(traced
     with pytest.raises(grpc.RpcError) as error:
         list(server.api.GenerateStream(request, timeout=1.0))
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    deadline = time.monotonic() + 10
-    while _sample(_scrape(server), "nemotron_requests_total", **labels) != before + 1:
-        assert time.monotonic() < deadline, "the server did not record DEADLINE_EXCEEDED"
-        time.sleep(0.2)
+    wait_until(
+        lambda: _sample(_scrape(server), "nemotron_requests_total", **labels) == before + 1,
+        "the server to record DEADLINE_EXCEEDED",
+        interval_s=0.2,
+    )

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 
 import grpc
 import pytest
@@ -13,7 +12,7 @@ from grpc_health.v1 import health_pb2
 from nemotron.v1 import generation_pb2 as pb
 
 from tests.service.certs import SERVER_NAME, make_certificates, needs_openssl
-from tests.service.server_process import start_server, stop_server, wait_ready
+from tests.service.server_process import start_server, stop_server, wait_ready, wait_until
 
 GOOD, CHAT_ONLY, ROTATED = "k3y-all-methods-7d1f", "k3y-chat-only-91ab", "k3y-rotated-55c0"
 HI = pb.GenerateRequest(prompt=pb.Prompt(text="Hi"), limits=pb.GenerationLimits(max_new_tokens=1))
@@ -80,22 +79,29 @@ def test_reflection_stays_open_for_grpcurl(keyed, grpcurl):
     assert called.returncode == 0, called.stderr
 
 
+def _serves(server, key: str) -> bool:
+    return _code(server.api.Generate, HI, _bearer(key))[0] == grpc.StatusCode.OK
+
+
 def test_a_rotated_key_file_takes_effect_without_a_restart(keyed):
     server, keys = keyed
     keys.write_text(f"{ROTATED}\n")
-    deadline = time.monotonic() + 10
-    while _code(server.api.Generate, HI, _bearer(ROTATED))[0] != grpc.StatusCode.OK:
-        assert time.monotonic() < deadline, "the new key was not picked up"
-        time.sleep(0.3)
+    # The server looks at the file at most once a second (RELOAD_CHECK_S), on a call.
+    wait_until(lambda: _serves(server, ROTATED), "the new key to be picked up", interval_s=0.3)
     assert _code(server.api.Generate, HI, _bearer(GOOD))[0] == grpc.StatusCode.UNAUTHENTICATED
     keys.write_text(f"{GOOD}\n{CHAT_ONLY} Chat,ChatStream\n")  # back for the other tests
-    time.sleep(1.2)
+    wait_until(lambda: _serves(server, GOOD), "the first keys to be back", interval_s=0.3)
+
+
+def _refused(line: dict) -> bool:
+    return line["event"] == "rpc_refused"
 
 
 def test_keys_never_reach_the_logs(keyed):
     server, _ = keyed
+    refused_before = len([line for line in server.log_lines() if _refused(line)])
     _code(server.api.Generate, HI, _bearer("a-wrong-key-that-must-not-be-logged"))
-    time.sleep(0.2)
+    server.wait_for_log(_refused, "the refusal", count=refused_before + 1)
     text = server.log_path.read_text()
     assert "rpc_refused" in text
     for secret in (GOOD, CHAT_ONLY, ROTATED, "a-wrong-key-that-must-not-be-logged"):
@@ -148,7 +154,7 @@ def test_mutual_tls_serves_clients_with_a_certificate_and_refuses_others(
                 else grpc.insecure_channel(server.address)
             )
             with channel, pytest.raises(grpc.RpcError) as refused:
-                pb_stub(channel).Generate(HI, timeout=5)
+                pb_stub(channel).Generate(HI, timeout=30)
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         assert stop_server(server) == 0

@@ -14,7 +14,7 @@ from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2
 from nemotron.v1 import generation_pb2 as pb
 
-from tests.service.server_process import start_server, wait_ready
+from tests.service.server_process import WAIT_S, start_server, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -136,7 +136,7 @@ def test_bad_input_gets_the_right_status_and_the_server_keeps_serving(
     assert len(after.token_ids) == 1
 
 
-def _kv_free(server, timeout_s: float = 10) -> bool:
+def _kv_free(server, timeout_s: float = WAIT_S) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         stats = server.api.GetEngineStats(pb.GetEngineStatsRequest(), timeout=5)
@@ -218,6 +218,12 @@ def test_real_grpcurl_lists_describes_calls_and_checks_health(server, grpcurl):
     assert health["status"] == "SERVING"  # grpcurl exits 0 either way: read the JSON
 
 
+# Enough to be still running when the drain begins, few enough to finish well within the grace
+# on a loaded machine (an idle CPU makes about 5 a second, a loaded one under 0.5: 200 did not
+# fit in 240 s).
+TOKENS_TO_DRAIN = 30
+
+
 def test_health_watch_sees_startup_and_drain_while_liveness_stays_serving(
     cache_dir, cached_embedded_checkpoint
 ):
@@ -237,7 +243,9 @@ def test_health_watch_sees_startup_and_drain_while_liveness_stays_serving(
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     wait_ready(server)
-    stream = server.api.GenerateStream(_long_request(200), timeout=300)  # well within the grace
+    request = _long_request(TOKENS_TO_DRAIN)
+    request.request_id = "drained"
+    stream = server.api.GenerateStream(request, timeout=300)
     first = next(iter(stream))
     server.process.send_signal(signal.SIGTERM)
     rest = list(stream)  # drain lets the in-flight stream finish
@@ -246,6 +254,9 @@ def test_health_watch_sees_startup_and_drain_while_liveness_stays_serving(
     assert seen[:2] == [NOT_SERVING, SERVING] and seen[-1] == NOT_SERVING
     assert set(liveness[:2]) == {SERVING}
     assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
-    assert len(first.token_ids) + sum(len(m.token_ids) for m in rest) == 200
+    assert len(first.token_ids) + sum(len(m.token_ids) for m in rest) == TOKENS_TO_DRAIN
     assert code == 0
+    events = [(line["event"], line.get("request_id")) for line in server.log_lines()]
+    # The stream was still running when the drain began, and finished inside it.
+    assert events.index(("server_draining", None)) < events.index(("rpc_finished", "drained"))
     server.channel.close()
