@@ -16,10 +16,10 @@ from service.runtime.interface import (
     FinishReason,
     GenerationRequest,
     NotReadyError,
-    SamplingParams,
     TokenEvent,
     failure_of,
 )
+from service.runtime.options import RequestOptions
 from service.runtime.tokenizer import ChatMessage
 from service.server import convert
 from service.server.rpc import Observability, streaming, unary
@@ -95,7 +95,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 chat.tokenizer,
                 convert.deadline_from(context.time_remaining()),
             )
-        _note_request("text_completion", domain.sampling, domain.max_new_tokens)
+        _note_request("text_completion", domain.options)
         record = current_record()
         if record is not None:  # counted as they come: a cancelled stream still counts
             record.prompt_tokens = len(domain.prompt_ids)
@@ -178,7 +178,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
 async def _chat_turn(context: ChatContext, turn: ChatTurn) -> AsyncIterator[ChatDelta]:
     """`run_chat_turn`, noting the request and its outcome for logs, traces and metrics."""
-    _note_request("chat", turn.sampling, turn.max_new_tokens)
+    _note_request("chat", turn.options)
     async for delta in run_chat_turn(context, turn):
         record = current_record()
         if record is not None and delta.usage is not None:
@@ -194,10 +194,11 @@ async def _chat_turn(context: ChatContext, turn: ChatTurn) -> AsyncIterator[Chat
         yield delta
 
 
-def _note_request(operation: str, sampling: SamplingParams, max_tokens: int | None) -> None:
+def _note_request(operation: str, options: RequestOptions) -> None:
     record = current_record()
     if record is None:
         return
+    sampling, max_tokens = options.sampling, options.max_new_tokens
     record.operation = operation
     record.request_attributes = {
         "gen_ai.request.temperature": sampling.temperature,

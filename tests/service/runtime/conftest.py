@@ -12,9 +12,10 @@ import pytest
 from engine_build.build import BuildRequest, build_engine
 from engine_build.profiles import load_profiles
 from engine_build.repository import EngineRepository
-from service.runtime.factory import RuntimeOptions, open_runtime
+from service.runtime.factory import open_runtime
+from service.runtime.frontend import TorchRuntime
 from service.runtime.interface import GenerationRequest, TokenEvent
-from service.runtime.torch_runtime import TorchRuntime
+from service.runtime.sizing import RuntimeOptions
 
 T = TypeVar("T")
 

@@ -6,10 +6,13 @@ import pytest
 import torch
 
 from engine_build.synthetic import write_byte_tokenizer
-from service.runtime.interface import GenerationRequest, SamplingParams
-from service.runtime.kv_pages import BlockPool, block_hashes
+from service.runtime.block_pool import BlockPool, block_hashes
+from service.runtime.interface import GenerationRequest
+from service.runtime.kv_manager import KVCacheManager
+from service.runtime.options import RequestOptions, SamplingParams
 from service.runtime.sampler import SampleInput, sample_batch
-from service.runtime.scheduler import Scheduler, Sequence
+from service.runtime.scheduler import Scheduler
+from service.runtime.sequence import Sequence
 from service.runtime.text import StopTextStream
 from service.runtime.tokenizer import TextTokenizer
 
@@ -92,11 +95,14 @@ def test_seeded_rows_do_not_depend_on_their_neighbours():
 
 
 def _seq(name: str, prompt: int, new: int = 4) -> Sequence:
-    return Sequence(GenerationRequest(name, tuple(range(1, prompt + 1)), max_new_tokens=new), 0.0)
+    return Sequence(
+        GenerationRequest(name, tuple(range(1, prompt + 1)), RequestOptions(max_new_tokens=new)),
+        0.0,
+    )
 
 
 def test_a_long_prompt_is_chunked_and_never_stalls_a_decoding_sequence():
-    scheduler = Scheduler(BlockPool(64, 16), max_batch_size=8, max_num_tokens=64)
+    scheduler = Scheduler(KVCacheManager(BlockPool(64, 16)), max_batch_size=8, max_num_tokens=64)
     short = _seq("short", 5)
     scheduler.add(short)
     first = scheduler.schedule()
@@ -118,8 +124,8 @@ def test_a_long_prompt_is_chunked_and_never_stalls_a_decoding_sequence():
 
 
 def test_shared_prefix_blocks_are_reused_and_counted():
-    pool = BlockPool(32, 4)
-    scheduler = Scheduler(pool, max_batch_size=4, max_num_tokens=64)
+    kv = KVCacheManager(BlockPool(32, 4))
+    scheduler = Scheduler(kv, max_batch_size=4, max_num_tokens=64)
     first = _seq("a", 13)
     scheduler.add(first)
     scheduler.schedule()
@@ -130,7 +136,7 @@ def test_shared_prefix_blocks_are_reused_and_counted():
     step = scheduler.schedule()
     assert step.items[0][1] == 1  # 12 of 13 tokens came from the cache
     assert second.cached_prompt_tokens == 12
-    assert (scheduler.prefix_queries, scheduler.prefix_hits) == (26, 12)
+    assert (kv.prefix_queries, kv.prefix_hits) == (26, 12)
 
 
 def test_block_hashes_chain_over_the_prefix():

@@ -13,10 +13,13 @@ from engine_build.build import BuildRequest, build_engine
 from engine_build.profiles import load_profiles
 from engine_build.repository import EngineRepository
 from service.runtime.interface import EngineState, FinishReason, GenerationRequest, NotReadyError
+from service.runtime.options import RequestOptions
 from tests.service.runtime.conftest import collect, run_with_runtime, tokens_of
 
 REQUESTS = [
-    GenerationRequest(f"r{i}", tuple(range(3 + i, 20 + 3 * i)), max_new_tokens=12, ignore_eos=True)
+    GenerationRequest(
+        f"r{i}", tuple(range(3 + i, 20 + 3 * i)), RequestOptions(max_new_tokens=12, ignore_eos=True)
+    )
     for i in range(6)
 ]
 
@@ -56,8 +59,10 @@ def test_a_killed_worker_fails_pending_requests_and_readiness(
     tp2 = _engine(synthetic_checkpoint, "cpu-tp2", test_profiles_file, tmp_path / "repo")
 
     async def body(runtime):
-        worker = runtime.executor.workers[0]
-        request = GenerationRequest("long", (5,) * 30, max_new_tokens=900, ignore_eos=True)
+        worker = runtime.core.executor.workers[0]
+        request = GenerationRequest(
+            "long", (5,) * 30, RequestOptions(max_new_tokens=900, ignore_eos=True)
+        )
         task = asyncio.create_task(collect(runtime, request))
         await asyncio.sleep(0.3)
         os.kill(worker.pid, signal.SIGKILL)
