@@ -135,9 +135,7 @@ EMBEDDING = TensorKind(
     "model.embed_tokens.weight", WeightRole.EMBEDDING, _vocab, "embed.weight", ShardRule.ROWS
 )
 FINAL_NORM = TensorKind("model.norm.weight", _NORM, _hidden, "norm.weight", ShardRule.REPLICATE)
-LM_HEAD = TensorKind(
-    "lm_head.weight", WeightRole.LM_HEAD, _vocab, "lm_head.weight", ShardRule.ROWS
-)
+LM_HEAD = TensorKind("lm_head.weight", WeightRole.LM_HEAD, _vocab, "lm_head.weight", ShardRule.ROWS)
 GLOBAL_TENSORS = (EMBEDDING, FINAL_NORM, LM_HEAD)
 LAYER_PREFIX, MODULE_LAYER_PREFIX = "model.layers.", "layers."
 

@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine_build.events import log_event
+from engine_build.events import LOG_LEVELS, log_event
 from service.chat.formats import family_of, load_families
 from service.chat.turns import ChatContext, ChatTurn, run_chat_turn
 from service.runtime.options import DEFAULT_MAX_NEW_TOKENS, RequestOptions, SamplingParams
 from service.runtime.tokenizer import ChatMessage
-from service.server.flags import LOG_LEVELS, PRECISIONS
 
 _TURNS = itertools.count()
+PRECISIONS = ("bf16", "fp32")  # of the cpu engine built for the model
 
 
 @dataclass(frozen=True)

@@ -79,9 +79,7 @@ class EngineCore:
             config.max_num_tokens,
         )
         self.kv_bytes_per_token = graph.kv_bytes_per_token(booted.kv_element_bytes)
-        self.uniform_kv_bytes_per_token = graph.uniform_kv_bytes_per_token(
-            booted.kv_element_bytes
-        )
+        self.uniform_kv_bytes_per_token = graph.uniform_kv_bytes_per_token(booted.kv_element_bytes)
         self.requests: dict[str, RequestState] = {}
         self.rng = torch.Generator()
         self.rng.seed()  # unseeded requests differ from run to run

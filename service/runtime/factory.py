@@ -17,13 +17,12 @@ from engine_build.profiles import EngineLimits
 from engine_build.repository import EngineEntry
 from service.runtime.core import Booted
 from service.runtime.frontend import TorchRuntime
-from service.runtime.interface import Engine, EngineError
+from service.runtime.interface import Engine, EngineError, RequestLimits
 from service.runtime.loader import load_rank_model
 from service.runtime.runner import LocalExecutor, ModelRunner
 from service.runtime.sizing import RuntimeOptions, element_bytes, kv_store_and_config
 from service.runtime.tokenizer import TextTokenizer
 from service.runtime.trtllm_runtime import TensorRTLLMRuntime
-from service.runtime.validation import RequestLimits
 
 
 def open_engine(

@@ -31,13 +31,14 @@ from service.runtime.interface import (
     NotReadyError,
     OverloadedError,
     RequestError,
+    RequestLimits,
     TokenEvent,
 )
 from service.runtime.options import RequestOptions
 from service.runtime.output import OutputProcessor, RequestState
 from service.runtime.sequence import Sequence
 from service.runtime.tokenizer import TextTokenizer
-from service.runtime.validation import RequestLimits, validate_request
+from service.runtime.validation import validate_request
 
 _LOG = logging.getLogger("nemotron.runtime")
 IDLE_WAIT_S = 0.05  # the engine thread's longest sleep with nothing to do (a post wakes it)

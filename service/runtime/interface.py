@@ -18,7 +18,6 @@ from service.runtime.options import RequestOptions
 
 if TYPE_CHECKING:
     from service.runtime.tokenizer import TextTokenizer
-    from service.runtime.validation import RequestLimits
 
 
 class FinishReason(StrEnum):
@@ -79,6 +78,19 @@ class GenerationRequest:
     request_id: str
     prompt_ids: tuple[int, ...]
     options: RequestOptions = field(default_factory=RequestOptions)
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What the loaded engine can take."""
+
+    vocab_size: int
+    max_seq_len: int
+    max_kv_tokens: int  # tokens the whole KV cache holds: one request may not need more
+
+    def room(self, prompt_tokens: int) -> int:
+        """Tokens a prompt of this length leaves for generation (context and KV cache)."""
+        return min(self.max_seq_len, self.max_kv_tokens) - prompt_tokens
 
 
 @dataclass(frozen=True)

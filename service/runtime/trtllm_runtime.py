@@ -26,12 +26,13 @@ from service.runtime.interface import (
     GenerationRequest,
     NotReadyError,
     RequestError,
+    RequestLimits,
     TokenEvent,
     TokenLogprob,
     Usage,
 )
 from service.runtime.tokenizer import TextTokenizer
-from service.runtime.validation import RequestLimits, validate_request
+from service.runtime.validation import validate_request
 
 # TensorRT-LLM's finish reasons -> ours.
 FINISH_REASONS = {

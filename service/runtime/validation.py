@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-from service.runtime.interface import GenerationRequest, RequestError
+from service.runtime.interface import GenerationRequest, RequestError, RequestLimits
 from service.runtime.options import MAX_LOGPROBS, SamplingParams, max_new_tokens_for
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
-
-
-@dataclass(frozen=True)
-class RequestLimits:
-    """What the loaded engine can take."""
-
-    vocab_size: int
-    max_seq_len: int
-    max_kv_tokens: int  # tokens the whole KV cache holds: one request may not need more
-
-    def room(self, prompt_tokens: int) -> int:
-        """Tokens a prompt of this length leaves for generation (context and KV cache)."""
-        return min(self.max_seq_len, self.max_kv_tokens) - prompt_tokens
 
 
 def _number(name: str, value: object) -> float:

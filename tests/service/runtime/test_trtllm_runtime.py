@@ -14,6 +14,7 @@ from service.runtime.interface import (
     GenerationRequest,
     NotReadyError,
     RequestError,
+    RequestLimits,
 )
 from service.runtime.options import RequestOptions, SamplingParams
 from service.runtime.trtllm_runtime import (
@@ -25,7 +26,6 @@ from service.runtime.trtllm_runtime import (
     sampling_kwargs,
     stats_from_iteration,
 )
-from service.runtime.validation import RequestLimits
 
 LIMITS = RequestLimits(vocab_size=128256, max_seq_len=131072, max_kv_tokens=10**7)
 
