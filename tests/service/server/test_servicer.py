@@ -23,7 +23,8 @@ def test_every_rpc_of_the_service_is_wrapped():
 
 
 def test_a_servicer_missing_an_rpc_is_refused_when_defined():
-    with pytest.raises(TypeError, match="Partial does not implement nemotron.v1.GenerationService.GenerateStream"):
+    missing = "Partial does not implement nemotron.v1.GenerationService.GenerateStream"
+    with pytest.raises(TypeError, match=missing):
 
         @rpc_service(SERVICE)
         class Partial:
