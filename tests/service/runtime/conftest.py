@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -47,6 +48,15 @@ def run_with_runtime(
 async def collect(runtime: TorchRuntime, request: GenerationRequest) -> list[TokenEvent]:
     """All events of one request."""
     return [event async for event in runtime.generate(request)]
+
+
+async def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
+    """Poll `condition` until it holds; fail naming `what` after a generous `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout_s:g} s")
+        await asyncio.sleep(0.005)
 
 
 def tokens_of(events: list[TokenEvent]) -> list[int]:

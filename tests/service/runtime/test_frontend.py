@@ -17,7 +17,7 @@ from service.runtime.interface import (
     RequestError,
 )
 from service.runtime.options import RequestOptions, SamplingParams
-from tests.service.runtime.conftest import collect, run_with_runtime, tokens_of
+from tests.service.runtime.conftest import collect, run_with_runtime, tokens_of, wait_until
 
 
 def _requests(count: int, seed: int = 0, **kwargs) -> list[GenerationRequest]:
@@ -88,14 +88,11 @@ async def _blocks_after_abort(runtime, stop):
         if seen == 5:
             break
     used_while_running = runtime.stats().kv_blocks_used
-    steps_at_abort = runtime.stats().steps
     await stop(stream)
-    for _ in range(200):
-        stats = runtime.stats()
-        if stats.kv_blocks_used == 0:
-            return used_while_running, stats.steps - steps_at_abort
-        await asyncio.sleep(0.005)
-    raise AssertionError("blocks were not freed")
+    # Read after the abort is posted: at most the step already running may finish before it.
+    steps_at_abort = runtime.stats().steps
+    await wait_until(lambda: runtime.stats().kv_blocks_used == 0, "freeing the blocks")
+    return used_while_running, runtime.stats().steps - steps_at_abort
 
 
 def test_abort_mid_stream_frees_kv_blocks_within_one_step(synthetic_engine):
@@ -411,12 +408,13 @@ def test_a_dropped_stream_frees_its_request_even_if_never_read(synthetic_engine)
             )
         )
         del stream
-        for _ in range(400):
-            await asyncio.sleep(0.005)
+
+        def idle() -> bool:
             stats = runtime.stats()
-            if stats.running == 0 and stats.waiting == 0:
-                return stats
-        raise AssertionError("the dropped request kept running")
+            return stats.running == 0 and stats.waiting == 0
+
+        await wait_until(idle, "ending the dropped request")
+        return runtime.stats()
 
     stats = run_with_runtime(synthetic_engine, body)
     assert stats.kv_blocks_used == 0 and stats.generated_tokens < 900
@@ -482,7 +480,13 @@ def test_a_consumer_that_falls_behind_gets_merged_deltas_with_nothing_lost(synth
         events = []
         async for event in runtime.generate(request):
             events.append(event)
-            await asyncio.sleep(0.2)  # several steps run meanwhile
+            lagging_until = runtime.stats().generated_tokens + 2  # the consumer falls behind
+
+            def two_more_tokens_or_done(target: int = lagging_until) -> bool:
+                stats = runtime.stats()
+                return stats.generated_tokens >= target or stats.running == 0
+
+            await wait_until(two_more_tokens_or_done, "two more tokens")
         return alone, events
 
     alone, events = run_with_runtime(synthetic_engine, body)

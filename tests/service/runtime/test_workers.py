@@ -53,6 +53,10 @@ def test_smollm2_tp3_workers_give_the_tokens_of_tp1(
     assert _greedy_tokens(tp3) == _greedy_tokens(tp1)
 
 
+async def _rest(stream) -> list:
+    return [event async for event in stream]
+
+
 def test_a_killed_worker_fails_pending_requests_and_readiness(
     synthetic_checkpoint, test_profiles_file, tmp_path
 ):
@@ -63,11 +67,11 @@ def test_a_killed_worker_fails_pending_requests_and_readiness(
         request = GenerationRequest(
             "long", (5,) * 30, RequestOptions(max_new_tokens=900, ignore_eos=True)
         )
-        task = asyncio.create_task(collect(runtime, request))
-        await asyncio.sleep(0.3)
+        stream = runtime.generate(request)
+        first = await asyncio.wait_for(stream.__anext__(), timeout=120)  # both ranks stepping
         os.kill(worker.pid, signal.SIGKILL)
         killed_at = time.monotonic()
-        events = await asyncio.wait_for(task, timeout=30)
+        events = [first, *await asyncio.wait_for(_rest(stream), timeout=30)]
         ended_after = time.monotonic() - killed_at
         with pytest.raises(NotReadyError, match="worker rank 1"):
             runtime.generate(REQUESTS[0])
