@@ -18,8 +18,10 @@ import time
 from bench.loadgen import Workload, make_requests
 from engine_build.embedded import default_cache_dir
 from service.runtime.compute import reserve_cores_for_compute_threads, run_in_compute_thread
-from service.runtime.factory import RuntimeOptions, open_runtime
+from service.runtime.factory import open_runtime
 from service.runtime.interface import GenerationRequest
+from service.runtime.options import RequestOptions
+from service.runtime.sizing import RuntimeOptions
 from service.startup.selection import ensure_cpu_engine
 
 
@@ -33,7 +35,9 @@ async def measure(engine_dir: str, requests: int) -> None:
         runtime.graph.vocab_size,
     )
     batch = [
-        GenerationRequest(f"r{i}", s.prompt_ids, max_new_tokens=s.output_tokens, ignore_eos=True)
+        GenerationRequest(
+            f"r{i}", s.prompt_ids, RequestOptions(max_new_tokens=s.output_tokens, ignore_eos=True)
+        )
         for i, s in enumerate(specs)
     ]
 

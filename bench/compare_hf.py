@@ -28,9 +28,11 @@ from engine_build.graph import ModelGraph
 from engine_build.profiles import load_profiles
 from engine_build.repository import EngineRepository
 from service.runtime.compute import reserve_cores_for_compute_threads, run_in_compute_thread
-from service.runtime.factory import RuntimeOptions, open_runtime
+from service.runtime.factory import open_runtime
+from service.runtime.frontend import TorchRuntime
 from service.runtime.interface import GenerationRequest
-from service.runtime.torch_runtime import TorchRuntime
+from service.runtime.options import RequestOptions
+from service.runtime.sizing import RuntimeOptions
 
 PRECISION = {"bfloat16": "bf16", "float32": "fp32"}
 
@@ -74,7 +76,9 @@ def memory_bandwidth_gbs(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
 async def our_decode_rate(runtime: TorchRuntime, prompt: tuple[int, ...], tokens: int) -> float:
     """Batch-1 decode tokens/s (first token excluded)."""
     stamps = []
-    request = GenerationRequest("b1", prompt, max_new_tokens=tokens, ignore_eos=True)
+    request = GenerationRequest(
+        "b1", prompt, RequestOptions(max_new_tokens=tokens, ignore_eos=True)
+    )
     async for event in runtime.generate(request):
         if event.token_ids:
             stamps.append(time.perf_counter())
@@ -86,7 +90,9 @@ async def our_ttft_ms(runtime: TorchRuntime, prompts: list[tuple[int, ...]]) -> 
     times = []
     for index, prompt in enumerate(prompts):
         start = time.perf_counter()
-        request = GenerationRequest(f"ttft{index}", prompt, max_new_tokens=1, ignore_eos=True)
+        request = GenerationRequest(
+            f"ttft{index}", prompt, RequestOptions(max_new_tokens=1, ignore_eos=True)
+        )
         async for event in runtime.generate(request):
             if event.token_ids:
                 times.append(time.perf_counter() - start)

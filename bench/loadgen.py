@@ -16,7 +16,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from service.runtime.interface import Engine, GenerationRequest, SamplingParams
+from service.runtime.interface import Engine, GenerationRequest
+from service.runtime.options import RequestOptions, SamplingParams
 
 WORDS = (
     "the",
@@ -172,7 +173,9 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
 
 async def _one(engine: Engine, name: str, spec: RequestSpec) -> RequestResult:
     request = GenerationRequest(
-        name, spec.prompt_ids, SamplingParams(), max_new_tokens=spec.output_tokens, ignore_eos=True
+        name,
+        spec.prompt_ids,
+        RequestOptions(SamplingParams(), max_new_tokens=spec.output_tokens, ignore_eos=True),
     )
     start = time.perf_counter()
     stamps: list[float] = []
@@ -254,7 +257,8 @@ async def _open_loop(
 
 def main() -> None:
     """`python -m bench.loadgen ENGINE_DIR ...`: one load run against a built torch engine."""
-    from service.runtime.factory import RuntimeOptions, open_runtime
+    from service.runtime.factory import open_runtime
+    from service.runtime.sizing import RuntimeOptions
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("engine_dir")

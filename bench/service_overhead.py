@@ -47,8 +47,10 @@ from bench.loadgen import RequestSpec, Workload, make_requests, percentiles
 from bench.otlp_sink import OtlpReceiver, start_receiver
 from engine_build.embedded import default_cache_dir
 from service.runtime.compute import reserve_cores_for_compute_threads, run_in_compute_thread
-from service.runtime.factory import RuntimeOptions, open_runtime
-from service.runtime.interface import Engine, GenerationRequest, SamplingParams
+from service.runtime.factory import open_runtime
+from service.runtime.interface import Engine, GenerationRequest
+from service.runtime.options import RequestOptions, SamplingParams
+from service.runtime.sizing import RuntimeOptions
 from service.startup.selection import ensure_cpu_engine
 
 
@@ -78,7 +80,9 @@ class Round:
 
 async def _in_process(engine: Engine, spec: RequestSpec, name: str) -> StreamResult:
     request = GenerationRequest(
-        name, spec.prompt_ids, SamplingParams(), max_new_tokens=spec.output_tokens, ignore_eos=True
+        name,
+        spec.prompt_ids,
+        RequestOptions(SamplingParams(), max_new_tokens=spec.output_tokens, ignore_eos=True),
     )
     sent = time.time_ns()
     stamps: list[int] = []

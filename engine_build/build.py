@@ -7,7 +7,8 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from engine_build.backends import BuildBackend, BuildJob, select_backend
+from engine_build.backends.base import BuildBackend, BuildJob
+from engine_build.backends.registry import select_backend
 from engine_build.checkpoint import Checkpoint
 from engine_build.plan import ProfilePlan, plan_profile
 from engine_build.profiles import Profile

@@ -98,7 +98,7 @@ class Checkpoint:
 
 
 def fuse(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Replace each group of `FUSED_PARTS` by one tensor concatenated along dim 0."""
+    """Replace each fused group of the weight table by one tensor concatenated along dim 0."""
     fused: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
         group = fused_group(name)

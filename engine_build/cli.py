@@ -10,7 +10,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from engine_build.backends import BackendError, backend_names
+from engine_build.backends.base import BackendError
+from engine_build.backends.registry import backend_names
 from engine_build.backends.torch_engine import EngineFormatError
 from engine_build.build import BuildRequest, PlanRefusedError, build_engine
 from engine_build.checkpoint import CheckpointError

@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 _LOGGER = logging.getLogger("nemotron")
+LOG_LEVELS = ("debug", "info", "warning", "error")  # what --log-level takes, in every CLI
 
 
 class _EventFormatter(logging.Formatter):

@@ -107,6 +107,15 @@ class ModelGraph:
         """Indices of the layers with regular (KV-cached) attention."""
         return tuple(i for i, b in enumerate(self.blocks) if b.attention.has_kv_cache)
 
+    def kv_bytes_per_token(self, element_bytes: int) -> int:
+        """Bytes of K and V one token occupies across all KV-cached layers."""
+        return sum(2 * kv * self.head_dim * element_bytes for kv in self.kv_heads_per_layer)
+
+    def uniform_kv_bytes_per_token(self, element_bytes: int) -> int:
+        """What one token would need if every layer had attention with the widest KV heads."""
+        widest = max(self.kv_heads_per_layer, default=0)
+        return self.num_layers * 2 * widest * self.head_dim * element_bytes
+
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> ModelGraph:
         """Build the graph from a Hugging Face config dict (`nemotron-nas` or `llama`)."""

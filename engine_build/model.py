@@ -19,23 +19,7 @@ from torch import Tensor, nn
 from engine_build.checkpoint import Checkpoint
 from engine_build.graph import AttentionKind, BlockSpec, FFNKind, ModelGraph
 from engine_build.kv_cache import KVCache, StepAttention
-
-# HF name (after q/k/v and gate/up fusion) -> parameter name in this module, per layer and global.
-_LAYER_NAMES = {
-    "input_layernorm.weight": "parts.attention.norm.weight",
-    "self_attn.qkv_proj.weight": "parts.attention.body.qkv.weight",
-    "self_attn.o_proj.weight": "parts.attention.body.o.weight",
-    "self_attn.linear_attn.weight": "parts.attention.body.proj.weight",
-    "post_attention_layernorm.weight": "parts.ffn.norm.weight",
-    "mlp.gate_up_proj.weight": "parts.ffn.body.gate_up.weight",
-    "mlp.down_proj.weight": "parts.ffn.body.down.weight",
-    "mlp.linear_mlp.weight": "parts.ffn.body.proj.weight",
-}
-_GLOBAL_NAMES = {
-    "model.embed_tokens.weight": "embed.weight",
-    "model.norm.weight": "norm.weight",
-    "lm_head.weight": "lm_head.weight",
-}
+from engine_build.weights import EMBEDDING, LM_HEAD, module_name
 
 
 @dataclass(frozen=True)
@@ -301,13 +285,7 @@ class NemotronModel(nn.Module):
 
 def map_to_module_names(tensors: dict[str, Tensor], graph: ModelGraph) -> dict[str, Tensor]:
     """Rename fused HF tensors to this module's parameter names (ties lm_head when asked)."""
-    state: dict[str, Tensor] = {}
-    for name, tensor in tensors.items():
-        if name in _GLOBAL_NAMES:
-            state[_GLOBAL_NAMES[name]] = tensor
-            continue
-        _, _, index, local = name.split(".", 3)  # model.layers.{i}.{local}
-        state[f"layers.{index}.{_LAYER_NAMES[local]}"] = tensor
+    state = {module_name(name): tensor for name, tensor in tensors.items()}
     if graph.tie_word_embeddings:
-        state["lm_head.weight"] = state["embed.weight"]
+        state[LM_HEAD.module] = state[EMBEDDING.module]
     return state

@@ -1,9 +1,10 @@
 """Tensor-parallel sharding: which tp sizes a graph allows, and each rank's slice of every tensor.
 
-Column-parallel (output rows split): fused q/k/v (by heads) and gate/up (by width), embeddings
-and lm_head (by vocabulary). Row-parallel (input columns split, all-reduced after): o_proj,
-down_proj and the linear replacements. Norms are replicated. When tp exceeds a layer's KV-head
-count, each rank holds one KV head and a head is replicated tp / kv times.
+Which tensor splits how is the weight table's `ShardRule` (`engine_build.weights`); this module
+cuts. Column-parallel (output rows split): fused q/k/v (by heads) and gate/up (by width),
+embeddings and lm_head (by vocabulary). Row-parallel (input columns split, all-reduced after):
+o_proj, down_proj and the linear replacements. Norms are replicated. When tp exceeds a layer's
+KV-head count, each rank holds one KV head and a head is replicated tp / kv times.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from engine_build.graph import AttentionKind, AttentionSpec, BlockSpec, FFNKind, FFNSpec, ModelGraph
-from engine_build.weights import fused_weight_specs
+from engine_build.graph import AttentionSpec, BlockSpec, FFNSpec, ModelGraph
+from engine_build.weights import ShardRule, fused_weight_specs, module_names, shard_rule_of
 
 # Per-rank matrix dimensions on GPUs must be multiples of this many elements (tensor-core tiles).
 GPU_ALIGNMENT = 16
@@ -56,10 +57,7 @@ def tp_issues(graph: ModelGraph, tp: int, alignment: int = 1) -> list[str]:
         )
     for width in sorted({b.ffn.intermediate_size for b in graph.blocks if b.ffn.intermediate_size}):
         issues.extend(_split_issue(f"FFN width {width}", width, tp, alignment))
-    if any(
-        b.attention.kind is AttentionKind.LINEAR or b.ffn.kind is FFNKind.LINEAR
-        for b in graph.blocks
-    ):
+    if module_names(graph, ShardRule.COLUMNS_OF_FULL_INPUT):  # linear replacements
         issues.extend(
             _split_issue("linear replacement input (hidden_size)", graph.hidden_size, tp, alignment)
         )
@@ -163,23 +161,19 @@ def _qkv(t: Tensor, graph: ModelGraph, tp: int, rank: int, name: str) -> Tensor:
     return torch.cat([_rows(q, graph, tp, rank, name), k[rows], v[rows]])
 
 
-# Tensor-name suffix -> how it is split. Order matters only for readability.
-_RULES: dict[str, _Rule] = {
-    "self_attn.qkv_proj.weight": _qkv,
-    "self_attn.o_proj.weight": _columns,
-    "self_attn.linear_attn.weight": _columns,
-    "mlp.gate_up_proj.weight": _gate_up,
-    "mlp.down_proj.weight": _columns,
-    "mlp.linear_mlp.weight": _columns,
-    "layernorm.weight": _replicate,
-    "model.norm.weight": _replicate,
-    "model.embed_tokens.weight": _rows,
-    "lm_head.weight": _rows,
+# How each rule of the weight table cuts a tensor.
+_RULES: dict[ShardRule, _Rule] = {
+    ShardRule.REPLICATE: _replicate,
+    ShardRule.ROWS: _rows,
+    ShardRule.COLUMNS: _columns,
+    ShardRule.COLUMNS_OF_FULL_INPUT: _columns,
+    ShardRule.QKV: _qkv,
+    ShardRule.GATE_UP: _gate_up,
 }
 
 
 def _rule(name: str) -> _Rule:
-    for suffix, rule in _RULES.items():
-        if name.endswith(suffix):
-            return rule
-    raise ShardingError(f"no sharding rule for tensor {name!r}")
+    try:
+        return _RULES[shard_rule_of(name)]
+    except KeyError:
+        raise ShardingError(f"no sharding rule for tensor {name!r}") from None

@@ -52,9 +52,8 @@ class GraphSummary:
 
 
 def kv_bytes_per_token(graph: ModelGraph, dtype: str) -> int:
-    """Bytes of K and V one token occupies across all KV-cached layers."""
-    per_element = DTYPE_BYTES[dtype]
-    return sum(2 * kv * graph.head_dim * per_element for kv in graph.kv_heads_per_layer)
+    """Bytes of K and V one token occupies across all KV-cached layers, stored in `dtype`."""
+    return graph.kv_bytes_per_token(DTYPE_BYTES[dtype])
 
 
 def tensor_bytes(role: WeightRole, shape: tuple[int, ...], dtype: str) -> int:
@@ -89,7 +88,6 @@ def summarize(graph: ModelGraph) -> GraphSummary:
     swiglu_widths = Counter(
         b.ffn.intermediate_size for b in graph.blocks if b.ffn.intermediate_size
     )
-    widest_kv = max(graph.kv_heads_per_layer, default=0)
     return GraphSummary(
         layers=graph.num_layers,
         parameters=sum(s.numel for s in specs),
@@ -100,9 +98,7 @@ def summarize(graph: ModelGraph) -> GraphSummary:
         ffn_widths=dict(sorted(swiglu_widths.items(), reverse=True)),
         weight_bytes={dtype: weight_bytes(graph, dtype) for dtype in DTYPE_BYTES},
         kv_bytes_per_token={dtype: kv_bytes_per_token(graph, dtype) for dtype in DTYPE_BYTES},
-        uniform_kv_bytes_per_token_bf16=(
-            graph.num_layers * 2 * widest_kv * graph.head_dim * DTYPE_BYTES["bf16"]
-        ),
+        uniform_kv_bytes_per_token_bf16=graph.uniform_kv_bytes_per_token(DTYPE_BYTES["bf16"]),
         per_layer=tuple(
             LayerSummary(
                 index=i,

@@ -1,5 +1,8 @@
 """Tensor parallelism as a transform of a finished rank-local model (no changes to the model).
 
+Which layers turn row-parallel comes from the weight table's sharding rules, as do the slices
+each rank loads (`engine_build.sharding`).
+
 Row-parallel layers (o_proj, down_proj, linear replacements) all-reduce their partial sums; the
 embedding looks up only its vocabulary slice and all-reduces; the LM head all-gathers the
 vocabulary slices of the logits. Works with any torch.distributed backend: gloo on CPU, NCCL
@@ -14,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine_build.graph import ModelGraph
-from engine_build.model import Attention, LinearMap, NemotronModel, SwiGLU
+from engine_build.model import NemotronModel
+from engine_build.weights import ShardRule, module_names
 
 
 class RowParallelLinear(nn.Linear):
@@ -83,21 +87,24 @@ def parallelize(
 ) -> NemotronModel:
     """Swap a rank-local model's layers for their parallel forms (call before loading weights).
 
-    `graph` is the whole model's graph; `model` was built from its rank-local graph.
+    `graph` is the whole model's graph; `model` was built from its rank-local graph. Which
+    layers become row-parallel is the weight table's `ShardRule` of their weights.
     """
     hidden, device = graph.hidden_size, model.embed.weight.device
+    width = hidden // tp
     with torch.device(device):
-        for module in model.modules():
-            if isinstance(module, Attention):
-                module.o = RowParallelLinear(module.o.in_features, hidden, group)
-            elif isinstance(module, SwiGLU):
-                module.down = RowParallelLinear(module.down.in_features, hidden, group)
-            elif isinstance(module, LinearMap):
-                width = hidden // tp
-                module.proj = RowParallelLinear(
-                    width, hidden, group, slice(rank * width, (rank + 1) * width)
-                )
+        for name in module_names(graph, ShardRule.COLUMNS):  # their input arrives split
+            local = model.get_submodule(name)
+            _replace(model, name, RowParallelLinear(local.in_features, hidden, group))
+        for name in module_names(graph, ShardRule.COLUMNS_OF_FULL_INPUT):
+            columns = slice(rank * width, (rank + 1) * width)
+            _replace(model, name, RowParallelLinear(width, hidden, group, columns))
         rows = graph.vocab_size // tp
         model.embed = VocabParallelEmbedding(rows, hidden, rank * rows, group)
         model.lm_head = GatheredLMHead(hidden, rows, group)
     return model
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(parent), attribute, module)

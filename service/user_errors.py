@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine_build.backends import BackendError
+from engine_build.backends.base import BackendError
 from engine_build.backends.torch_engine import EngineFormatError
 from engine_build.build import PlanRefusedError
 from engine_build.checkpoint import CheckpointError
@@ -14,7 +14,7 @@ from engine_build.repository import RepositoryError
 from service.observability.tracing import TracingConfigError
 from service.runtime.interface import EngineError
 from service.runtime.tokenizer import TokenizerError
-from service.server.auth import ApiKeyFileError
+from service.server.api_keys import ApiKeyFileError
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     GraphConfigError,

@@ -1,8 +1,7 @@
-"""Project-level promises: the README's two set-up commands, CI, and the package boundaries."""
+"""Project-level promises: the README's two set-up commands and CI (boundaries: test_imports)."""
 
 from __future__ import annotations
 
-import ast
 import re
 
 from tests.conftest import REPO_ROOT
@@ -28,23 +27,3 @@ def test_ci_runs_the_readme_test_command():
         line.strip() for line in script.splitlines() if line.strip() and not line.startswith("#")
     ]
     assert _readme_commands()[1] in commands
-
-
-def _imported_modules(path) -> set[str]:
-    tree = ast.parse(path.read_text())
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module.split(".")[0])
-    return names
-
-
-def test_engine_build_never_imports_service():
-    offenders = [
-        path.name
-        for path in (REPO_ROOT / "engine_build").rglob("*.py")
-        if "service" in _imported_modules(path)
-    ]
-    assert offenders == []

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from engine_build.backends import BuildJob
+from engine_build.backends.base import BuildJob
 from engine_build.graph import ModelGraph
 from engine_build.profiles import Dtype, EngineLimits, Precision, Profile
 from engine_build.progress import Progress

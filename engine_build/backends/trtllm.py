@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine_build.backends import BackendError, BuildJob
+from engine_build.backends.base import BackendError, BuildJob
 from engine_build.profiles import Dtype, Precision, Profile
 
 ENGINE_FORMAT = "tensorrt-llm-engine"

@@ -12,18 +12,18 @@ import itertools
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine_build.events import log_event
+from engine_build.events import LOG_LEVELS, log_event
 from service.chat.formats import family_of, load_families
 from service.chat.turns import ChatContext, ChatTurn, run_chat_turn
-from service.runtime.interface import SamplingParams
+from service.runtime.options import DEFAULT_MAX_NEW_TOKENS, RequestOptions, SamplingParams
 from service.runtime.tokenizer import ChatMessage
-from service.server.flags import LOG_LEVELS, PRECISIONS
 
 _TURNS = itertools.count()
+PRECISIONS = ("bf16", "fp32")  # of the cpu engine built for the model
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class TerminalChatConfig:
     system: str | None
     temperature: float
     top_p: float
-    max_new_tokens: int
+    max_new_tokens: int | None
     seed: int | None
     precision: str
     log_level: str
@@ -84,7 +84,14 @@ _CHAT_ARGUMENTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--system", {"default": None, "help": "system prompt"}),
     ("--temperature", {"type": float, "default": 0.0, "help": "0 = greedy (default)"}),
     ("--top-p", {"type": float, "default": 1.0}),
-    ("--max-new-tokens", {"type": int, "default": 256}),
+    (
+        "--max-new-tokens",
+        {
+            "type": int,
+            "default": None,
+            "help": f"default {DEFAULT_MAX_NEW_TOKENS}, or the room the context leaves if less",
+        },
+    ),
     ("--seed", {"type": int, "default": None}),
     (
         "--precision",
@@ -137,11 +144,13 @@ def run_chat(config: TerminalChatConfig) -> int:
 
 async def _chat(config: TerminalChatConfig) -> int:
     from service.runtime.compute import reserve_cores_for_compute_threads, run_in_compute_thread
-    from service.runtime.factory import RuntimeOptions, open_runtime
+    from service.runtime.factory import open_runtime
+    from service.runtime.sizing import RuntimeOptions
     from service.startup.selection import ensure_cpu_engine
 
     reserve_cores_for_compute_threads()
     sampling = SamplingParams(temperature=config.temperature, top_p=config.top_p, seed=config.seed)
+    options = RequestOptions(sampling, max_new_tokens=config.max_new_tokens)
     started = time.perf_counter()
     engine_dir = run_in_compute_thread(  # build tensors away from the main thread
         lambda: ensure_cpu_engine(
@@ -156,9 +165,8 @@ async def _chat(config: TerminalChatConfig) -> int:
     )
     try:
         family = family_of(runtime.tokenizer.chat_template_source, load_families())
-        context = ChatContext(runtime, runtime.tokenizer, family, runtime.config.max_seq_len)
         system = [ChatMessage("system", config.system)] if config.system else []
-        session = ChatSession(context, sampling, config.max_new_tokens, system)
+        session = ChatSession(ChatContext(runtime, family), options, system)
         if config.prompts:
             for prompt in config.prompts:
                 await _answer(session, prompt)
@@ -206,18 +214,16 @@ class ChatSession:
     """A terminal conversation: each `reply` appends the user turn and the model's answer."""
 
     context: ChatContext
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    max_new_tokens: int = 256
+    options: RequestOptions = field(default_factory=RequestOptions)
     messages: list[ChatMessage] = field(default_factory=list)
 
     async def reply(self, user_text: str) -> AsyncIterator[str]:
         """Stream the assistant's answer to `user_text` as text deltas (reasoning excluded)."""
         self.messages.append(ChatMessage("user", user_text))
         answer: list[str] = []
-        turn = ChatTurn(f"chat-{next(_TURNS)}", tuple(self.messages), sampling=self.sampling)
-        context = replace(self.context, default_max_new_tokens=self.max_new_tokens)
+        turn = ChatTurn(f"chat-{next(_TURNS)}", tuple(self.messages), options=self.options)
         try:
-            async for delta in run_chat_turn(context, turn):
+            async for delta in run_chat_turn(self.context, turn):
                 if delta.content:
                     answer.append(delta.content)
                     yield delta.content

@@ -27,11 +27,11 @@ from service.runtime.interface import (
     FinishReason,
     GenerationRequest,
     RequestError,
-    SamplingParams,
     Timings,
     TokenEvent,
     failure_of,
 )
+from service.runtime.options import RequestOptions, max_new_tokens_for
 from service.runtime.tokenizer import ChatMessage, TextTokenizer
 
 
@@ -44,12 +44,7 @@ class ChatTurn:
     reasoning: Reasoning = Reasoning.DEFAULT
     reasoning_budget_tokens: int | None = None
     tools: tuple[ToolSpec, ...] = ()
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    max_new_tokens: int | None = None
-    stop_strings: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    deadline: float | None = None
+    options: RequestOptions = field(default_factory=RequestOptions)
 
 
 @dataclass(frozen=True)
@@ -76,13 +71,15 @@ class ChatDelta:
 
 @dataclass(frozen=True)
 class ChatContext:
-    """What a turn needs besides the request: the engine, tokenizer, family and limits."""
+    """What a turn needs besides the request: the engine and the model's chat family."""
 
     engine: Engine
-    tokenizer: TextTokenizer
     family: Family
-    max_seq_len: int
-    default_max_new_tokens: int = 256
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        """The engine's tokenizer (and chat template)."""
+        return self.engine.tokenizer
 
 
 def render_prompt(context: ChatContext, turn: ChatTurn) -> list[int]:
@@ -107,8 +104,9 @@ async def run_chat_turn(context: ChatContext, turn: ChatTurn) -> AsyncIterator[C
         prompt = render_prompt(context, turn)
     thinking = context.family.reasoning_enabled(turn.reasoning)
     splitter = OutputSplitter(thinking=thinking)
-    room = context.max_seq_len - len(prompt)
-    wanted = turn.max_new_tokens or min(context.default_max_new_tokens, max(1, room))
+    wanted = max_new_tokens_for(
+        turn.options.max_new_tokens, context.engine.limits.room(len(prompt))
+    )
     budget = turn.reasoning_budget_tokens if thinking else None
     first = _request(turn, prompt, min(wanted, budget) if budget else wanted, turn.request_id)
     events: list[TokenEvent] = []
@@ -142,16 +140,9 @@ async def run_chat_turn(context: ChatContext, turn: ChatTurn) -> AsyncIterator[C
 def _request(
     turn: ChatTurn, prompt: Sequence[int], max_new: int, request_id: str
 ) -> GenerationRequest:
-    return GenerationRequest(
-        request_id=request_id,
-        prompt_ids=tuple(prompt),
-        sampling=turn.sampling,
-        max_new_tokens=max_new,
-        stop_strings=turn.stop_strings,
-        stop_token_ids=turn.stop_token_ids,
-        ignore_eos=turn.ignore_eos,
-        deadline=turn.deadline,
-    )
+    # A chat reply carries no log-probabilities, so the engine is not asked for them.
+    options = replace(turn.options, max_new_tokens=max_new, logprobs=None)
+    return GenerationRequest(request_id, tuple(prompt), options)
 
 
 async def _split(

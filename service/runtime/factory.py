@@ -1,95 +1,64 @@
-"""Opening a built torch engine as a running `TorchRuntime`: model, KV pages sized from memory."""
+"""Opening an engine from the repository as a running `Engine`: the manifest says which runtime.
+
+A torch engine becomes a `TorchRuntime` (its model loaded by the engine thread, tensor-parallel
+workers started for tp > 1, the KV cache sized from memory); a TensorRT-LLM engine becomes a
+`TensorRTLLMRuntime`. The servers only see the `Engine` interface either way.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from engine_build.backends.torch_engine import TorchEngine
-from engine_build.sharding import rank_graph
-from service.runtime.kv_pages import PagedKVStore
+from engine_build.profiles import EngineLimits
+from engine_build.repository import EngineEntry
+from service.runtime.core import Booted
+from service.runtime.frontend import TorchRuntime
+from service.runtime.interface import Engine, EngineError, RequestLimits
 from service.runtime.loader import load_rank_model
-from service.runtime.runner import ModelRunner
+from service.runtime.runner import LocalExecutor, ModelRunner
+from service.runtime.sizing import RuntimeOptions, element_bytes, kv_store_and_config
 from service.runtime.tokenizer import TextTokenizer
-from service.runtime.torch_runtime import Booted, LocalExecutor, RuntimeConfig, TorchRuntime
-
-MEMINFO = Path("/proc/meminfo")
+from service.runtime.trtllm_runtime import TensorRTLLMRuntime
 
 
-@dataclass(frozen=True)
-class RuntimeOptions:
-    """Overrides of what the engine's profile says (None: take the profile's value)."""
-
-    kv_cache_bytes: int | None = None  # per device; default: kv_cache_free_fraction x free memory
-    max_batch_size: int | None = None
-    max_num_tokens: int | None = None
-    max_seq_len: int | None = None
-    block_size: int = 16
-    max_waiting: int = 1024
-    tp_timeout_s: float = 30.0  # a tensor-parallel collective slower than this means a lost rank
-    boot_timeout_s: float = 1800.0  # tensor-parallel workers must have loaded their shards by then
-    threads: int | None = None  # compute threads of the engine thread (default: all cores)
-
-
-def free_memory_bytes(device: torch.device) -> int:
-    """Memory the KV cache may take from: free GPU memory, or MemAvailable on the host."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    for line in MEMINFO.read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{MEMINFO} has no MemAvailable line")
+def open_engine(
+    entry: EngineEntry,
+    limits: EngineLimits,
+    options: RuntimeOptions | None = None,
+    device: str = "cpu",
+) -> Engine:
+    """The runtime for a repository entry, chosen by the backend its manifest names."""
+    options = options or RuntimeOptions()
+    opener = _OPENERS.get(entry.key.backend)
+    if opener is None:
+        raise EngineError(
+            f"engine {entry.name} ({entry.engine_id}) was built by backend "
+            f"{entry.key.backend!r}, which this server cannot run; it runs: {sorted(_OPENERS)}"
+        )
+    return opener(entry.directory, limits, options, device)
 
 
 def open_runtime(
-    engine_dir: str | Path, options: RuntimeOptions = RuntimeOptions(), device: str = "cpu"
+    engine_dir: str | Path, options: RuntimeOptions | None = None, device: str = "cpu"
 ) -> TorchRuntime:
     """A runtime for a torch engine; `start()` loads it (tp > 1 starts worker processes)."""
+    options = options or RuntimeOptions()
     engine = TorchEngine.open(engine_dir)
     if engine.tensor_parallel != 1:
-        from service.runtime.workers import tensor_parallel_boot
+        from service.runtime.workers import tensor_parallel_boot  # starts processes: only then
 
         return assemble_runtime(engine, tensor_parallel_boot(engine, options, device), options)
 
     def boot() -> Booted:
         model = load_rank_model(engine.directory, device=device)
         store, config = kv_store_and_config(engine, model.dtype, options, torch.device(device))
-        return Booted(LocalExecutor(ModelRunner(model, store)), config, _element_bytes(model.dtype))
+        return Booted(LocalExecutor(ModelRunner(model, store)), config, element_bytes(model.dtype))
 
     return assemble_runtime(engine, boot, options)
-
-
-def kv_store_and_config(
-    engine: TorchEngine, dtype: torch.dtype, options: RuntimeOptions, device: torch.device
-) -> tuple[PagedKVStore, RuntimeConfig]:
-    """This rank's KV pages and the runtime limits, from the engine's profile and free memory."""
-    local = rank_graph(engine.graph, engine.tensor_parallel)
-    limits = engine.limits
-    block_bytes = PagedKVStore.bytes_per_block(local, options.block_size, dtype)
-    budget = options.kv_cache_bytes
-    if budget is None:
-        free = free_memory_bytes(device)
-        if device.type == "cpu":  # every rank of a CPU engine takes from the same host memory
-            free //= engine.tensor_parallel
-        budget = int(limits.kv_cache_free_fraction * free)
-    num_blocks = max(1, budget // block_bytes) if block_bytes else 1
-    max_num_tokens = options.max_num_tokens or limits.max_num_tokens
-    config = RuntimeConfig(
-        # A step gives every running sequence at least one token: never more of them than tokens.
-        max_batch_size=min(options.max_batch_size or limits.max_batch_size, max_num_tokens),
-        max_num_tokens=max_num_tokens,
-        max_seq_len=min(
-            options.max_seq_len or limits.max_seq_len, engine.graph.max_position_embeddings
-        ),
-        num_blocks=num_blocks,
-        block_size=options.block_size,
-        max_waiting=options.max_waiting,
-    )
-    return PagedKVStore(local, num_blocks, options.block_size, dtype, device), config
 
 
 def assemble_runtime(
@@ -101,5 +70,23 @@ def assemble_runtime(
     return TorchRuntime(boot, tokenizer, engine.graph, eos, options.threads)
 
 
-def _element_bytes(dtype: torch.dtype) -> int:
-    return torch.tensor([], dtype=dtype).element_size()
+def _open_torch(
+    directory: Path, limits: EngineLimits, options: RuntimeOptions, device: str
+) -> Engine:
+    return open_runtime(directory, options, device)
+
+
+def _open_trtllm(
+    directory: Path, limits: EngineLimits, options: RuntimeOptions, device: str
+) -> Engine:
+    tokenizer = TextTokenizer(directory)
+    max_seq_len = options.max_seq_len or limits.max_seq_len
+    request_limits = RequestLimits(tokenizer.vocab_size, max_seq_len, max_seq_len)
+    return TensorRTLLMRuntime(directory, tokenizer, request_limits, limits.kv_cache_free_fraction)
+
+
+# Backend name in the engine's manifest key -> how to open it.
+_OPENERS: dict[str, Callable[[Path, EngineLimits, RuntimeOptions, str], Engine]] = {
+    "torch": _open_torch,
+    "tensorrt-llm": _open_trtllm,
+}

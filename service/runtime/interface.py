@@ -1,16 +1,23 @@
-"""The engine interface the gRPC layer uses, independent of backend.
+"""The engine interface every front end uses (gRPC, chat), independent of backend.
 
 Submit a `GenerationRequest`, receive an async stream of `TokenEvent`s ending with one that
 carries a finish reason, usage and timings; abort by request id; read `EngineStats`; watch
-`EngineState` for readiness; shut down cleanly.
+`EngineState` for readiness; shut down cleanly. The torch runtime (`service.runtime.frontend`)
+and the TensorRT-LLM one (`service.runtime.trtllm_runtime`) implement it; `factory` picks one
+from the engine's manifest.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+from service.runtime.options import RequestOptions
+
+if TYPE_CHECKING:
+    from service.runtime.tokenizer import TextTokenizer
 
 
 class FinishReason(StrEnum):
@@ -65,37 +72,25 @@ def failure_of(event: TokenEvent, state: EngineState) -> EngineError:
 
 
 @dataclass(frozen=True)
-class SamplingParams:
-    """How each next token is chosen. Ranges are checked by `validate_sampling`."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    seed: int | None = None
-
-    @property
-    def greedy(self) -> bool:
-        """Argmax decoding (temperature 0, or too small to sample stably)."""
-        return self.temperature < 1e-5
-
-
-@dataclass(frozen=True)
 class GenerationRequest:
-    """One request: prompt ids, sampling, stops, limits, id and deadline."""
+    """One request: its id, its prompt's token ids and what it asks for (`RequestOptions`)."""
 
     request_id: str
     prompt_ids: tuple[int, ...]
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    max_new_tokens: int = 256
-    stop_strings: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    logprobs: int | None = None  # None: no log-probabilities; n >= 0: chosen plus top n
-    deadline: float | None = None  # time.monotonic() value after which the request is dropped
+    options: RequestOptions = field(default_factory=RequestOptions)
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What the loaded engine can take."""
+
+    vocab_size: int
+    max_seq_len: int
+    max_kv_tokens: int  # tokens the whole KV cache holds: one request may not need more
+
+    def room(self, prompt_tokens: int) -> int:
+        """Tokens a prompt of this length leaves for generation (context and KV cache)."""
+        return min(self.max_seq_len, self.max_kv_tokens) - prompt_tokens
 
 
 @dataclass(frozen=True)
@@ -159,6 +154,11 @@ class EngineStats:
     prefix_cache_hits: int
     steps: int
 
+    @classmethod
+    def empty(cls, state: EngineState) -> EngineStats:
+        """The stats of an engine that has not loaded yet."""
+        return cls(state, **{f.name: 0 for f in fields(cls) if f.name != "state"})
+
     @property
     def kv_saving(self) -> float:
         """Share of KV memory saved against the uniform model (0.39 for Nemotron-Super-49B)."""
@@ -175,11 +175,21 @@ class EngineStats:
 
 
 class Engine(Protocol):
-    """What every backend implements."""
+    """What every backend implements; the servers and the chat layer see nothing else."""
 
     @property
     def state(self) -> EngineState:
         """Readiness."""
+        ...
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        """The model's tokenizer and chat template."""
+        ...
+
+    @property
+    def limits(self) -> RequestLimits:
+        """What one request may ask for (valid once `start()` returned)."""
         ...
 
     async def start(self) -> None:

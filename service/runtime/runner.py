@@ -6,6 +6,7 @@ workers, which run the same step on their shard and their own copy of the KV pag
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -65,3 +66,20 @@ class ModelRunner:
         attention = PagedStep(self.store, positions, segments)
         select = torch.tensor(plan.sample_rows, dtype=torch.long, device=device)
         return self.model.forward_step(tokens, attention, select).float()
+
+
+class LocalExecutor:
+    """tp = 1: the runner in this process."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+
+    def execute(self, plan: StepPlan) -> Tensor:
+        """Run the step here."""
+        return self.runner.execute(plan)
+
+    def shutdown(self) -> None:
+        """Nothing to release beyond the tensors themselves."""
+
+    def on_failure(self, callback: Callable[[str], None]) -> None:
+        """A local executor has no workers to lose."""

@@ -1,4 +1,4 @@
-"""Batched sampling: penalties, temperature, top-k, top-p, min-p, seeds and log-probabilities.
+"""Sampling, the one implementation: penalties, temperature, top-k/p, min-p, seeds, log-probs.
 
 A seeded request draws from a generator seeded by (seed, index of the token it is choosing),
 so its tokens do not depend on what else is in the batch, nor on preemption.
@@ -6,13 +6,15 @@ so its tokens do not depend on what else is in the batch, nor on preemption.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from service.runtime.interface import SamplingParams, TokenLogprob
+from service.runtime.interface import TokenLogprob
+from service.runtime.options import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,13 @@ class SampleInput:
     prompt_ids: Sequence[int]
     output_ids: Sequence[int]
     logprobs: int | None = None
+
+
+class Sampled(NamedTuple):
+    """The token chosen for one row, and its log-probabilities when the request asked."""
+
+    token: int
+    logprob: TokenLogprob | None
 
 
 def raw_logprobs(logits: Tensor, rows: Sequence[SampleInput]) -> Tensor | None:
@@ -36,27 +45,39 @@ def raw_logprobs(logits: Tensor, rows: Sequence[SampleInput]) -> Tensor | None:
     return None
 
 
-def sample_row(
-    logits: Tensor, row: SampleInput, rng: torch.Generator, raw: Tensor | None = None
-) -> tuple[int, TokenLogprob | None]:
-    """Choose one token from `logits` [vocab]; `raw` are its raw log-probabilities if wanted."""
+def sample_batch(
+    logits: Tensor,
+    rows: Sequence[SampleInput],
+    rng: torch.Generator,
+    on_error: Callable[[int, Exception], None] | None = None,
+) -> list[Sampled | None]:
+    """Choose one token per row of `logits` [rows, vocab]; `rng` serves unseeded rows.
+
+    With `on_error`, a row that fails is reported to it (with its index) and comes back as
+    None, so one request's failure does not take the batch down; without, the error is raised.
+    """
+    raw = raw_logprobs(logits, rows)
+    chosen: list[Sampled | None] = []
+    for index, row in enumerate(rows):
+        try:
+            chosen.append(_sample_row(logits[index], row, rng, None if raw is None else raw[index]))
+        except Exception as err:
+            if on_error is None:
+                raise
+            on_error(index, err)
+            chosen.append(None)
+    return chosen
+
+
+def _sample_row(
+    logits: Tensor, row: SampleInput, rng: torch.Generator, raw: Tensor | None
+) -> Sampled:
     scores = _penalized(logits.float(), row)
     token = int(scores.argmax()) if row.params.greedy else _draw(scores, row, rng)
     logprob = (
         _logprob(raw, token, row.logprobs) if raw is not None and row.logprobs is not None else None
     )
-    return token, logprob
-
-
-def sample_batch(
-    logits: Tensor, rows: Sequence[SampleInput], rng: torch.Generator
-) -> list[tuple[int, TokenLogprob | None]]:
-    """Choose one token per row of `logits` [rows, vocab]; `rng` serves unseeded rows."""
-    raw = raw_logprobs(logits, rows)
-    return [
-        sample_row(logits[index], row, rng, None if raw is None else raw[index])
-        for index, row in enumerate(rows)
-    ]
+    return Sampled(token, logprob)
 
 
 def _penalized(scores: Tensor, row: SampleInput) -> Tensor:

@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,13 @@ from service.runtime.interface import (
     GenerationRequest,
     NotReadyError,
     RequestError,
+    RequestLimits,
     TokenEvent,
     TokenLogprob,
     Usage,
 )
-from service.runtime.validation import RequestLimits, validate_request
+from service.runtime.tokenizer import TextTokenizer
+from service.runtime.validation import validate_request
 
 # TensorRT-LLM's finish reasons -> ours.
 FINISH_REASONS = {
@@ -44,24 +47,27 @@ class TensorRTLLMUnavailableError(NotReadyError):
     """The tensorrt_llm package is not importable here."""
 
 
+# Options whose neutral value TensorRT-LLM spells as "not set".
+_UNSET_WHEN = {"top_k": 0, "min_p": 0.0}
+
+
 def sampling_kwargs(request: GenerationRequest) -> dict[str, Any]:
-    """`tensorrt_llm.SamplingParams(**kwargs)` for our request."""
-    s = request.sampling
-    kwargs: dict[str, Any] = {
-        "max_tokens": request.max_new_tokens,
-        "temperature": 0.0 if s.greedy else s.temperature,
-        "top_p": s.top_p,
-        "top_k": s.top_k or None,
-        "min_p": s.min_p or None,
-        "repetition_penalty": s.repetition_penalty,
-        "frequency_penalty": s.frequency_penalty,
-        "presence_penalty": s.presence_penalty,
-        "seed": s.seed,
-        "stop": list(request.stop_strings) or None,
-        "stop_token_ids": list(request.stop_token_ids) or None,
+    """`tensorrt_llm.SamplingParams(**kwargs)` for our request (its token limit resolved).
+
+    Our sampling options carry TensorRT-LLM's own names, so they pass through as they are.
+    """
+    options, sampling = request.options, request.options.sampling
+    kwargs: dict[str, Any] = {"max_tokens": options.max_new_tokens}
+    for name in sampling.option_names():
+        value = getattr(sampling, name)
+        kwargs[name] = None if _UNSET_WHEN.get(name) == value else value
+    kwargs |= {
+        "temperature": 0.0 if sampling.greedy else sampling.temperature,
+        "stop": list(options.stop_strings) or None,
+        "stop_token_ids": list(options.stop_token_ids) or None,
         "include_stop_str_in_output": False,
-        "ignore_eos": request.ignore_eos,
-        "logprobs": request.logprobs,
+        "ignore_eos": options.ignore_eos,
+        "logprobs": options.logprobs,
         "detokenize": True,
     }
     return {key: value for key, value in kwargs.items() if value is not None}
@@ -120,7 +126,8 @@ def _chosen_logprob(entry: Any, token: int) -> float:
 
 def past_deadline(request: GenerationRequest) -> bool:
     """Whether the request's deadline (a time.monotonic() value) has passed."""
-    return request.deadline is not None and time.monotonic() > request.deadline
+    deadline = request.options.deadline
+    return deadline is not None and time.monotonic() > deadline
 
 
 def stats_from_iteration(stats: dict[str, Any], state: EngineState) -> EngineStats:
@@ -152,11 +159,11 @@ class TensorRTLLMRuntime:
     def __init__(
         self,
         engine_dir: Path,
-        tokenizer_dir: Path,
+        tokenizer: TextTokenizer,
         limits: RequestLimits,
         kv_cache_free_fraction: float = 0.9,
     ) -> None:
-        self.engine_dir, self.tokenizer_dir, self.limits = engine_dir, tokenizer_dir, limits
+        self.engine_dir, self._tokenizer, self._limits = engine_dir, tokenizer, limits
         self.kv_cache_free_fraction = kv_cache_free_fraction
         self._state = EngineState.STARTING
         self._llm: Any = None
@@ -168,6 +175,16 @@ class TensorRTLLMRuntime:
         """Readiness."""
         return self._state
 
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        """The tokenizer copied into the engine directory at build time."""
+        return self._tokenizer
+
+    @property
+    def limits(self) -> RequestLimits:
+        """What one request may ask for (the engine's build limits)."""
+        return self._limits
+
     async def start(self) -> None:  # pragma: no cover - needs tensorrt_llm and CUDA
         """Load the engine with the LLM API."""
         if importlib.util.find_spec("tensorrt_llm") is None:
@@ -177,7 +194,7 @@ class TensorRTLLMRuntime:
             )
         llm_module = importlib.import_module("tensorrt_llm._tensorrt_engine")
         llmapi = importlib.import_module("tensorrt_llm.llmapi")
-        kwargs = llm_kwargs(self.engine_dir, self.tokenizer_dir, self.kv_cache_free_fraction)
+        kwargs = llm_kwargs(self.engine_dir, self.engine_dir, self.kv_cache_free_fraction)
         kwargs["kv_cache_config"] = llmapi.KvCacheConfig(**kwargs["kv_cache_config"])
         self._llm = await asyncio.to_thread(llm_module.LLM, **kwargs)
         self._state = EngineState.READY
@@ -186,10 +203,11 @@ class TensorRTLLMRuntime:
         """Validate, submit and stream."""
         if self._state is not EngineState.READY:
             raise NotReadyError(f"engine is {self._state.value}")
-        validate_request(request, self.limits)
+        max_new_tokens = validate_request(request, self._limits)
         if request.request_id in self._results:
             raise RequestError(f"request_id {request.request_id!r} is already in use")
-        return self._stream(request)
+        options = replace(request.options, max_new_tokens=max_new_tokens)
+        return self._stream(replace(request, options=options))
 
     async def _stream(
         self, request: GenerationRequest

@@ -3,31 +3,18 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-from service.runtime.interface import GenerationRequest, RequestError
+from service.runtime.interface import GenerationRequest, RequestError, RequestLimits
+from service.runtime.options import MAX_LOGPROBS, SamplingParams, max_new_tokens_for
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
-MAX_LOGPROBS = 20
 
 
-@dataclass(frozen=True)
-class RequestLimits:
-    """What the loaded engine can take."""
-
-    vocab_size: int
-    max_seq_len: int
-    max_kv_tokens: int  # tokens the whole KV cache holds: one request may not need more
-
-
-def _in_range(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
+def _number(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise RequestError(f"{name} must be a number, got {type(value).__name__}")
-    bad = not math.isfinite(value) or value > high or (value <= low if low_open else value < low)
-    if bad:
-        bracket = "(" if low_open else "["
-        raise RequestError(f"{name} {value} is outside {bracket}{low}, {high}]")
+    return value
 
 
 def _integer(name: str, value: object) -> int:
@@ -36,41 +23,45 @@ def _integer(name: str, value: object) -> int:
     return value
 
 
-def validate_request(request: GenerationRequest, limits: RequestLimits) -> None:
-    """Raise RequestError for the first thing wrong with `request`."""
+def validate_request(request: GenerationRequest, limits: RequestLimits) -> int:
+    """Raise RequestError for the first thing wrong; else return the request's token limit."""
     if not request.request_id:
         raise RequestError("request_id must not be empty")
     _validate_prompt(request, limits)
-    s = request.sampling
-    _in_range("temperature", s.temperature, 0.0, 100.0)
-    _in_range("top_p", s.top_p, 0.0, 1.0, low_open=True)
-    _in_range("top_k", _integer("top_k", s.top_k), 0, limits.vocab_size)
-    _in_range("min_p", s.min_p, 0.0, 1.0)
-    _in_range("repetition_penalty", s.repetition_penalty, 0.0, 10.0, low_open=True)
-    _in_range("frequency_penalty", s.frequency_penalty, -2.0, 2.0)
-    _in_range("presence_penalty", s.presence_penalty, -2.0, 2.0)
-    if s.seed is not None and not 0 <= _integer("seed", s.seed) < 2**63:
-        raise RequestError(f"seed {s.seed} is outside [0, 2**63)")
-    room = limits.max_seq_len - len(request.prompt_ids)
-    if not 1 <= _integer("max_new_tokens", request.max_new_tokens) <= room:
+    _validate_sampling(request.options.sampling, limits)
+    options = request.options
+    prompt = len(request.prompt_ids)
+    max_new = max_new_tokens_for(options.max_new_tokens, limits.room(prompt))
+    room = limits.max_seq_len - prompt
+    if not 1 <= _integer("max_new_tokens", max_new) <= room:
         raise RequestError(
-            f"max_new_tokens {request.max_new_tokens} is outside [1, {room}] "
-            f"(max sequence length {limits.max_seq_len} minus "
-            f"{len(request.prompt_ids)} prompt tokens)"
+            f"max_new_tokens {max_new} is outside [1, {room}] "
+            f"(max sequence length {limits.max_seq_len} minus {prompt} prompt tokens)"
         )
-    if len(request.prompt_ids) + request.max_new_tokens > limits.max_kv_tokens:
+    if prompt + max_new > limits.max_kv_tokens:
         raise RequestError(
-            f"prompt plus max_new_tokens ({len(request.prompt_ids) + request.max_new_tokens}) "
+            f"prompt plus max_new_tokens ({prompt + max_new}) "
             f"exceeds the KV cache of {limits.max_kv_tokens} tokens"
         )
     _validate_stops(request, limits)
-    if (
-        request.logprobs is not None
-        and not 0 <= _integer("logprobs", request.logprobs) <= MAX_LOGPROBS
+    if options.logprobs is not None and not 0 <= _integer("logprobs", options.logprobs) <= (
+        MAX_LOGPROBS
     ):
-        raise RequestError(f"logprobs {request.logprobs} is outside [0, {MAX_LOGPROBS}]")
-    if request.deadline is not None and not math.isfinite(request.deadline):
+        raise RequestError(f"logprobs {options.logprobs} is outside [0, {MAX_LOGPROBS}]")
+    if options.deadline is not None and not math.isfinite(options.deadline):
         raise RequestError("deadline must be a finite time")
+    return max_new
+
+
+def _validate_sampling(sampling: SamplingParams, limits: RequestLimits) -> None:
+    """Every option within its range (the ranges are written on `SamplingParams`)."""
+    for name, allowed in SamplingParams.ranges().items():
+        value = getattr(sampling, name)
+        if value is None:  # an optional option left unset (seed)
+            continue
+        value = _integer(name, value) if allowed.integer else _number(name, value)
+        if not math.isfinite(value) or not allowed.contains(value, limits.vocab_size):
+            raise RequestError(f"{name} {value} is outside {allowed.describe(limits.vocab_size)}")
 
 
 def _validate_prompt(request: GenerationRequest, limits: RequestLimits) -> None:
@@ -86,11 +77,10 @@ def _validate_prompt(request: GenerationRequest, limits: RequestLimits) -> None:
 
 
 def _validate_stops(request: GenerationRequest, limits: RequestLimits) -> None:
-    if len(request.stop_strings) > MAX_STOP_STRINGS:
-        raise RequestError(
-            f"{len(request.stop_strings)} stop strings; allowed: at most {MAX_STOP_STRINGS}"
-        )
-    for index, text in enumerate(request.stop_strings):  # messages never quote the text
+    stops = request.options.stop_strings
+    if len(stops) > MAX_STOP_STRINGS:
+        raise RequestError(f"{len(stops)} stop strings; allowed: at most {MAX_STOP_STRINGS}")
+    for index, text in enumerate(stops):  # messages never quote the text
         if not isinstance(text, str):
             raise RequestError(f"stop_strings[{index}] must be text, got {type(text).__name__}")
         if not 1 <= len(text) <= MAX_STOP_STRING_CHARS:
@@ -98,6 +88,6 @@ def _validate_stops(request: GenerationRequest, limits: RequestLimits) -> None:
                 f"stop_strings[{index}] has {len(text)} characters; "
                 f"allowed: 1 to {MAX_STOP_STRING_CHARS}"
             )
-    for token in request.stop_token_ids:
+    for token in request.options.stop_token_ids:
         if not 0 <= _integer("stop token id", token) < limits.vocab_size:
             raise RequestError(f"stop token id {token} is outside [0, {limits.vocab_size})")

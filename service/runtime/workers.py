@@ -25,12 +25,12 @@ from torch import Tensor
 
 from engine_build.backends.torch_engine import TorchEngine
 from engine_build.sharding import rank_graph
-from service.runtime.factory import RuntimeOptions, kv_store_and_config
+from service.runtime.core import Booted
 from service.runtime.interface import EngineError
 from service.runtime.kv_pages import PagedKVStore
 from service.runtime.loader import load_rank_model
 from service.runtime.runner import ModelRunner, StepPlan
-from service.runtime.torch_runtime import Booted
+from service.runtime.sizing import RuntimeOptions, element_bytes, kv_store_and_config
 
 MONITOR_INTERVAL_S = 0.1
 
@@ -178,8 +178,7 @@ def tensor_parallel_boot(
             _stop_workers(workers)  # no orphans, and the process group can be made again
             raise
         executor = TensorParallelExecutor(ModelRunner(model, store), workers, pipes)
-        element = torch.tensor([], dtype=model.dtype).element_size()
-        return Booted(executor, config, element)
+        return Booted(executor, config, element_bytes(model.dtype))
 
     return boot
 

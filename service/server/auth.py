@@ -1,132 +1,22 @@
-"""API keys: `authorization: Bearer <key>` checked in constant time against a key file.
+"""The gRPC side of API keys: an interceptor that refuses API calls without a valid key.
 
-The file is what a Kubernetes Secret mounts: one key per line, optionally followed by the RPC
-methods that key may call (`KEY Chat,ChatStream`; without a list it may call every method).
-Blank lines and `#` comments are skipped. The file is re-read when it changes, so a rotated
-Secret takes effect without a restart. Only the API is protected: health (kubelet probes send
-no metadata) and reflection stay open. Keys never reach the logs.
+The keys and their file are `service.server.api_keys`; the refusal's status code comes from
+the one error table (`service.server.status`). Only the API is protected: health (kubelet
+probes send no metadata) and reflection stay open. Keys never reach the logs.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import os
-import threading
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
 
 from engine_build.events import log_event
 from service.observability.metrics import ServiceMetrics
+from service.server.api_keys import ApiKeys
 from service.server.rpc import API_PREFIX
-
-RELOAD_CHECK_S = 1.0
-BEARER = "bearer "
-
-
-class ApiKeyFileError(ValueError):
-    """The key file cannot be used; the message says why (never what a key is)."""
-
-
-@dataclass(frozen=True)
-class _Key:
-    digest: bytes
-    methods: frozenset[str] | None  # None: every method
-
-
-def parse_key_file(text: str, path: Path) -> tuple[_Key, ...]:
-    """The keys of a key file's text."""
-    keys = []
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split()
-        if len(parts) > 2:
-            raise ApiKeyFileError(
-                f"{path} line {number}: expected 'KEY' or 'KEY Method,Method', got "
-                f"{len(parts)} words"
-            )
-        methods = frozenset(m for m in parts[1].split(",") if m) if len(parts) == 2 else None
-        keys.append(_Key(hashlib.sha256(parts[0].encode()).digest(), methods))
-    if not keys:
-        raise ApiKeyFileError(f"{path} holds no API keys")
-    return tuple(keys)
-
-
-class ApiKeys:
-    """The keys of a file, re-read when the file changes."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._stamp = self._file_stamp()
-        self._keys = self._load()
-        self._checked = time.monotonic()
-        self._last_error = ""
-
-    def _file_stamp(self) -> tuple[int, int, int]:
-        try:
-            stat = os.stat(self.path)
-        except OSError as err:
-            message = f"cannot read the API key file {self.path}: {err.strerror}"
-            raise ApiKeyFileError(message) from None
-        return stat.st_mtime_ns, stat.st_size, stat.st_ino
-
-    def _load(self) -> tuple[_Key, ...]:
-        try:
-            text = self.path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise ApiKeyFileError(f"cannot read the API key file {self.path}: {err}") from None
-        return parse_key_file(text, self.path)
-
-    def _refresh(self) -> None:
-        now = time.monotonic()
-        if now - self._checked < RELOAD_CHECK_S:
-            return
-        with self._lock:
-            self._checked = now
-            try:
-                stamp = self._file_stamp()
-                if stamp != self._stamp:
-                    self._keys, self._stamp = self._load(), stamp
-                    log_event("api_keys_reloaded", path=str(self.path), keys=len(self._keys))
-            except ApiKeyFileError as err:  # keep serving with the keys we have
-                if str(err) != self._last_error:  # once per new problem, not every second
-                    log_event("api_keys_reload_failed", error=str(err))
-                self._last_error = str(err)
-            else:
-                self._last_error = ""
-
-    def check(self, authorization: str, method: str) -> tuple[grpc.StatusCode, str] | None:
-        """None when `authorization` may call `method`; else the status and message."""
-        self._refresh()
-        if not authorization:
-            return grpc.StatusCode.UNAUTHENTICATED, (
-                "missing API key: send the metadata 'authorization: Bearer <key>'"
-            )
-        if authorization[: len(BEARER)].lower() != BEARER:
-            return grpc.StatusCode.UNAUTHENTICATED, (
-                "the authorization metadata must be 'Bearer <key>'"
-            )
-        presented = hashlib.sha256(authorization[len(BEARER) :].strip().encode()).digest()
-        found: _Key | None = None
-        for key in self._keys:  # compare with every key: the time does not tell which matched
-            if hmac.compare_digest(presented, key.digest):
-                found = key
-        if found is None:
-            return grpc.StatusCode.UNAUTHENTICATED, "invalid API key"
-        if found.methods is not None and method not in found.methods:
-            return grpc.StatusCode.PERMISSION_DENIED, (
-                f"this API key may not call {method}; it may call "
-                f"{', '.join(sorted(found.methods))}"
-            )
-        return None
+from service.server.status import status_for
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -146,10 +36,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         metadata = dict(handler_call_details.invocation_metadata or ())
         method = full[len(API_PREFIX) :]
-        verdict = self.keys.check(str(metadata.get("authorization", "")), method)
-        if verdict is None:
+        refusal = self.keys.check(str(metadata.get("authorization", "")), method)
+        if refusal is None:
             return handler
-        code, message = verdict
+        code, message = status_for(refusal)
         if self.metrics is not None:
             self.metrics.requests.labels(method, code.name).inc()
         log_event("rpc_refused", method=method, code=code.name, reason=message)

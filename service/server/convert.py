@@ -15,15 +15,13 @@ from service.runtime.interface import (
     FinishReason,
     GenerationRequest,
     RequestError,
-    SamplingParams,
     Timings,
     TokenEvent,
     TokenLogprob,
     Usage,
 )
+from service.runtime.options import RequestOptions, SamplingParams
 from service.runtime.tokenizer import ChatMessage, TextTokenizer
-
-DEFAULT_MAX_NEW_TOKENS = 256
 
 _ROLES = {
     pb.ROLE_SYSTEM: "system",
@@ -46,22 +44,24 @@ _FINISH = {
 
 
 def sampling_from_pb(message: pb.SamplingParams) -> SamplingParams:
-    """Unset fields keep the defaults of `SamplingParams`."""
-    fields = {
-        name: getattr(message, name)
-        for name in (
-            "temperature",
-            "top_p",
-            "top_k",
-            "min_p",
-            "repetition_penalty",
-            "frequency_penalty",
-            "presence_penalty",
-            "seed",
-        )
-        if message.HasField(name)
-    }
-    return SamplingParams(**fields)
+    """The options the client set (same names in the API and the domain); unset ones default."""
+    names = SamplingParams.option_names()
+    return SamplingParams(**{n: getattr(message, n) for n in names if message.HasField(n)})
+
+
+def options_from_pb(
+    sampling: pb.SamplingParams, limits: pb.GenerationLimits, deadline: float | None
+) -> RequestOptions:
+    """The request options of a Generate or Chat call (unset max_new_tokens stays unset)."""
+    return RequestOptions(
+        sampling=sampling_from_pb(sampling),
+        max_new_tokens=limits.max_new_tokens if limits.HasField("max_new_tokens") else None,
+        stop_strings=tuple(limits.stop_sequences),
+        stop_token_ids=tuple(limits.stop_token_ids),
+        ignore_eos=limits.ignore_eos,
+        logprobs=limits.logprobs if limits.HasField("logprobs") else None,
+        deadline=deadline,
+    )
 
 
 def deadline_from(time_remaining: float | None) -> float | None:
@@ -86,19 +86,10 @@ def generation_from_pb(
     deadline: float | None,
 ) -> GenerationRequest:
     """The engine request of a Generate or GenerateStream call."""
-    limits = request.limits
     return GenerationRequest(
-        request_id=request_id,
-        prompt_ids=prompt_ids(request.prompt, tokenizer),
-        sampling=sampling_from_pb(request.sampling),
-        max_new_tokens=limits.max_new_tokens
-        if limits.HasField("max_new_tokens")
-        else DEFAULT_MAX_NEW_TOKENS,
-        stop_strings=tuple(limits.stop_sequences),
-        stop_token_ids=tuple(limits.stop_token_ids),
-        ignore_eos=limits.ignore_eos,
-        logprobs=limits.logprobs if limits.HasField("logprobs") else None,
-        deadline=deadline,
+        request_id,
+        prompt_ids(request.prompt, tokenizer),
+        options_from_pb(request.sampling, request.limits, deadline),
     )
 
 
@@ -122,7 +113,6 @@ def chat_from_pb(
     deadline: float | None,
 ) -> ChatTurn:
     """The domain chat turn of a Chat or ChatStream call."""
-    limits = request.limits
     tools = tuple(
         ToolSpec(t.name, t.description, json_format.MessageToDict(t.parameters))
         for t in request.tools
@@ -135,12 +125,7 @@ def chat_from_pb(
         if request.HasField("reasoning_budget_tokens")
         else None,
         tools=tools,
-        sampling=sampling_from_pb(request.sampling),
-        max_new_tokens=limits.max_new_tokens if limits.HasField("max_new_tokens") else None,
-        stop_strings=tuple(limits.stop_sequences),
-        stop_token_ids=tuple(limits.stop_token_ids),
-        ignore_eos=limits.ignore_eos,
-        deadline=deadline,
+        options=options_from_pb(request.sampling, request.limits, deadline),
     )
 
 

@@ -12,13 +12,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine_build.events import LOG_LEVELS
+from service.observability.logs import LOG_FORMATS
+
 if TYPE_CHECKING:
     from service.server.config import ServerConfig
 
-PRECISIONS = ("bf16", "fp32")  # of the terminal chat's cpu engine
 SERVE_PRECISIONS = ("bf16", "fp8", "fp32")
-LOG_LEVELS = ("debug", "info", "warning", "error")
-LOG_FORMATS = ("auto", "json", "console")
 DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 8002  # Triton's metrics port; Prometheus text format on /metrics
 

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 
 from engine_build.events import log_event
@@ -36,6 +37,7 @@ from service.observability.tracing import (
 from service.server.status import abort_with
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 API_PREFIX = "/nemotron.v1.GenerationService/"
 DEADLINE_SLACK_S = 0.25
 
@@ -191,6 +193,7 @@ def unary(handler: F) -> F:
     """Wrap a unary handler: ids, logs, span, metrics, error table."""
     method = handler.__name__
 
+    @_marked
     @functools.wraps(handler)
     async def wrapped(self: Any, request: Message, context: grpc.aio.ServicerContext) -> Any:
         call = _Call(self.observability, method, request, context)
@@ -211,6 +214,7 @@ def streaming(handler: F) -> F:
     """Wrap a server-streaming handler: ids, logs, span, metrics, error table."""
     method = handler.__name__
 
+    @_marked
     @functools.wraps(handler)
     async def wrapped(
         self: Any, request: Message, context: grpc.aio.ServicerContext
@@ -230,3 +234,28 @@ def streaming(handler: F) -> F:
             call.end(grpc.StatusCode.OK)
 
     return wrapped  # type: ignore[return-value]
+
+
+def _marked(wrapper: F) -> F:
+    wrapper.rpc_wrapped = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def rpc_service(descriptor: ServiceDescriptor) -> Callable[[type[T]], type[T]]:
+    """Class decorator: wrap every RPC of `descriptor` on the servicer, so none is forgotten.
+
+    Unary RPCs get `unary`, server-streaming ones `streaming`; a missing method, or an RPC shape
+    this server does not serve, is an error when the class is defined.
+    """
+
+    def decorate(cls: type[T]) -> type[T]:
+        for method in descriptor.methods:
+            handler = cls.__dict__.get(method.name)
+            if handler is None:
+                raise TypeError(f"{cls.__name__} does not implement {method.full_name}")
+            if method.client_streaming:
+                raise TypeError(f"{method.full_name}: client streaming is not supported")
+            setattr(cls, method.name, (streaming if method.server_streaming else unary)(handler))
+        return cls
+
+    return decorate

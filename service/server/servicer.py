@@ -16,13 +16,13 @@ from service.runtime.interface import (
     FinishReason,
     GenerationRequest,
     NotReadyError,
-    SamplingParams,
     TokenEvent,
     failure_of,
 )
+from service.runtime.options import RequestOptions
 from service.runtime.tokenizer import ChatMessage
 from service.server import convert
-from service.server.rpc import Observability, streaming, unary
+from service.server.rpc import Observability, rpc_service
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 
@@ -43,8 +43,12 @@ class ModelInfo:
     versions: dict[str, str]
 
 
+@rpc_service(pb.DESCRIPTOR.services_by_name["GenerationService"])
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
-    """Serves the API from a started engine (UNAVAILABLE until `attach` is called)."""
+    """Serves the API from a started engine (UNAVAILABLE until `attach` is called).
+
+    Every RPC is wrapped by `rpc_service` (request id, logs, span, metrics, the error table).
+    """
 
     def __init__(self, observability: Observability | None = None) -> None:
         self.observability = observability or Observability()
@@ -66,7 +70,6 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             raise NotReadyError("the engine is still loading; retry when readiness is SERVING")
         return self._context
 
-    @unary
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
@@ -74,7 +77,6 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         events = [e async for e in self._generate(request, context)]
         return convert.generate_response_to_pb(events)
 
-    @streaming
     async def GenerateStream(
         self, request: pb.GenerateStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
@@ -95,7 +97,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 chat.tokenizer,
                 convert.deadline_from(context.time_remaining()),
             )
-        _note_request("text_completion", domain.sampling, domain.max_new_tokens)
+        _note_request("text_completion", domain.options)
         record = current_record()
         if record is not None:  # counted as they come: a cancelled stream still counts
             record.prompt_tokens = len(domain.prompt_ids)
@@ -114,7 +116,6 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         finally:
             await stream.aclose()  # a client that went away aborts its request
 
-    @unary
     async def Chat(
         self, request: pb.ChatRequest, context: grpc.aio.ServicerContext
     ) -> pb.ChatResponse:
@@ -125,7 +126,6 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         deltas = [d async for d in _chat_turn(self._ready(), turn)]
         return convert.chat_response_to_pb(request.request_id, deltas)
 
-    @streaming
     async def ChatStream(
         self, request: pb.ChatStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ChatStreamResponse]:
@@ -136,7 +136,6 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         async for delta in _chat_turn(self._ready(), turn):
             yield convert.chat_delta_to_pb(request.request_id, delta)
 
-    @unary
     async def Tokenize(
         self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> pb.TokenizeResponse:
@@ -149,7 +148,6 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             ids = chat.tokenizer.encode(request.text)
         return pb.TokenizeResponse(token_ids=ids, count=len(ids))
 
-    @unary
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
@@ -161,14 +159,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             {**info.__dict__, "versions": info.versions}, pb.GetModelInfoResponse()
         )
 
-    @unary
     async def Abort(
         self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
     ) -> pb.AbortResponse:
         """Stop a request by id."""
         return pb.AbortResponse(aborted=self._ready().engine.abort(request.request_id))
 
-    @unary
     async def GetEngineStats(
         self, request: pb.GetEngineStatsRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetEngineStatsResponse:
@@ -178,7 +174,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
 async def _chat_turn(context: ChatContext, turn: ChatTurn) -> AsyncIterator[ChatDelta]:
     """`run_chat_turn`, noting the request and its outcome for logs, traces and metrics."""
-    _note_request("chat", turn.sampling, turn.max_new_tokens)
+    _note_request("chat", turn.options)
     async for delta in run_chat_turn(context, turn):
         record = current_record()
         if record is not None and delta.usage is not None:
@@ -194,10 +190,11 @@ async def _chat_turn(context: ChatContext, turn: ChatTurn) -> AsyncIterator[Chat
         yield delta
 
 
-def _note_request(operation: str, sampling: SamplingParams, max_tokens: int | None) -> None:
+def _note_request(operation: str, options: RequestOptions) -> None:
     record = current_record()
     if record is None:
         return
+    sampling, max_tokens = options.sampling, options.max_new_tokens
     record.operation = operation
     record.request_attributes = {
         "gen_ai.request.temperature": sampling.temperature,

@@ -22,12 +22,15 @@ from service.runtime.interface import (
     RequestFailedError,
 )
 from service.runtime.tokenizer import TokenizerError
+from service.server.api_keys import PermissionDeniedError, UnauthenticatedError
 
 _LOG = logging.getLogger("nemotron.api")
 
 # Domain exception -> status code, most specific first.
 STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (RequestFailedError, grpc.StatusCode.INTERNAL),  # a bug: its text stays in the log
+    (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NotReadyError, grpc.StatusCode.UNAVAILABLE),
     (RequestError, grpc.StatusCode.INVALID_ARGUMENT),

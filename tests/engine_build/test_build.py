@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine_build.backends import BackendError
+from engine_build.backends.base import BackendError
 from engine_build.build import BuildRequest, PlanRefusedError, build_engine, prepare_build
 from engine_build.checkpoint import CheckpointError
 from engine_build.profiles import load_profiles

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from engine_build.backends import BackendError, BuildJob, backend_names, select_backend
+from engine_build.backends.base import BackendError, BuildJob
+from engine_build.backends.registry import backend_names, select_backend
 from engine_build.backends.trtllm import TensorRTLLMBackend, plan_calls
 from engine_build.checkpoint import Checkpoint
 from engine_build.profiles import load_profiles

@@ -10,6 +10,7 @@ from engine_build.model import NemotronModel
 from engine_build.profiles import load_profiles
 from engine_build.repository import EngineRepository
 from service.runtime.interface import GenerationRequest
+from service.runtime.options import RequestOptions
 from service.runtime.tokenizer import ChatMessage, ChatTemplate, TextTokenizer
 from tests.service.runtime.conftest import collect, run_with_runtime, tokens_of
 
@@ -94,7 +95,9 @@ def test_greedy_continuations_of_32_tokens_are_identical(
             tokens_of(
                 await collect(
                     runtime,
-                    GenerationRequest(f"p{i}", tuple(prompt), max_new_tokens=32, ignore_eos=True),
+                    GenerationRequest(
+                        f"p{i}", tuple(prompt), RequestOptions(max_new_tokens=32, ignore_eos=True)
+                    ),
                 )
             )
             for i, prompt in enumerate(prompts)

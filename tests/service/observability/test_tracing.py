@@ -1,10 +1,7 @@
-"""Tracing switches, request records and the API-key file format, without a server."""
+"""Tracing switches and request records, without a server."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import grpc
 import pytest
 
 from service.observability.tracing import (
@@ -16,7 +13,6 @@ from service.observability.tracing import (
     tracing_requested,
 )
 from service.runtime.interface import Timings
-from service.server.auth import ApiKeyFileError, ApiKeys, parse_key_file
 
 
 @pytest.mark.parametrize(
@@ -62,26 +58,3 @@ def test_phases_and_engine_timings_line_up_on_the_wall_clock():
     assert record.time_per_output_token_s == pytest.approx(0.5)  # 2 s over 4 gaps
     with phase("outside"):  # no current record: nothing happens
         pass
-
-
-def test_key_file_format_errors_name_the_line_and_never_the_key(tmp_path):
-    with pytest.raises(ApiKeyFileError, match="line 2: expected 'KEY' or 'KEY Method,Method'"):
-        parse_key_file("good\nsecret-one Chat extra\n", Path("keys"))
-    with pytest.raises(ApiKeyFileError, match="holds no API keys"):
-        parse_key_file("# only a comment\n\n", Path("keys"))
-    with pytest.raises(ApiKeyFileError) as error:
-        parse_key_file("a b c\n", Path("keys"))
-    assert "a b c" not in str(error.value)
-
-
-def test_bearer_checks(tmp_path):
-    path = tmp_path / "keys"
-    path.write_text("alpha\nbeta Chat\n")
-    keys = ApiKeys(path)
-    assert keys.check("Bearer alpha", "Generate") is None
-    assert keys.check("bearer alpha", "Generate") is None  # the scheme is case-insensitive
-    assert keys.check("Bearer beta", "Chat") is None
-    assert keys.check("Bearer beta", "Generate")[0] == grpc.StatusCode.PERMISSION_DENIED
-    assert keys.check("Bearer gamma", "Chat")[0] == grpc.StatusCode.UNAUTHENTICATED
-    assert keys.check("Basic alpha", "Chat")[0] == grpc.StatusCode.UNAUTHENTICATED
-    assert keys.check("", "Chat")[0] == grpc.StatusCode.UNAUTHENTICATED

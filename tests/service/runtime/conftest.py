@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -12,9 +13,10 @@ import pytest
 from engine_build.build import BuildRequest, build_engine
 from engine_build.profiles import load_profiles
 from engine_build.repository import EngineRepository
-from service.runtime.factory import RuntimeOptions, open_runtime
+from service.runtime.factory import open_runtime
+from service.runtime.frontend import TorchRuntime
 from service.runtime.interface import GenerationRequest, TokenEvent
-from service.runtime.torch_runtime import TorchRuntime
+from service.runtime.sizing import RuntimeOptions
 
 T = TypeVar("T")
 
@@ -46,6 +48,15 @@ def run_with_runtime(
 async def collect(runtime: TorchRuntime, request: GenerationRequest) -> list[TokenEvent]:
     """All events of one request."""
     return [event async for event in runtime.generate(request)]
+
+
+async def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
+    """Poll `condition` until it holds; fail naming `what` after a generous `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout_s:g} s")
+        await asyncio.sleep(0.005)
 
 
 def tokens_of(events: list[TokenEvent]) -> list[int]:

@@ -17,6 +17,7 @@ from service.chat.formats import family_of, load_families
 from service.chat.terminal import ChatSession
 from service.chat.turns import ChatContext
 from service.runtime.loader import load_rank_model, select_engine
+from service.runtime.options import RequestOptions
 from service.runtime.tokenizer import TextTokenizer
 from tests.service.runtime.conftest import run_with_runtime
 
@@ -165,8 +166,7 @@ def test_smollm2_round_trip_and_fp8_engine(embedded_checkpoint, tmp_path):
 
     async def ask(runtime):
         family = family_of(runtime.tokenizer.chat_template_source, load_families())
-        context = ChatContext(runtime, runtime.tokenizer, family, runtime.config.max_seq_len)
-        session = ChatSession(context, max_new_tokens=20)
+        session = ChatSession(ChatContext(runtime, family), RequestOptions(max_new_tokens=20))
         return "".join([delta async for delta in session.reply("What is the capital of France?")])
 
     assert "Paris" in run_with_runtime(fp8_entry.directory, ask, kv_cache_bytes=50_000_000)

@@ -14,8 +14,9 @@ from service.runtime.interface import (
     GenerationRequest,
     NotReadyError,
     RequestError,
-    SamplingParams,
+    RequestLimits,
 )
+from service.runtime.options import RequestOptions, SamplingParams
 from service.runtime.trtllm_runtime import (
     TensorRTLLMRuntime,
     TensorRTLLMUnavailableError,
@@ -25,13 +26,14 @@ from service.runtime.trtllm_runtime import (
     sampling_kwargs,
     stats_from_iteration,
 )
-from service.runtime.validation import RequestLimits
 
 LIMITS = RequestLimits(vocab_size=128256, max_seq_len=131072, max_kv_tokens=10**7)
 
 
 def test_a_greedy_request_translates_to_sampling_params():
-    request = GenerationRequest("r1", (1, 2, 3), max_new_tokens=64, stop_strings=("</s>",))
+    request = GenerationRequest(
+        "r1", (1, 2, 3), RequestOptions(max_new_tokens=64, stop_strings=("</s>",))
+    )
     assert sampling_kwargs(request) == {
         "max_tokens": 64,
         "temperature": 0.0,
@@ -60,11 +62,9 @@ def test_a_sampled_request_keeps_every_knob():
     request = GenerationRequest(
         "r2",
         (5,),
-        sampling,
-        max_new_tokens=9,
-        stop_token_ids=(128009,),
-        ignore_eos=True,
-        logprobs=3,
+        RequestOptions(
+            sampling, max_new_tokens=9, stop_token_ids=(128009,), ignore_eos=True, logprobs=3
+        ),
     )
     kwargs = generate_kwargs(request)
     assert kwargs["inputs"] == [5] and kwargs["streaming"] is True
@@ -153,4 +153,4 @@ def test_requests_are_validated_before_they_reach_tensorrt_llm():
     runtime = TensorRTLLMRuntime(Path("/engines/x"), Path("/models/m"), LIMITS)
     runtime._state = EngineState.READY  # as after a successful start
     with pytest.raises(RequestError, match=r"top_p 7.0 is outside"):
-        runtime.generate(GenerationRequest("r", (1,), SamplingParams(top_p=7.0)))
+        runtime.generate(GenerationRequest("r", (1,), RequestOptions(SamplingParams(top_p=7.0))))

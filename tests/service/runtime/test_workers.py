@@ -13,10 +13,13 @@ from engine_build.build import BuildRequest, build_engine
 from engine_build.profiles import load_profiles
 from engine_build.repository import EngineRepository
 from service.runtime.interface import EngineState, FinishReason, GenerationRequest, NotReadyError
+from service.runtime.options import RequestOptions
 from tests.service.runtime.conftest import collect, run_with_runtime, tokens_of
 
 REQUESTS = [
-    GenerationRequest(f"r{i}", tuple(range(3 + i, 20 + 3 * i)), max_new_tokens=12, ignore_eos=True)
+    GenerationRequest(
+        f"r{i}", tuple(range(3 + i, 20 + 3 * i)), RequestOptions(max_new_tokens=12, ignore_eos=True)
+    )
     for i in range(6)
 ]
 
@@ -50,19 +53,25 @@ def test_smollm2_tp3_workers_give_the_tokens_of_tp1(
     assert _greedy_tokens(tp3) == _greedy_tokens(tp1)
 
 
+async def _rest(stream) -> list:
+    return [event async for event in stream]
+
+
 def test_a_killed_worker_fails_pending_requests_and_readiness(
     synthetic_checkpoint, test_profiles_file, tmp_path
 ):
     tp2 = _engine(synthetic_checkpoint, "cpu-tp2", test_profiles_file, tmp_path / "repo")
 
     async def body(runtime):
-        worker = runtime.executor.workers[0]
-        request = GenerationRequest("long", (5,) * 30, max_new_tokens=900, ignore_eos=True)
-        task = asyncio.create_task(collect(runtime, request))
-        await asyncio.sleep(0.3)
+        worker = runtime.core.executor.workers[0]
+        request = GenerationRequest(
+            "long", (5,) * 30, RequestOptions(max_new_tokens=900, ignore_eos=True)
+        )
+        stream = runtime.generate(request)
+        first = await asyncio.wait_for(stream.__anext__(), timeout=120)  # both ranks stepping
         os.kill(worker.pid, signal.SIGKILL)
         killed_at = time.monotonic()
-        events = await asyncio.wait_for(task, timeout=30)
+        events = [first, *await asyncio.wait_for(_rest(stream), timeout=30)]
         ended_after = time.monotonic() - killed_at
         with pytest.raises(NotReadyError, match="worker rank 1"):
             runtime.generate(REQUESTS[0])

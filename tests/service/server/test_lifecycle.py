@@ -8,10 +8,9 @@ import signal
 import time
 
 from grpc_health.v1 import health_pb2
-from grpc_health.v1._async import HealthServicer
 
 from service.runtime.interface import EngineState
-from service.server.process import LIVENESS, READINESS, SERVING, _watch_engine
+from service.server.health import LIVENESS, READINESS, SERVING, Health, watch_engine
 from service.server.servicer import SERVICE_NAME
 from tests.service.server_process import WAIT_S, start_server, stop_server, wait_ready
 
@@ -33,14 +32,14 @@ class _Engine:
 
 
 def test_a_failed_engine_turns_readiness_off_and_sets_exit_code_1(monkeypatch):
-    monkeypatch.setattr("service.server.process.ENGINE_WATCH_INTERVAL_S", 0.01)
+    monkeypatch.setattr("service.server.health.ENGINE_WATCH_INTERVAL_S", 0.01)
 
     async def scenario() -> tuple[dict, dict[str, int], bool]:
-        health = HealthServicer()
-        for name in (LIVENESS, READINESS, SERVICE_NAME):
-            await health.set(name, SERVING)
+        health = Health(SERVICE_NAME)
+        await health.starting()
+        await health.ready()
         engine, stop, outcome = _Engine(), asyncio.Event(), {"exit_code": 0}
-        watcher = asyncio.create_task(_watch_engine(engine, health, stop, outcome))
+        watcher = asyncio.create_task(watch_engine(engine, health, stop, outcome))
         deadline = time.monotonic() + WAIT_S
         while engine.looks < 3:  # the watcher has seen a healthy engine a few times
             assert time.monotonic() < deadline, "the watcher did not look at the engine"
@@ -51,7 +50,7 @@ def test_a_failed_engine_turns_readiness_off_and_sets_exit_code_1(monkeypatch):
         statuses = {}
         for name in (LIVENESS, READINESS, SERVICE_NAME):
             request = health_pb2.HealthCheckRequest(service=name)
-            statuses[name] = (await health.Check(request, None)).status
+            statuses[name] = (await health.servicer.Check(request, None)).status
         return statuses, outcome, stop.is_set()
 
     statuses, outcome, stopped = asyncio.run(scenario())

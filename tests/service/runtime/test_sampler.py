@@ -1,51 +1,12 @@
-"""Runtime parts in isolation: stop strings across tokens, sampling filters, the scheduler."""
+"""Sampling: filters, penalties, temperature, seeds and log-probabilities, batched."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine_build.synthetic import write_byte_tokenizer
-from service.runtime.interface import GenerationRequest, SamplingParams
-from service.runtime.kv_pages import BlockPool, block_hashes
+from service.runtime.options import SamplingParams
 from service.runtime.sampler import SampleInput, sample_batch
-from service.runtime.scheduler import Scheduler, Sequence
-from service.runtime.text import StopTextStream
-from service.runtime.tokenizer import TextTokenizer
-
-
-@pytest.fixture(scope="module")
-def byte_tokenizer(tmp_path_factory) -> TextTokenizer:
-    directory = tmp_path_factory.mktemp("bytes")
-    write_byte_tokenizer(directory, eos_id=2)
-    return TextTokenizer(directory)
-
-
-def _stream(tokenizer, text, stops):
-    stream, emitted = StopTextStream(tokenizer, stops), []
-    for token in tokenizer.encode(text):
-        update = stream.push(token)
-        emitted.append(update.text)
-        if update.stopped:
-            return emitted, True
-    emitted.append(stream.finish().text)
-    return emitted, False
-
-
-def test_a_stop_string_spanning_tokens_is_cut_and_never_emitted(byte_tokenizer):
-    emitted, stopped = _stream(byte_tokenizer, "hello world, more", ["lo w"])
-    assert stopped and "".join(emitted) == "hel"
-
-
-def test_text_without_stop_strings_streams_whole(byte_tokenizer):
-    emitted, stopped = _stream(byte_tokenizer, "naïve 🙂 café", [])
-    assert not stopped and "".join(emitted) == "naïve 🙂 café"
-    assert all("\ufffd" not in text for text in emitted)  # multi-byte characters arrive whole
-
-
-def test_a_prefix_of_a_stop_string_that_does_not_complete_is_released(byte_tokenizer):
-    emitted, stopped = _stream(byte_tokenizer, "abc ab abd", ["abz"])
-    assert not stopped and "".join(emitted) == "abc ab abd"
 
 
 def _row(**params) -> SampleInput:
@@ -89,53 +50,6 @@ def test_seeded_rows_do_not_depend_on_their_neighbours():
     busy = torch.cat([logits[1:4], logits[:1], logits[4:]])  # the seeded row in 4th place
     mixed = sample_batch(busy, [*noise[:3], seeded, *noise[3:]], torch.Generator().manual_seed(123))
     assert mixed[3] == alone[0]
-
-
-def _seq(name: str, prompt: int, new: int = 4) -> Sequence:
-    return Sequence(GenerationRequest(name, tuple(range(1, prompt + 1)), max_new_tokens=new), 0.0)
-
-
-def test_a_long_prompt_is_chunked_and_never_stalls_a_decoding_sequence():
-    scheduler = Scheduler(BlockPool(64, 16), max_batch_size=8, max_num_tokens=64)
-    short = _seq("short", 5)
-    scheduler.add(short)
-    first = scheduler.schedule()
-    scheduler.computed(short, 5)
-    short.token_ids.append(9)  # it sampled a token: now it decodes
-    scheduler.add(_seq("long", 300))
-    chunks = []
-    for _ in range(5):
-        step = scheduler.schedule()
-        counts = {seq.request.request_id: n for seq, n in step.items}
-        assert counts["short"] == 1  # one decode token every step
-        assert step.num_tokens <= 64
-        chunks.append(counts.get("long", 0))
-        for seq, n in step.items:
-            scheduler.computed(seq, n)
-        short.token_ids.append(9)
-    assert first.items[0][1] == 5
-    assert chunks == [63, 63, 63, 63, 48]
-
-
-def test_shared_prefix_blocks_are_reused_and_counted():
-    pool = BlockPool(32, 4)
-    scheduler = Scheduler(pool, max_batch_size=4, max_num_tokens=64)
-    first = _seq("a", 13)
-    scheduler.add(first)
-    scheduler.schedule()
-    scheduler.computed(first, 13)
-    scheduler.finish(first, reason=None)  # type: ignore[arg-type]
-    second = _seq("b", 13)
-    scheduler.add(second)
-    step = scheduler.schedule()
-    assert step.items[0][1] == 1  # 12 of 13 tokens came from the cache
-    assert second.cached_prompt_tokens == 12
-    assert (scheduler.prefix_queries, scheduler.prefix_hits) == (26, 12)
-
-
-def test_block_hashes_chain_over_the_prefix():
-    assert block_hashes([1, 2, 3, 4, 5], 2)[1] != block_hashes([9, 9, 3, 4], 2)[1]
-    assert block_hashes([1, 2, 3, 4], 2) == block_hashes([1, 2, 3, 4, 7], 2)
 
 
 def test_the_repetition_penalty_lowers_seen_tokens_whatever_their_sign():

@@ -15,10 +15,9 @@ from service.runtime.interface import (
     GenerationRequest,
     OverloadedError,
     RequestError,
-    SamplingParams,
 )
-from service.runtime.torch_runtime import KVFootprint
-from tests.service.runtime.conftest import collect, run_with_runtime, tokens_of
+from service.runtime.options import RequestOptions, SamplingParams
+from tests.service.runtime.conftest import collect, run_with_runtime, tokens_of, wait_until
 
 
 def _requests(count: int, seed: int = 0, **kwargs) -> list[GenerationRequest]:
@@ -28,7 +27,7 @@ def _requests(count: int, seed: int = 0, **kwargs) -> list[GenerationRequest]:
         GenerationRequest(
             f"r{i}",
             tuple(rng.randrange(3, 256) for _ in range(rng.randint(1, 120))),
-            **{"max_new_tokens": rng.randint(1, 40), **kwargs},
+            RequestOptions(**{"max_new_tokens": rng.randint(1, 40), **kwargs}),
         )
         for i in range(count)
     ]
@@ -43,7 +42,7 @@ def test_100_concurrent_greedy_requests_give_the_tokens_each_gives_alone(synthet
         return alone, [tokens_of(events) for events in together], runtime.stats()
 
     alone, together, stats = run_with_runtime(synthetic_engine, body)
-    assert [len(t) for t in alone] == [r.max_new_tokens for r in requests]
+    assert [len(t) for t in alone] == [r.options.max_new_tokens for r in requests]
     assert together == alone
     assert stats.kv_blocks_used == 0  # everything released
 
@@ -51,7 +50,7 @@ def test_100_concurrent_greedy_requests_give_the_tokens_each_gives_alone(synthet
 def test_a_seeded_sampled_request_is_reproducible_inside_a_busy_batch(synthetic_engine):
     sampling = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=1234)
     probe = GenerationRequest(
-        "probe", (10, 20, 30, 40), sampling, max_new_tokens=30, ignore_eos=True
+        "probe", (10, 20, 30, 40), RequestOptions(sampling, max_new_tokens=30, ignore_eos=True)
     )
     noise = _requests(30, seed=7, ignore_eos=True)
 
@@ -65,9 +64,11 @@ def test_a_seeded_sampled_request_is_reproducible_inside_a_busy_batch(synthetic_
         other_seed = GenerationRequest(
             "other",
             probe.prompt_ids,
-            SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=99),
-            max_new_tokens=30,
-            ignore_eos=True,
+            RequestOptions(
+                SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=99),
+                max_new_tokens=30,
+                ignore_eos=True,
+            ),
         )
         return alone, tokens_of(results[15]), tokens_of(await collect(runtime, other_seed))
 
@@ -77,7 +78,9 @@ def test_a_seeded_sampled_request_is_reproducible_inside_a_busy_batch(synthetic_
 
 
 async def _blocks_after_abort(runtime, stop):
-    request = GenerationRequest("long", (5,) * 100, max_new_tokens=300, ignore_eos=True)
+    request = GenerationRequest(
+        "long", (5,) * 100, RequestOptions(max_new_tokens=300, ignore_eos=True)
+    )
     stream = runtime.generate(request)
     seen = 0
     async for _event in stream:
@@ -85,14 +88,11 @@ async def _blocks_after_abort(runtime, stop):
         if seen == 5:
             break
     used_while_running = runtime.stats().kv_blocks_used
-    steps_at_abort = runtime.stats().steps
     await stop(stream)
-    for _ in range(200):
-        stats = runtime.stats()
-        if stats.kv_blocks_used == 0:
-            return used_while_running, stats.steps - steps_at_abort
-        await asyncio.sleep(0.005)
-    raise AssertionError("blocks were not freed")
+    # Read after the abort is posted: at most the step already running may finish before it.
+    steps_at_abort = runtime.stats().steps
+    await wait_until(lambda: runtime.stats().kv_blocks_used == 0, "freeing the blocks")
+    return used_while_running, runtime.stats().steps - steps_at_abort
 
 
 def test_abort_mid_stream_frees_kv_blocks_within_one_step(synthetic_engine):
@@ -124,9 +124,7 @@ def test_a_deadline_ends_the_request_and_frees_its_blocks(synthetic_engine):
         request = GenerationRequest(
             "late",
             (7,) * 50,
-            max_new_tokens=970,
-            ignore_eos=True,
-            deadline=time.monotonic() + 0.1,
+            RequestOptions(max_new_tokens=970, ignore_eos=True, deadline=time.monotonic() + 0.1),
         )
         events = await collect(runtime, request)
         return events[-1], runtime.stats()
@@ -158,12 +156,14 @@ def test_kv_exhaustion_queues_and_preempts_and_every_request_completes(synthetic
 def test_beyond_the_queue_bound_requests_get_the_overload_error(synthetic_engine):
     async def body(runtime):
         busy = runtime.generate(
-            GenerationRequest("busy", (3,), max_new_tokens=900, ignore_eos=True)
+            GenerationRequest("busy", (3,), RequestOptions(max_new_tokens=900, ignore_eos=True))
         )
         await busy.__anext__()  # running: with a batch of one, everything else waits
         streams = [runtime.generate(r) for r in _requests(4, max_new_tokens=5)]
         with pytest.raises(OverloadedError, match=r"requests are waiting \(limit 4\); retry later"):
-            runtime.generate(GenerationRequest("one-too-many", (3, 4), max_new_tokens=2))
+            runtime.generate(
+                GenerationRequest("one-too-many", (3, 4), RequestOptions(max_new_tokens=2))
+            )
         await busy.aclose()
         for stream in streams:
             async for _ in stream:
@@ -193,10 +193,15 @@ def test_beyond_the_queue_bound_requests_get_the_overload_error(synthetic_engine
 )
 def test_bad_parameters_are_typed_errors_with_the_allowed_range(synthetic_engine, changes, message):
     fields = {"request_id": "bad", "prompt_ids": (1, 2, 3), "max_new_tokens": 5, **changes}
+    request = GenerationRequest(
+        fields.pop("request_id"),
+        fields.pop("prompt_ids"),
+        RequestOptions(**fields),
+    )
 
     async def body(runtime):
         with pytest.raises(RequestError, match=message):
-            runtime.generate(GenerationRequest(**fields))
+            runtime.generate(request)
         return runtime.stats()
 
     assert run_with_runtime(synthetic_engine, body).kv_blocks_used == 0
@@ -204,7 +209,7 @@ def test_bad_parameters_are_typed_errors_with_the_allowed_range(synthetic_engine
 
 def test_kv_pages_exist_for_attention_layers_only(synthetic_engine):
     async def body(runtime):
-        return runtime.executor.runner.store, runtime.stats()
+        return runtime.core.executor.runner.store, runtime.stats()
 
     store, stats = run_with_runtime(synthetic_engine, body)
     assert store.num_tensors == 2 * 4  # the synthetic graph has 4 GQA layers out of 8
@@ -214,14 +219,17 @@ def test_kv_pages_exist_for_attention_layers_only(synthetic_engine):
 
 
 def test_the_49b_graph_needs_39_percent_less_kv_than_a_uniform_one(reference_config):
-    actual, uniform = KVFootprint.per_token(ModelGraph.from_path(reference_config), 2)
+    graph = ModelGraph.from_path(reference_config)
+    actual, uniform = graph.kv_bytes_per_token(2), graph.uniform_kv_bytes_per_token(2)
     assert (actual, uniform) == (200_704, 327_680)
     assert round(1 - actual / uniform, 2) == 0.39
 
 
 def test_logprobs_come_with_the_chosen_token_and_alternatives(synthetic_engine):
     async def body(runtime):
-        request = GenerationRequest("lp", (4, 5, 6), max_new_tokens=3, logprobs=2, ignore_eos=True)
+        request = GenerationRequest(
+            "lp", (4, 5, 6), RequestOptions(max_new_tokens=3, logprobs=2, ignore_eos=True)
+        )
         return await collect(runtime, request)
 
     events = run_with_runtime(synthetic_engine, body)
@@ -234,7 +242,9 @@ def test_logprobs_come_with_the_chosen_token_and_alternatives(synthetic_engine):
 
 def test_a_finished_request_reports_usage_and_timings(synthetic_engine):
     async def body(runtime):
-        request = GenerationRequest("u", (9,) * 40, max_new_tokens=7, ignore_eos=True)
+        request = GenerationRequest(
+            "u", (9,) * 40, RequestOptions(max_new_tokens=7, ignore_eos=True)
+        )
         return await collect(runtime, request)
 
     last = run_with_runtime(synthetic_engine, body)[-1]
@@ -267,7 +277,9 @@ def test_a_shared_system_prompt_hits_the_prefix_cache_and_cuts_time_to_first_tok
         for name, question in (("first", "What is 2+2?"), ("second", "Name a colour.")):
             messages = [ChatMessage("system", system), ChatMessage("user", question)]
             prompt = tuple(runtime.tokenizer.render_chat(messages))
-            events = await collect(runtime, GenerationRequest(name, prompt, max_new_tokens=4))
+            events = await collect(
+                runtime, GenerationRequest(name, prompt, RequestOptions(max_new_tokens=4))
+            )
             results.append(events[-1])
         return results, runtime.stats()
 
@@ -288,7 +300,7 @@ def test_greedy_tokens_are_the_argmax_of_a_plain_forward(synthetic_engine):
     prompt = (3, 14, 15, 92, 65)
 
     async def body(runtime):
-        request = GenerationRequest("g", prompt, max_new_tokens=8, ignore_eos=True)
+        request = GenerationRequest("g", prompt, RequestOptions(max_new_tokens=8, ignore_eos=True))
         return tokens_of(await collect(runtime, request))
 
     generated = run_with_runtime(synthetic_engine, body)
@@ -306,14 +318,19 @@ def test_a_stop_token_ends_the_request_and_is_not_emitted(synthetic_engine):
     async def body(runtime):
         free = tokens_of(
             await collect(
-                runtime, GenerationRequest("free", prompt, max_new_tokens=8, ignore_eos=True)
+                runtime,
+                GenerationRequest(
+                    "free", prompt, RequestOptions(max_new_tokens=8, ignore_eos=True)
+                ),
             )
         )
         stop = free[3]
         stopped = await collect(
             runtime,
             GenerationRequest(
-                "stopped", prompt, max_new_tokens=8, ignore_eos=True, stop_token_ids=(stop,)
+                "stopped",
+                prompt,
+                RequestOptions(max_new_tokens=8, ignore_eos=True, stop_token_ids=(stop,)),
             ),
         )
         return free, stop, stopped
@@ -328,14 +345,17 @@ def test_a_stop_string_ends_the_request_before_it_and_text_matches_tokens(synthe
 
     async def body(runtime):
         free = await collect(
-            runtime, GenerationRequest("free", prompt, max_new_tokens=40, ignore_eos=True)
+            runtime,
+            GenerationRequest("free", prompt, RequestOptions(max_new_tokens=40, ignore_eos=True)),
         )
         text = "".join(e.text for e in free)
         stop = text[10:13]
         stopped = await collect(
             runtime,
             GenerationRequest(
-                "stopped", prompt, max_new_tokens=40, ignore_eos=True, stop_strings=(stop,)
+                "stopped",
+                prompt,
+                RequestOptions(max_new_tokens=40, ignore_eos=True, stop_strings=(stop,)),
             ),
         )
         return text, stop, stopped, runtime.tokenizer.decode(tokens_of(free))
@@ -349,7 +369,9 @@ def test_a_stop_string_ends_the_request_before_it_and_text_matches_tokens(synthe
 def test_held_back_text_is_released_when_the_length_limit_ends_a_request(synthetic_engine):
     async def body(runtime):
         request = GenerationRequest(
-            "held", (65, 66), max_new_tokens=30, ignore_eos=True, stop_strings=("\u2603" * 40,)
+            "held",
+            (65, 66),
+            RequestOptions(max_new_tokens=30, ignore_eos=True, stop_strings=("\u2603" * 40,)),
         )  # never matches, holds back
         events = await collect(runtime, request)
         return events, runtime.tokenizer.decode(tokens_of(events))
@@ -362,10 +384,12 @@ def test_held_back_text_is_released_when_the_length_limit_ends_a_request(synthet
 def test_aborting_a_waiting_request_finishes_it_without_running_it(synthetic_engine):
     async def body(runtime):
         busy = runtime.generate(
-            GenerationRequest("busy", (3,), max_new_tokens=900, ignore_eos=True)
+            GenerationRequest("busy", (3,), RequestOptions(max_new_tokens=900, ignore_eos=True))
         )
         await busy.__anext__()
-        waiting = runtime.generate(GenerationRequest("queued", (4, 5), max_new_tokens=5))
+        waiting = runtime.generate(
+            GenerationRequest("queued", (4, 5), RequestOptions(max_new_tokens=5))
+        )
         assert runtime.abort("queued")
         events = [e async for e in waiting]
         await busy.aclose()
@@ -379,15 +403,18 @@ def test_aborting_a_waiting_request_finishes_it_without_running_it(synthetic_eng
 def test_a_dropped_stream_frees_its_request_even_if_never_read(synthetic_engine):
     async def body(runtime):
         stream = runtime.generate(
-            GenerationRequest("dropped", (5,) * 60, max_new_tokens=900, ignore_eos=True)
+            GenerationRequest(
+                "dropped", (5,) * 60, RequestOptions(max_new_tokens=900, ignore_eos=True)
+            )
         )
         del stream
-        for _ in range(400):
-            await asyncio.sleep(0.005)
+
+        def idle() -> bool:
             stats = runtime.stats()
-            if stats.running == 0 and stats.waiting == 0:
-                return stats
-        raise AssertionError("the dropped request kept running")
+            return stats.running == 0 and stats.waiting == 0
+
+        await wait_until(idle, "ending the dropped request")
+        return runtime.stats()
 
     stats = run_with_runtime(synthetic_engine, body)
     assert stats.kv_blocks_used == 0 and stats.generated_tokens < 900
@@ -395,9 +422,9 @@ def test_a_dropped_stream_frees_its_request_even_if_never_read(synthetic_engine)
 
 def test_a_duplicate_request_id_is_refused_while_the_first_runs(synthetic_engine):
     async def body(runtime):
-        first = runtime.generate(GenerationRequest("same", (3,), max_new_tokens=50))
+        first = runtime.generate(GenerationRequest("same", (3,), RequestOptions(max_new_tokens=50)))
         with pytest.raises(RequestError, match="request_id 'same' is already in use"):
-            runtime.generate(GenerationRequest("same", (4,), max_new_tokens=5))
+            runtime.generate(GenerationRequest("same", (4,), RequestOptions(max_new_tokens=5)))
         await first.aclose()
 
     run_with_runtime(synthetic_engine, body)
@@ -414,8 +441,12 @@ def test_a_duplicate_request_id_is_refused_while_the_first_runs(synthetic_engine
 def test_wrong_types_are_refused_up_front(synthetic_engine, sampling, field):
     async def body(runtime):
         with pytest.raises(RequestError, match=field):
-            runtime.generate(GenerationRequest("typed", (3,), sampling, max_new_tokens=2))
-        return await collect(runtime, GenerationRequest("after", (3,), max_new_tokens=2))
+            runtime.generate(
+                GenerationRequest("typed", (3,), RequestOptions(sampling, max_new_tokens=2))
+            )
+        return await collect(
+            runtime, GenerationRequest("after", (3,), RequestOptions(max_new_tokens=2))
+        )
 
     assert run_with_runtime(synthetic_engine, body)[-1].finish_reason is FinishReason.LENGTH
 
@@ -425,13 +456,13 @@ def test_a_request_submitted_during_shutdown_is_refused(synthetic_engine):
 
     async def body(runtime):
         running = runtime.generate(
-            GenerationRequest("r", (3,), max_new_tokens=900, ignore_eos=True)
+            GenerationRequest("r", (3,), RequestOptions(max_new_tokens=900, ignore_eos=True))
         )
         await running.__anext__()
         stopping = asyncio.create_task(runtime.shutdown())
         await asyncio.sleep(0)
         with pytest.raises(NotReadyError):
-            runtime.generate(GenerationRequest("late", (3,), max_new_tokens=2))
+            runtime.generate(GenerationRequest("late", (3,), RequestOptions(max_new_tokens=2)))
         events = [e async for e in running]
         await stopping
         return events[-1]
@@ -440,14 +471,22 @@ def test_a_request_submitted_during_shutdown_is_refused(synthetic_engine):
 
 
 def test_a_consumer_that_falls_behind_gets_merged_deltas_with_nothing_lost(synthetic_engine):
-    request = GenerationRequest("slow", (5, 6, 7), max_new_tokens=24, ignore_eos=True)
+    request = GenerationRequest(
+        "slow", (5, 6, 7), RequestOptions(max_new_tokens=24, ignore_eos=True)
+    )
 
     async def body(runtime):
         alone = await collect(runtime, replace(request, request_id="fast"))
         events = []
         async for event in runtime.generate(request):
             events.append(event)
-            await asyncio.sleep(0.2)  # several steps run meanwhile
+            lagging_until = runtime.stats().generated_tokens + 2  # the consumer falls behind
+
+            def two_more_tokens_or_done(target: int = lagging_until) -> bool:
+                stats = runtime.stats()
+                return stats.generated_tokens >= target or stats.running == 0
+
+            await wait_until(two_more_tokens_or_done, "two more tokens")
         return alone, events
 
     alone, events = run_with_runtime(synthetic_engine, body)

@@ -1,0 +1,79 @@
+"""How big a torch engine's runtime is: its limits and its KV cache, from the profile and memory.
+
+Used by rank 0 (`factory`) and by every tensor-parallel worker (`workers`), which must size the
+same cache; kept apart from both so that neither imports the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine_build.backends.torch_engine import TorchEngine
+from engine_build.sharding import rank_graph
+from service.runtime.core import RuntimeConfig
+from service.runtime.kv_pages import PagedKVStore
+
+MEMINFO = Path("/proc/meminfo")
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """Overrides of what the engine's profile says (None: take the profile's value)."""
+
+    kv_cache_bytes: int | None = None  # per device; default: kv_cache_free_fraction x free memory
+    max_batch_size: int | None = None
+    max_num_tokens: int | None = None
+    max_seq_len: int | None = None
+    block_size: int = 16
+    max_waiting: int = 1024
+    tp_timeout_s: float = 30.0  # a tensor-parallel collective slower than this means a lost rank
+    boot_timeout_s: float = 1800.0  # tensor-parallel workers must have loaded their shards by then
+    threads: int | None = None  # compute threads of the engine thread (default: all cores)
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory the KV cache may take from: free GPU memory, or MemAvailable on the host."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    for line in MEMINFO.read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{MEMINFO} has no MemAvailable line")
+
+
+def kv_store_and_config(
+    engine: TorchEngine, dtype: torch.dtype, options: RuntimeOptions, device: torch.device
+) -> tuple[PagedKVStore, RuntimeConfig]:
+    """This rank's KV pages and the runtime limits, from the engine's profile and free memory."""
+    local = rank_graph(engine.graph, engine.tensor_parallel)
+    limits = engine.limits
+    block_bytes = PagedKVStore.bytes_per_block(local, options.block_size, dtype)
+    budget = options.kv_cache_bytes
+    if budget is None:
+        free = free_memory_bytes(device)
+        if device.type == "cpu":  # every rank of a CPU engine takes from the same host memory
+            free //= engine.tensor_parallel
+        budget = int(limits.kv_cache_free_fraction * free)
+    num_blocks = max(1, budget // block_bytes) if block_bytes else 1
+    max_num_tokens = options.max_num_tokens or limits.max_num_tokens
+    config = RuntimeConfig(
+        # A step gives every running sequence at least one token: never more of them than tokens.
+        max_batch_size=min(options.max_batch_size or limits.max_batch_size, max_num_tokens),
+        max_num_tokens=max_num_tokens,
+        max_seq_len=min(
+            options.max_seq_len or limits.max_seq_len, engine.graph.max_position_embeddings
+        ),
+        num_blocks=num_blocks,
+        block_size=options.block_size,
+        max_waiting=options.max_waiting,
+    )
+    return PagedKVStore(local, num_blocks, options.block_size, dtype, device), config
+
+
+def element_bytes(dtype: torch.dtype) -> int:
+    """Bytes of one element of `dtype`."""
+    return torch.tensor([], dtype=dtype).element_size()
