@@ -166,6 +166,8 @@ class OutputSplitter:
     thinking: bool
     _pending: str = ""
     _tool_text: str | None = None
+    _started: bool = False  # the start of the output, where an opening tag may be, is past
+    _after_think: bool = False  # right after </think>: newlines there belong to neither part
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     reasoning_text: str = ""
     content_text: str = ""
@@ -194,10 +196,19 @@ class OutputSplitter:
         if self._tool_text is not None:
             return self._collect_tools(final)
         if self.thinking:
-            if self._pending.startswith(THINK_OPEN):
-                self._pending = self._pending[len(THINK_OPEN) :]
+            if not self._started:  # only the very start of the output may open the block
+                if self._pending.startswith(THINK_OPEN):
+                    self._pending = self._pending[len(THINK_OPEN) :]
+                elif THINK_OPEN.startswith(self._pending) and not final:
+                    return False  # it may still become the opening tag
+                self._started = True
                 return True
             return self._until(THINK_CLOSE, delta, reasoning=True, final=final)
+        if self._after_think:
+            self._pending = self._pending.lstrip("\n")
+            if not self._pending:
+                return False
+            self._after_think = False
         return self._until(TOOLS_OPEN, delta, reasoning=False, final=final)
 
     def _until(self, tag: str, delta: SplitDelta, reasoning: bool, final: bool) -> bool:
@@ -206,14 +217,11 @@ class OutputSplitter:
             self._emit(delta, self._pending[:index], reasoning)
             self._pending = self._pending[index + len(tag) :]
             if reasoning:
-                self.thinking = False
-                self._pending = self._pending.lstrip("\n")
+                self.thinking, self._after_think = False, True
             else:
                 self._tool_text = ""
             return True
-        keep = (
-            0 if final else _partial_tag(self._pending, (tag, THINK_OPEN) if reasoning else (tag,))
-        )
+        keep = 0 if final else _partial_tag(self._pending, (tag,))
         self._emit(delta, self._pending[: len(self._pending) - keep], reasoning)
         self._pending = self._pending[len(self._pending) - keep :]
         return False

@@ -1,9 +1,9 @@
 """Chat over a running engine: prepare the conversation, generate, split reasoning and tools.
 
 `run_chat_turn` streams `ChatDelta`s for one assistant turn (used by the gRPC API and the
-terminal chat). A reasoning budget runs the turn in two generations: the thinking, cut at the
-budget and closed, then the answer from the prompt plus that thinking (prefix caching makes
-the second prefill cheap).
+terminal chat). A reasoning budget runs the turn in two generations when the first reaches it:
+the thinking, cut at the budget and closed (or already closed within it), then the rest of the
+answer from the prompt plus what came so far (prefix caching makes the second prefill cheap).
 """
 
 from __future__ import annotations
@@ -114,20 +114,16 @@ async def run_chat_turn(context: ChatContext, turn: ChatTurn) -> AsyncIterator[C
         yield delta
     tail = events[-1]
     generated = sum(len(e.token_ids) for e in events)
-    if (
-        budget
-        and tail.finish_reason is FinishReason.LENGTH
-        and splitter.thinking
-        and generated < wanted
-    ):
-        # The thinking reached its budget: close the block, then let the answer follow.
-        yield ChatDelta(**_split_fields(splitter.push(THINK_CLOSE)))
-        closed = [
-            *prompt,
-            *(t for e in events for t in e.token_ids),
-            *context.tokenizer.encode(THINK_CLOSE + "\n\n"),
-        ]
-        second = _request(turn, closed, wanted - generated, f"{turn.request_id}-answer")
+    if budget and tail.finish_reason is FinishReason.LENGTH and generated < wanted:
+        # The first generation stopped at the budget; the answer follows in a second one.
+        closing: list[int] = []
+        if splitter.thinking:  # the thinking reached its budget: close the block first
+            closed = splitter.push(THINK_CLOSE)
+            if closed.reasoning or closed.content:
+                yield ChatDelta(**_split_fields(closed))
+            closing = context.tokenizer.encode(THINK_CLOSE + "\n\n")
+        so_far = [*prompt, *(t for e in events for t in e.token_ids), *closing]
+        second = _request(turn, so_far, wanted - generated, f"{turn.request_id}-answer")
         events2: list[TokenEvent] = []
         answer = context.engine.generate(second)
         async for delta in _split(context.engine, answer, splitter, events2):

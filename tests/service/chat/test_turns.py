@@ -285,12 +285,6 @@ def test_thinking_that_ends_within_the_budget_needs_one_generation(v1_5_tokenize
     assert deltas[-1].finish_reason is FinishReason.STOP
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: run_chat_turn caps the whole first generation at the reasoning budget, so an "
-    "answer that follows thinking closed within the budget is cut there with LENGTH although "
-    "max_new_tokens leaves room",
-)
 def test_an_answer_after_thinking_within_the_budget_is_not_cut_at_the_budget(v1_5_tokenizer):
     replies = [Reply("<think>Easy.</think>The capital is Paris."), Reply(" Done.")]
     engine = ScriptedEngine(v1_5_tokenizer, replies)
