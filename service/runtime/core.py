@@ -117,17 +117,15 @@ class EngineCore:
         logits = self.executor.execute(make_plan(step))
         self.steps += 1
         self.tokens_processed += step.num_tokens
-        ready = []  # (logits row, request): the sequences whose next token is due
+        ready = []  # the requests whose next token is due, in the order of the logits rows
         for seq, count in step.items:
             self.scheduler.computed(seq, count)
             if seq.num_computed == len(seq.token_ids):
-                ready.append((len(ready), self.requests[seq.request.request_id]))
+                ready.append(self.requests[seq.request.request_id])
         self._sample(ready, logits)
 
-    def _sample(self, ready: list[tuple[int, RequestState]], logits: Tensor) -> None:
+    def _sample(self, ready: list[RequestState], logits: Tensor) -> None:
         """Sample every ready row at once; first tokens are pushed (delivered) first."""
-        ready.sort(key=lambda row: row[1].seq.num_generated > 0)  # time to first token waits
-        rows = logits.float().cpu()[[row for row, _ in ready]]  # sampling state is on the CPU
         inputs = [
             SampleInput(
                 s.seq.request.options.sampling,
@@ -135,20 +133,22 @@ class EngineCore:
                 s.seq.token_ids[s.seq.num_prompt :],
                 s.seq.request.options.logprobs,
             )
-            for _, s in ready
+            for s in ready
         ]
 
         def failed(index: int, error: Exception) -> None:
-            self._fail_request(ready[index][1], error)
+            self._fail_request(ready[index], error)
 
-        for (_, state), sampled in zip(
-            ready, sample_batch(rows, inputs, self.rng, on_error=failed), strict=True
-        ):
-            if sampled is None:
+        # Sampling state (generators, token counts) lives on the CPU.
+        sampled = sample_batch(logits.float().cpu(), inputs, self.rng, on_error=failed)
+        first_tokens_first = sorted(range(len(ready)), key=lambda i: ready[i].seq.num_generated > 0)
+        for index in first_tokens_first:  # time to first token is what waits
+            state, chosen = ready[index], sampled[index]
+            if chosen is None:
                 continue
             self.generated_tokens += 1
             try:
-                reason, flush = self.output.append(state, sampled.token, sampled.logprob)
+                reason, flush = self.output.append(state, chosen.token, chosen.logprob)
             except Exception as err:
                 self._fail_request(state, err)
                 continue
