@@ -8,8 +8,9 @@ text and tool calls (`<TOOLCALL>[...]</TOOLCALL>`), holding back only what could
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from importlib import resources
 from typing import Any
@@ -21,6 +22,7 @@ from service.runtime.tokenizer import ChatMessage
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 TOOLS_OPEN, TOOLS_CLOSE = "<TOOLCALL>", "</TOOLCALL>"
+TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE = "<TOOL_RESPONSE>", "</TOOL_RESPONSE>"
 
 
 class Reasoning(StrEnum):
@@ -123,7 +125,8 @@ def prepare_messages(
             "allowed reasoning: REASONING_MODE_UNSPECIFIED"
         )
     system = [m.content for m in messages if m.role == "system"]
-    turns = [m for m in messages if m.role != "system"]
+    turns = [_tool_markup(m) if family.tools_in_system else m for m in messages]
+    turns = [m for m in turns if m.role != "system"]
     instructions = "\n\n".join(system)
     if tools and family.tools_in_system:
         listed = json.dumps(
@@ -145,6 +148,49 @@ def prepare_messages(
         switch = family.reasoning_on if mode is Reasoning.ON else family.reasoning_off
         instructions = f"{instructions}\n{switch}".strip()
     return ([ChatMessage("system", instructions)] if instructions else []) + turns
+
+
+def asked_reasoning(
+    messages: Sequence[ChatMessage], family: Family, asked: Reasoning
+) -> tuple[Reasoning, tuple[ChatMessage, ...]]:
+    """The reasoning mode a conversation asks for, and its messages without the switch text.
+
+    NIM's clients switch reasoning in the system prompt, as the model card says: Nemotron v1's
+    system prompt is exactly `detailed thinking on|off`, v1.5's holds `/think` or `/no_think`.
+    That text is taken out (`prepare_messages` writes the switch itself); a mode set in the
+    request's typed field wins over it.
+    """
+    if family.reasoning_switch is None:
+        return asked, tuple(messages)
+    found, kept = asked, []
+    for message in messages:
+        text = message.content
+        if message.role == "system":
+            for word, mode in (
+                (family.reasoning_on, Reasoning.ON),
+                (family.reasoning_off, Reasoning.OFF),
+            ):
+                pattern = rf"(?<!\S){re.escape(word)}(?!\S)"
+                if re.search(pattern, text):
+                    found = mode if asked is Reasoning.DEFAULT else asked
+                    text = re.sub(pattern, "", text).strip()
+            if not text:
+                continue  # the message was only the switch
+        kept.append(replace(message, content=text))
+    return found, tuple(kept)
+
+
+def _tool_markup(message: ChatMessage) -> ChatMessage:
+    """An earlier tool call or tool result written as the Nemotron families write them."""
+    if message.role == "assistant" and message.tool_calls:
+        calls = [
+            {"name": c["name"], "arguments": c.get("arguments", {})} for c in message.tool_calls
+        ]
+        markup = f"{TOOLS_OPEN}{json.dumps(calls, ensure_ascii=False)}{TOOLS_CLOSE}"
+        return ChatMessage("assistant", f"{message.content}{markup}")
+    if message.role == "tool" and not message.content.startswith(TOOL_RESPONSE_OPEN):
+        return ChatMessage("tool", f"{TOOL_RESPONSE_OPEN}[{message.content}]{TOOL_RESPONSE_CLOSE}")
+    return message
 
 
 @dataclass

@@ -8,6 +8,8 @@ answer from the prompt plus what came so far (prefix caching makes the second pr
 
 from __future__ import annotations
 
+import uuid
+
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -18,6 +20,7 @@ from service.chat.formats import (
     OutputSplitter,
     Reasoning,
     ToolSpec,
+    asked_reasoning,
     prepare_messages,
     validate_tools,
 )
@@ -29,6 +32,7 @@ from service.runtime.interface import (
     RequestError,
     Timings,
     TokenEvent,
+    TokenLogprob,
     failure_of,
 )
 from service.runtime.options import RequestOptions, max_new_tokens_for
@@ -63,10 +67,11 @@ class ChatDelta:
 
     reasoning: str = ""
     content: str = ""
-    tool_calls: tuple[dict[str, Any], ...] = ()
+    tool_calls: tuple[dict[str, Any], ...] = ()  # {"id", "name", "arguments"} each
     finish_reason: FinishReason | None = None
     usage: ChatUsage | None = None
     timings: Timings | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens generated since the last delta
 
 
 @dataclass(frozen=True)
@@ -100,9 +105,11 @@ async def run_chat_turn(context: ChatContext, turn: ChatTurn) -> AsyncIterator[C
     """Stream the assistant's turn."""
     if turn.reasoning_budget_tokens is not None and turn.reasoning_budget_tokens < 1:
         raise RequestError(f"reasoning_budget_tokens {turn.reasoning_budget_tokens} must be >= 1")
+    mode, messages = asked_reasoning(turn.messages, context.family, turn.reasoning)
+    turn = replace(turn, messages=messages, reasoning=mode)
     with phase("tokenize"):
         prompt = render_prompt(context, turn)
-    thinking = context.family.reasoning_enabled(turn.reasoning)
+    thinking = context.family.reasoning_enabled(mode)
     splitter = OutputSplitter(thinking=thinking)
     wanted = max_new_tokens_for(
         turn.options.max_new_tokens, context.engine.limits.room(len(prompt))
@@ -136,8 +143,7 @@ async def run_chat_turn(context: ChatContext, turn: ChatTurn) -> AsyncIterator[C
 def _request(
     turn: ChatTurn, prompt: Sequence[int], max_new: int, request_id: str
 ) -> GenerationRequest:
-    # A chat reply carries no log-probabilities, so the engine is not asked for them.
-    options = replace(turn.options, max_new_tokens=max_new, logprobs=None)
+    options = replace(turn.options, max_new_tokens=max_new)
     return GenerationRequest(request_id, tuple(prompt), options)
 
 
@@ -152,8 +158,8 @@ async def _split(
         if event.finish_reason is FinishReason.ERROR:
             raise failure_of(event, engine.state)
         delta = splitter.push(event.text)
-        if delta.reasoning or delta.content:
-            yield ChatDelta(**_split_fields(delta))
+        if delta.reasoning or delta.content or event.logprobs:
+            yield ChatDelta(**_split_fields(delta), logprobs=event.logprobs)
 
 
 def _split_fields(delta: Any) -> dict[str, str]:
@@ -182,6 +188,10 @@ def _final(
     )
     phases = [e.timings for e in events if e.timings is not None]  # one per generation
     timings = replace(phases[0], total_s=sum(t.total_s for t in phases))
-    return ChatDelta(
-        final.reasoning, final.content, tuple(splitter.tool_calls), reason, usage, timings
-    )
+    calls = tuple({"id": new_call_id(), **call} for call in splitter.tool_calls)
+    return ChatDelta(final.reasoning, final.content, calls, reason, usage, timings)
+
+
+def new_call_id() -> str:
+    """An id for a tool call the model made, as OpenAI writes them (both APIs carry it)."""
+    return f"call_{uuid.uuid4().hex[:24]}"

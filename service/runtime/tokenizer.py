@@ -27,10 +27,28 @@ class TokenizerError(ValueError):
 
 @dataclass(frozen=True)
 class ChatMessage:
-    """One turn of a conversation."""
+    """One turn of a conversation; assistant turns may carry calls, tool turns the call's id."""
 
     role: str
     content: str
+    tool_calls: tuple[dict[str, Any], ...] = ()  # {"id", "name", "arguments"} each
+    tool_call_id: str | None = None
+
+    def template_fields(self) -> dict[str, Any]:
+        """The message as chat templates read it (Hugging Face's message dict)."""
+        fields: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            fields["tool_calls"] = [
+                {
+                    "id": call.get("id", ""),
+                    "type": "function",
+                    "function": {"name": call["name"], "arguments": call.get("arguments", {})},
+                }
+                for call in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            fields["tool_call_id"] = self.tool_call_id
+        return fields
 
     def __post_init__(self) -> None:
         if self.role not in CHAT_ROLES:
@@ -63,7 +81,7 @@ class ChatTemplate:
         """The prompt text for `messages`, ending with the assistant header when asked."""
         try:
             return self._template.render(
-                messages=[{"role": m.role, "content": m.content} for m in messages],
+                messages=[m.template_fields() for m in messages],
                 add_generation_prompt=add_generation_prompt,
                 **variables,
             )

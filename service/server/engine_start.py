@@ -25,7 +25,8 @@ from service.runtime.factory import open_engine
 from service.runtime.interface import Engine
 from service.runtime.sizing import RuntimeOptions
 from service.server.config import ServerConfig
-from service.server.servicer import GenerationServicer, ModelInfo
+from service.server.operations import ModelInfo
+from service.server.servicer import GenerationServicer
 from service.startup.selection import resolve_engine
 from service.user_errors import USER_ERRORS
 

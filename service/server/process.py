@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from nemotron.v1 import generation_pb2_grpc as pb_grpc
 
 from engine_build.events import log_event
+from service.observability.calls import Observability
 from service.observability.metrics import ServiceMetrics
 from service.observability.tracing import Tracing
 from service.runtime.compute import reserve_cores_for_compute_threads
@@ -27,8 +28,8 @@ from service.server.auth import ApiKeys, AuthInterceptor
 from service.server.config import ServerConfig
 from service.server.engine_start import server_version, start_engine
 from service.server.health import HEALTH_SERVICE, Health, watch_engine
-from service.server.rpc import Observability
-from service.server.servicer import SERVICE_NAME, GenerationServicer, ModelInfo
+from service.server.operations import ModelInfo
+from service.server.servicer import SERVICE_NAME, GenerationServicer
 
 
 async def serve(config: ServerConfig) -> int:

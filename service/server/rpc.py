@@ -1,22 +1,20 @@
-"""What happens around every API call: request id, logs, span, metrics and the error table.
+"""What happens around every gRPC call: request id, logs, span, metrics and the error table.
 
-`unary` and `streaming` wrap the servicer's handlers. Each call gets a request id (the client's
-`request_id` field, or a generated one), log lines bound to it and to the trace, a server span
-(when tracing is on) whose children are the request's phases, one metrics sample, and one
-`rpc_finished` log line. Domain errors become status codes through `service.server.status`; a
-client that cancels or passes its deadline is recorded as CANCELLED or DEADLINE_EXCEEDED.
+`unary` and `streaming` wrap the servicer's handlers (`rpc_service` applies them to every RPC).
+Each call gets a request id (the client's `request_id` field, or a generated one) and the
+shared call record of `service.observability.calls`: log lines bound to it and to the trace, a
+server span whose children are the request's phases, one metrics sample, one `rpc_finished`
+line. Domain errors become status codes through `service.server.status`; a client that cancels
+or passes its deadline is recorded as CANCELLED or DEADLINE_EXCEEDED.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -24,159 +22,52 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 
-from engine_build.events import log_event
-from service.observability.logs import bind_request
-from service.observability.metrics import ServiceMetrics
-from service.observability.tracing import (
-    RequestRecord,
-    Tracing,
-    caller_trace_ids,
-    recording,
-    span_ids,
-)
+from service.observability.calls import Call, Observability
 from service.server.status import abort_with
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
 API_PREFIX = "/nemotron.v1.GenerationService/"
-DEADLINE_SLACK_S = 0.25
 
 
-@dataclass
-class Observability:
-    """The process's tracer, metrics and logging choices, shared by all calls."""
-
-    tracing: Tracing = field(default_factory=lambda: Tracing({}))
-    metrics: ServiceMetrics | None = None
-    model: str = ""
-    log_prompts: bool = False  # log request and response bodies (off: they may be private)
-
-
-class _Call:
-    """One RPC in flight."""
+class _GrpcCall(Call):
+    """One RPC in flight: the shared call record plus what gRPC adds (metadata, abort)."""
 
     def __init__(self, obs: Observability, method: str, request: Message, context: Any) -> None:
-        self.obs, self.context = obs, context
-        self.started = time.perf_counter()
-        self.record = RequestRecord(method=method, request_id=_ensure_request_id(request))
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-        self.span = (
-            obs.tracing.start_rpc_span(f"{API_PREFIX[1:]}{method}", metadata)
-            if obs.tracing.enabled
-            else None
-        )
-        self.trace_id, self.span_id = (
-            span_ids(self.span) if self.span is not None else caller_trace_ids(metadata)
-        )
         remaining = context.time_remaining()
-        self.deadline = time.monotonic() + remaining if remaining is not None else None
-        self.response_text: list[str] = []
-        if obs.log_prompts:
-            self.request_body = json_format.MessageToDict(request)
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        request_id = _ensure_request_id(request)
+        super().__init__(obs, method, request_id, metadata, f"{API_PREFIX[1:]}{method}", deadline)
+        self.context = context
+        self.request_body = json_format.MessageToDict(request) if obs.log_prompts else None
 
-    @contextmanager
-    def active(self) -> Iterator[None]:
-        fields = {"request_id": self.record.request_id, "method": self.record.method}
-        if self.trace_id:
-            fields |= {"trace_id": self.trace_id, "span_id": self.span_id}
-        with bind_request(**fields), recording(self.record):
-            if self.obs.log_prompts:
-                log_event("rpc_request", body=self.request_body)
-            yield
-
-    def cancel_code(self) -> grpc.StatusCode:
-        """DEADLINE_EXCEEDED when the call went away at its deadline, else CANCELLED.
-
-        The client's clock runs out slightly before the server's copy of the deadline (it was
-        sent as a timeout and started on arrival), so a cancellation close to it counts.
-        """
-        if self.deadline is not None and time.monotonic() >= self.deadline - DEADLINE_SLACK_S:
-            return grpc.StatusCode.DEADLINE_EXCEEDED
-        return grpc.StatusCode.CANCELLED
-
-    def keep_text(self, message: Message) -> None:
+    def keep_message(self, message: Message) -> None:
+        """Keep a response's text for the log (only with --log-prompts)."""
         if self.obs.log_prompts:
-            for name in ("text", "reasoning", "content"):
-                value = getattr(message, name, "")
-                if isinstance(value, str) and value:
-                    self.response_text.append(value)
+            self.keep_text(*(getattr(message, n, "") for n in ("text", "reasoning", "content")))
 
     async def fail(self, error: BaseException) -> None:
         """End the call for `error`: map it to a status (raises) or re-raise it."""
         if isinstance(error, asyncio.CancelledError):
-            self.end(self.cancel_code())
+            self.finish(self.cancel_code())
             raise error
         if isinstance(error, grpc.aio.AbortError | grpc.aio.UsageError):
-            self.end(self.context.code() or grpc.StatusCode.UNKNOWN)
+            self.finish(self.context.code() or grpc.StatusCode.UNKNOWN)
             raise error
         assert isinstance(error, Exception)
-        code = await abort_with(self.context, error, self.end)
+        code = await abort_with(self.context, error, self.finish)
         raise AssertionError(f"abort returned for {code}")  # context.abort always raises
 
-    def end(self, code: grpc.StatusCode, message: str = "") -> None:
-        duration = time.perf_counter() - self.started
-        record = self.record
-        if self.obs.metrics is not None:
-            self.obs.metrics.observe(record, code.name, duration)
-        if self.span is not None:
-            self._end_span(code, message)
-        fields: dict[str, Any] = {
-            "code": code.name,
-            "duration_ms": round(duration * 1000, 2),
-        }
-        if record.operation:
-            fields |= {
-                "prompt_tokens": record.prompt_tokens,
-                "completion_tokens": record.completion_tokens,
-                "finish_reason": record.finish_reason,
-            }
-            if record.timings is not None:
-                fields["ttft_ms"] = round(record.timings.time_to_first_token_s * 1000, 2)
-        if message:
-            fields["error"] = message
-        if self.obs.log_prompts and self.response_text:
-            fields["output"] = "".join(self.response_text)
-        level = logging.WARNING if code is grpc.StatusCode.INTERNAL else logging.INFO
-        log_event("rpc_finished", level, **fields)
-
-    def _end_span(self, code: grpc.StatusCode, message: str) -> None:
-        from opentelemetry.trace import Status, StatusCode
-
-        span, record = self.span, self.record
-        attributes: dict[str, Any] = {
+    def finish(self, code: grpc.StatusCode, message: str = "") -> None:
+        """End with the RPC attributes of the span."""
+        attributes = {
             "rpc.system": "grpc",
             "rpc.service": API_PREFIX[1:-1],
-            "rpc.method": record.method,
+            "rpc.method": self.record.method,
             "rpc.grpc.status_code": code.value[0],
-            "nemotron.request_id": record.request_id,
         }
-        if record.operation:
-            attributes |= {
-                "gen_ai.operation.name": record.operation,
-                "gen_ai.request.model": self.obs.model,
-                "gen_ai.response.model": self.obs.model,
-                "gen_ai.response.id": record.request_id,
-                "gen_ai.usage.input_tokens": record.prompt_tokens,
-                "gen_ai.usage.output_tokens": record.completion_tokens,
-                "nemotron.usage.reasoning_tokens": record.reasoning_tokens,
-                "nemotron.usage.cached_prompt_tokens": record.cached_prompt_tokens,
-                **record.request_attributes,
-            }
-            if record.finish_reason:
-                attributes["gen_ai.response.finish_reasons"] = [record.finish_reason]
-            if record.timings is not None:
-                attributes["gen_ai.server.time_to_first_token"] = (
-                    record.timings.time_to_first_token_s
-                )
-                attributes["nemotron.queue_time"] = record.timings.queue_s
-            per_token = record.time_per_output_token_s
-            if per_token is not None:
-                attributes["gen_ai.server.time_per_output_token"] = per_token
-        span.set_attributes(attributes)
-        if code is not grpc.StatusCode.OK:
-            span.set_status(Status(StatusCode.ERROR, message or code.name))
-        self.obs.tracing.add_phase_spans(span, record.phases + record.engine_phases())
-        span.end()
+        self.end(code, message, attributes)
 
 
 def _ensure_request_id(request: Message) -> str:
@@ -196,15 +87,15 @@ def unary(handler: F) -> F:
     @_marked
     @functools.wraps(handler)
     async def wrapped(self: Any, request: Message, context: grpc.aio.ServicerContext) -> Any:
-        call = _Call(self.observability, method, request, context)
-        with call.active():
+        call = _GrpcCall(self.observability, method, request, context)
+        with call.active(call.request_body):
             try:
                 response = await handler(self, request, context)
             except BaseException as error:
                 await call.fail(error)
                 raise
-            call.keep_text(response)
-            call.end(grpc.StatusCode.OK)
+            call.keep_message(response)
+            call.finish(grpc.StatusCode.OK)
             return response
 
     return wrapped  # type: ignore[return-value]
@@ -219,19 +110,19 @@ def streaming(handler: F) -> F:
     async def wrapped(
         self: Any, request: Message, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
-        call = _Call(self.observability, method, request, context)
-        with call.active():
+        call = _GrpcCall(self.observability, method, request, context)
+        with call.active(call.request_body):
             try:
                 async for message in handler(self, request, context):
-                    call.keep_text(message)
+                    call.keep_message(message)
                     yield message
             except BaseException as error:
                 if isinstance(error, GeneratorExit):
-                    call.end(call.cancel_code())
+                    call.finish(call.cancel_code())
                     raise
                 await call.fail(error)
                 raise
-            call.end(grpc.StatusCode.OK)
+            call.finish(grpc.StatusCode.OK)
 
     return wrapped  # type: ignore[return-value]
 

@@ -211,13 +211,13 @@ def test_invalid_tools_are_refused_before_the_engine_is_asked(chatml_tokenizer):
     assert engine.requests == []
 
 
-def test_chat_asks_the_engine_for_no_logprobs_and_keeps_the_other_options(chatml_tokenizer):
+def test_chat_passes_its_options_logprobs_included_to_the_engine(chatml_tokenizer):
     engine = ScriptedEngine(chatml_tokenizer, [Reply("Paris.")])
     sampling = SamplingParams(temperature=0.6, top_p=0.95, seed=7)
     options = RequestOptions(sampling, max_new_tokens=20, stop_strings=("\n",), logprobs=3)
     _run(engine, ChatTurn("chat-1", QUESTION, options=options))
     sent = engine.requests[0].options
-    assert sent.logprobs is None
+    assert sent.logprobs == 3  # the HTTP API returns them (the gRPC Chat reply has no field)
     assert (sent.sampling, sent.max_new_tokens, sent.stop_strings) == (sampling, 20, ("\n",))
 
 

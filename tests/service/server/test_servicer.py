@@ -10,8 +10,9 @@ import pytest
 from nemotron.v1 import generation_pb2 as pb
 from nemotron.v1 import generation_pb2_grpc as pb_grpc
 
+from service.observability.calls import Observability
 from service.observability.metrics import ServiceMetrics
-from service.server.rpc import Observability, rpc_service
+from service.server.rpc import rpc_service
 from service.server.servicer import GenerationServicer
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"]

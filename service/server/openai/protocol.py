@@ -1,0 +1,290 @@
+"""Request and response bodies of the OpenAI API, as pydantic models (the subset we serve).
+
+Requests are strict: a field OpenAI does not define is refused (as OpenAI refuses it), and so
+is a field it defines that this server cannot honour (`n` > 1, `response_format` other than
+text, `logit_bias`, ...), each with a message saying what is allowed. NIM's `nvext` and the
+extras vLLM accepts at the top level (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`,
+`stop_token_ids`) are accepted too. Responses are plain models serialized without `None`s
+where OpenAI leaves a field out.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class Strict(BaseModel):
+    """A request part: unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class FunctionCall(Strict):
+    """A call the assistant made, as OpenAI writes it: arguments are a JSON string."""
+
+    name: str
+    arguments: str
+
+
+class ToolCall(Strict):
+    """One entry of an assistant message's `tool_calls`."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class TextPart(Strict):
+    """A text part of a message's content."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Strict):
+    """One turn; `content` may be a string or a list of text parts."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant turns
+    tool_call_id: str | None = None  # tool turns
+    reasoning_content: str | None = None  # an earlier assistant turn's thinking (not resent)
+
+    def text(self) -> str:
+        """The content as one string."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class FunctionSpec(Strict):
+    """A function the model may call."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    strict: bool | None = None
+
+
+class Tool(Strict):
+    """An entry of `tools`."""
+
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(Strict):
+    """The function `tool_choice` names."""
+
+    name: str
+
+
+class ToolChoiceFunction(Strict):
+    """`tool_choice: {"type": "function", "function": {"name": ...}}`."""
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class StreamOptions(Strict):
+    """What a streamed response carries besides the deltas."""
+
+    include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False
+
+
+class ResponseFormat(Strict):
+    """The output format; only plain text is served."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+class NvExt(Strict):
+    """NIM's request extensions."""
+
+    max_thinking_tokens: StrictInt | None = None
+    top_k: StrictInt | None = None
+    min_p: FiniteFloat | None = None
+    repetition_penalty: FiniteFloat | None = None
+    ignore_eos: StrictBool | None = None
+    stop_token_ids: list[StrictInt] | None = None
+
+
+class SamplingFields(Strict):
+    """Fields chat and completions share: sampling, limits, stops, streaming, extras."""
+
+    model: str
+    max_tokens: StrictInt | None = None
+    temperature: FiniteFloat | None = None
+    top_p: FiniteFloat | None = None
+    n: StrictInt | None = None
+    stop: str | list[str] | None = None
+    seed: StrictInt | None = None
+    presence_penalty: FiniteFloat | None = None
+    frequency_penalty: FiniteFloat | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM's extras, at the top level.
+    top_k: StrictInt | None = None
+    min_p: FiniteFloat | None = None
+    repetition_penalty: FiniteFloat | None = None
+    ignore_eos: StrictBool | None = None
+    stop_token_ids: list[StrictInt] | None = None
+    nvext: NvExt | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    """`POST /v1/chat/completions`."""
+
+    messages: list[ChatMessage]
+    max_completion_tokens: StrictInt | None = None
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None
+    parallel_tool_calls: StrictBool | None = None
+    response_format: ResponseFormat | None = None
+    metadata: dict[str, str] | None = None
+    store: StrictBool | None = None
+    service_tier: str | None = None
+    modalities: list[str] | None = None
+
+
+class CompletionRequest(SamplingFields):
+    """`POST /v1/completions`."""
+
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    logprobs: StrictInt | None = None
+    echo: StrictBool = False
+    best_of: StrictInt | None = None
+    suffix: str | None = None
+
+
+class TokenizeRequest(Strict):
+    """`POST /tokenize`: a text, or a conversation rendered with the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: StrictBool = True
+
+
+class DetokenizeRequest(Strict):
+    """`POST /detokenize`."""
+
+    model: str | None = None
+    tokens: list[StrictInt]
+
+
+# --- responses ------------------------------------------------------------------------------
+
+
+class Loose(BaseModel):
+    """A response part."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class Usage(Loose):
+    """Token counts."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    completion_tokens_details: dict[str, int] | None = None
+    prompt_tokens_details: dict[str, int] | None = None
+
+
+class TopLogprob(Loose):
+    """One alternative of a chat token."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(Loose):
+    """A chat token's log-probability and its alternatives."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(Loose):
+    """`choices[].logprobs` of a chat completion."""
+
+    content: list[ChatTokenLogprob] | None = None
+
+
+class AssistantMessage(Loose):
+    """The assistant's turn (or a stream delta of it)."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None  # what NIM and vLLM clients read
+    reasoning: str | None = None  # vLLM's newer name for the same text
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class ChatChoice(Loose):
+    """One choice of a chat completion or chunk."""
+
+    index: int = 0
+    message: AssistantMessage | None = None
+    delta: AssistantMessage | None = None
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletion(Loose):
+    """A chat completion or one chunk of a streamed one."""
+
+    id: str
+    object: Literal["chat.completion", "chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class CompletionLogprobs(Loose):
+    """`choices[].logprobs` of a (legacy) completion."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(Loose):
+    """One choice of a completion or chunk."""
+
+    index: int = 0
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class Completion(Loose):
+    """A completion or one chunk of a streamed one."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
