@@ -175,7 +175,17 @@ def start_server(
     """A `nemotron-serve` process on loopback, tracing to `otlp_port`, ready."""
     port = _free_port()
     exe = shutil.which("nemotron-serve") or f"{sys.prefix}/bin/nemotron-serve"
-    command = [exe, "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"]
+    command = [
+        exe,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--metrics-port",
+        "0",
+        "--http-port",
+        "off",
+    ]
     command += ["--cache-dir", cache_dir, "--log-level", "warning"]
     command += ["--compute-threads", str(threads)] if threads else []
     env = {

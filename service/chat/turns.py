@@ -9,7 +9,6 @@ answer from the prompt plus what came so far (prefix caching makes the second pr
 from __future__ import annotations
 
 import uuid
-
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any

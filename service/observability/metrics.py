@@ -5,6 +5,13 @@ token, time per output token after the first (the mean inter-token latency of th
 queue time, prompt, output and reasoning tokens. Engine gauges (running and waiting requests,
 KV-cache blocks and usage, prefix-cache lookups and hits, preemptions) are read from the engine
 at scrape time, and `nemotron_engine_info` carries the model and engine as labels.
+
+The same engine figures are also exported under vLLM's names (`vllm:num_requests_waiting`,
+`vllm:num_requests_running`, `vllm:kv_cache_usage_perc` and its older alias
+`vllm:gpu_cache_usage_perc`, `vllm:cache_config_info`, `vllm:prefix_cache_queries` and
+`vllm:prefix_cache_hits`), labelled `model_name`: the names the Gateway API Inference
+Extension's endpoint picker and the vLLM production-stack router scrape by default. They are a
+compatibility surface: their names and meanings follow vLLM, not us.
 """
 
 from __future__ import annotations
@@ -73,9 +80,12 @@ class ServiceMetrics:
         self._engine = _EngineCollector()
         r.register(self._engine)
 
-    def attach_engine(self, stats: Callable[[], EngineStats], info: Mapping[str, str]) -> None:
-        """Export the engine's gauges (read at scrape time) and its identity."""
+    def attach_engine(
+        self, stats: Callable[[], EngineStats], info: Mapping[str, str], model_name: str = ""
+    ) -> None:
+        """Export the engine's gauges (read at scrape time), its identity and served name."""
         self._engine.stats, self._engine.info = stats, dict(info)
+        self._engine.model_name = model_name
 
     def observe(self, record: RequestRecord, code: str, duration_s: float) -> None:
         """Count one finished RPC."""
@@ -104,6 +114,7 @@ class _EngineCollector(Collector):
     def __init__(self) -> None:
         self.stats: Callable[[], EngineStats] | None = None
         self.info: dict[str, str] = {}
+        self.model_name = ""
 
     def collect(self) -> Iterator[Any]:
         if self.stats is None:
@@ -139,3 +150,42 @@ class _EngineCollector(Collector):
             ("nemotron_engine_steps", "Scheduler steps run", s.steps),
         ):
             yield CounterMetricFamily(name, doc, value=value)
+        yield from self._vllm_named(s)
+
+    def _vllm_named(self, s: EngineStats) -> Iterator[Any]:
+        """The same figures under the names routers built for vLLM read."""
+        labels, model = ["model_name"], [self.model_name]
+        usage = s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0
+        for name, doc, value in (
+            ("vllm:num_requests_running", "Requests in the running batch (vLLM's name)", s.running),
+            ("vllm:num_requests_waiting", "Requests waiting for a slot (vLLM's name)", s.waiting),
+            ("vllm:kv_cache_usage_perc", "KV-cache usage, 0 to 1 (vLLM's name)", usage),
+            ("vllm:gpu_cache_usage_perc", "KV-cache usage, 0 to 1 (vLLM's older name)", usage),
+        ):
+            gauge = GaugeMetricFamily(name, doc, labels=labels)
+            gauge.add_metric(model, value)
+            yield gauge
+        config = GaugeMetricFamily(
+            "vllm:cache_config_info",
+            "KV-cache configuration (vLLM's name; the value is 1)",
+            labels=["model_name", "block_size", "num_gpu_blocks", "enable_prefix_caching"],
+        )
+        config.add_metric(
+            [self.model_name, str(s.kv_block_size), str(s.kv_blocks_total), "True"], 1
+        )
+        yield config
+        for name, doc, value in (
+            (
+                "vllm:prefix_cache_queries",
+                "Prompt tokens looked up (vLLM's name)",
+                s.prefix_cache_queries,
+            ),
+            (
+                "vllm:prefix_cache_hits",
+                "Prompt tokens found cached (vLLM's name)",
+                s.prefix_cache_hits,
+            ),
+        ):
+            counter = CounterMetricFamily(name, doc, labels=labels)
+            counter.add_metric(model, value)
+            yield counter

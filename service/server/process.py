@@ -28,6 +28,8 @@ from service.server.auth import ApiKeys, AuthInterceptor
 from service.server.config import ServerConfig
 from service.server.engine_start import server_version, start_engine
 from service.server.health import HEALTH_SERVICE, Health, watch_engine
+from service.server.http_server import HttpServer
+from service.server.openai.app import HttpApi, HttpApiSettings
 from service.server.operations import ModelInfo
 from service.server.servicer import SERVICE_NAME, GenerationServicer
 
@@ -35,13 +37,14 @@ from service.server.servicer import SERVICE_NAME, GenerationServicer
 async def serve(config: ServerConfig) -> int:
     """Run until a signal or an engine failure; return the exit code."""
     reserve_cores_for_compute_threads()
-    metrics = ServiceMetrics() if config.metrics_port else None
+    metrics = ServiceMetrics()
     observability = Observability(
         Tracing(os.environ, server_version()), metrics, log_prompts=config.log_prompts
     )
     interceptors = []
-    if config.api_keys_file is not None:
-        interceptors.append(AuthInterceptor(ApiKeys(config.api_keys_file), metrics))
+    api_keys = ApiKeys(config.api_keys_file) if config.api_keys_file is not None else None
+    if api_keys is not None:
+        interceptors.append(AuthInterceptor(api_keys, metrics))
     server = grpc.aio.server(options=config.grpc_options(), interceptors=interceptors)
     health = Health(SERVICE_NAME)
     await health.starting()
@@ -53,11 +56,20 @@ async def serve(config: ServerConfig) -> int:
     )
     port = _listen(server, config)
     await server.start()
-    metrics_port = metrics.serve(config.metrics_host, config.metrics_port) if metrics else None
+    http = _http_server(config, servicer, observability, health, api_keys)
+    try:
+        http_port = await http.start() if http is not None else None
+    except OSError:
+        await server.stop(None)
+        raise
+    metrics_port = (
+        metrics.serve(config.metrics_host, config.metrics_port) if config.metrics_port else None
+    )
     log_event(
         "server_listening",
         host=config.host,
         port=port,
+        http_port=http_port,
         tls="mutual" if config.tls and config.tls.client_ca_file else bool(config.tls),
         api_keys=config.api_keys_file is not None,
         metrics_port=metrics_port,
@@ -74,11 +86,14 @@ async def serve(config: ServerConfig) -> int:
             outcome["exit_code"] = 2  # the caller reports the refusal
             raise
         if engine is not None and not stop.is_set():
-            await _serve_until_stopped(engine, servicer, health, metrics, stop, outcome, port)
+            names = config.served_model_names
+            await _serve_until_stopped(engine, servicer, health, metrics, stop, outcome, names)
     finally:
         await health.draining()
         log_event("server_draining", grace_s=config.grace_s)
-        await server.stop(grace=config.grace_s)
+        await asyncio.gather(
+            server.stop(grace=config.grace_s), http.stop() if http is not None else _nothing()
+        )
         if engine is not None:
             await engine.shutdown()
         observability.tracing.shutdown()  # flush the last spans
@@ -87,6 +102,30 @@ async def serve(config: ServerConfig) -> int:
             logging.shutdown()
             os._exit(outcome["exit_code"])
     return outcome["exit_code"]
+
+
+def _http_server(
+    config: ServerConfig,
+    servicer: GenerationServicer,
+    observability: Observability,
+    health: Health,
+    api_keys: ApiKeys | None,
+) -> HttpServer | None:
+    """The OpenAI-compatible API on its own port, over the servicer's engine (None: off)."""
+    if config.http_port is None:
+        return None
+    settings = HttpApiSettings(
+        served_model_names=config.served_model_names,
+        max_body_bytes=config.max_message_bytes,
+        api_keys=api_keys,
+        version=server_version(),
+    )
+    api = HttpApi(servicer.serving, observability, health, settings)
+    return HttpServer(api.app, config.host, config.http_port, config.grace_s, config.tls)
+
+
+async def _nothing() -> None:
+    return None
 
 
 def _listen(server: grpc.aio.Server, config: ServerConfig) -> int:
@@ -104,14 +143,15 @@ async def _serve_until_stopped(
     metrics: ServiceMetrics | None,
     stop: asyncio.Event,
     outcome: dict[str, int],
-    port: int,
+    model_names: tuple[str, ...],
 ) -> None:
     """Ready: metrics read the engine, readiness turns SERVING, the engine is watched."""
     if metrics is not None:
         info = servicer.model_info
-        metrics.attach_engine(engine.stats, _info_labels(info) if info else {})
+        names = model_names or ((info.model,) if info else ("",))
+        metrics.attach_engine(engine.stats, _info_labels(info) if info else {}, names[0])
     await health.ready()
-    log_event("server_ready", port=port)
+    log_event("server_ready")
     watcher = asyncio.create_task(watch_engine(engine, health, stop, outcome))
     await stop.wait()
     watcher.cancel()

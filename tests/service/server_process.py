@@ -57,6 +57,12 @@ class RunningServer:
     channel: grpc.Channel
     metrics_port: int
     log_path: Path
+    http_port: int
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the HTTP API."""
+        return f"http://127.0.0.1:{self.http_port}"
 
     def log_lines(self) -> list[dict]:
         """The server's JSON log lines so far (a last line still being written is left out)."""
@@ -99,7 +105,7 @@ def start_server(
     channel_options: tuple[tuple[str, str], ...] = (),
 ) -> RunningServer:
     """Start a server and return as soon as its port answers (the engine may still load)."""
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, http_port = free_port(), free_port(), free_port()
     log_path = Path(tempfile.mkdtemp(prefix="nemotron-server-")) / "server.log"
     exe = shutil.which("nemotron-serve") or f"{sys.prefix}/bin/nemotron-serve"
     process = subprocess.Popen(
@@ -114,6 +120,8 @@ def start_server(
             str(cache_dir),
             "--metrics-port",
             str(metrics_port),
+            "--http-port",
+            str(http_port),
             "--log-level",
             "info",
             "--log-format",
@@ -136,7 +144,7 @@ def start_server(
     except grpc.FutureTimeoutError:
         process.kill()
         raise AssertionError(f"the server did not open its port:\n{log_path.read_text()}") from None
-    return RunningServer(process, address, channel, metrics_port, log_path)
+    return RunningServer(process, address, channel, metrics_port, log_path, http_port)
 
 
 def wait_ready(server: RunningServer, timeout_s: float = 300) -> None:

@@ -163,6 +163,7 @@ def test_serve_refuses_to_start_listing_engines_and_the_build_command(tmp_path):
         [
             _exe(), "--profile", "a100x8", "--engine-repo", str(tmp_path / "repo"),
             "--cache-dir", str(tmp_path), "--port", "0", "--metrics-port", "0",
+            "--http-port", "off",
             "--log-format", "json",
         ],
         capture_output=True, text=True, timeout=120,

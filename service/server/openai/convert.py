@@ -37,6 +37,30 @@ FINISH_REASONS = {
 }
 ROLES = {"developer": "system"}  # OpenAI's newer name for system instructions
 EXTRAS = ("top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids")
+# The engine's refusals name its fields; OpenAI's clients know these by other names.
+ENGINE_FIELDS = {"max_new_tokens": "max_tokens", "stop strings": "stop", "stop string": "stop"}
+OPENAI_PARAMS = {
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logprobs",
+    "stop",
+    "prompt",
+}
+
+
+def engine_refusal(message: str) -> tuple[str, str | None]:
+    """An engine refusal in the request's own words, and the field it names (OpenAI's `param`)."""
+    for engine_name, name in ENGINE_FIELDS.items():
+        message = message.replace(engine_name, name)
+    first = message.split(" ", 1)[0]
+    return message, first if first in OPENAI_PARAMS else None
 
 
 def _refuse_unsupported(request: api.SamplingFields) -> None:
@@ -119,20 +143,21 @@ def _refuse_chat_unsupported(request: api.ChatCompletionRequest) -> None:
         raise RequestError(f"modalities: {request.modalities} is not supported; allowed: ['text']")
 
 
-def _message(index: int, message: api.ChatMessage) -> ChatMessage:
-    if message.role == "tool" and not message.tool_call_id:
+def message(index: int, sent: api.ChatMessage) -> ChatMessage:
+    """The domain message of `messages[index]`; tool turns and calls checked."""
+    if sent.role == "tool" and not sent.tool_call_id:
         raise RequestError(f"messages[{index}]: a tool message needs tool_call_id")
-    if message.tool_calls and message.role != "assistant":
+    if sent.tool_calls and sent.role != "assistant":
         raise RequestError(f"messages[{index}]: only assistant messages carry tool_calls")
     calls = tuple(
         {"id": c.id, "name": c.function.name, "arguments": _arguments(index, c.function.arguments)}
-        for c in message.tool_calls or ()
+        for c in sent.tool_calls or ()
     )
     return ChatMessage(
-        ROLES.get(message.role, message.role),
-        message.text(),
+        ROLES.get(sent.role, sent.role),
+        sent.text(),
         tool_calls=calls,
-        tool_call_id=message.tool_call_id,
+        tool_call_id=sent.tool_call_id,
     )
 
 
@@ -150,9 +175,7 @@ def chat_turn(
 ) -> ChatTurn:
     """The chat turn of a chat completion request."""
     _refuse_chat_unsupported(request)
-    options = request_options(
-        request, _chat_max_tokens(request), _chat_logprobs(request), deadline
-    )
+    options = request_options(request, _chat_max_tokens(request), _chat_logprobs(request), deadline)
     tools = ()
     if request.tool_choice != "none":
         tools = tuple(
@@ -162,7 +185,7 @@ def chat_turn(
     budget = request.nvext.max_thinking_tokens if request.nvext is not None else None
     return ChatTurn(
         request_id=request_id,
-        messages=tuple(_message(i, m) for i, m in enumerate(request.messages)),
+        messages=tuple(message(i, m) for i, m in enumerate(request.messages)),
         reasoning=Reasoning.DEFAULT,
         reasoning_budget_tokens=budget,
         tools=tools,

@@ -20,7 +20,7 @@ FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 class Strict(BaseModel):
     """A request part: unknown fields are refused."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class FunctionCall(Strict):
@@ -53,7 +53,12 @@ class ChatMessage(Strict):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # assistant turns
     tool_call_id: str | None = None  # tool turns
-    reasoning_content: str | None = None  # an earlier assistant turn's thinking (not resent)
+    # An earlier assistant turn's thinking, under NIM's and vLLM's names: accepted so that a
+    # returned message can be sent back as it is, and left out of the prompt (as the chat
+    # templates of reasoning models do with past thinking).
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    refusal: None = None
 
     def text(self) -> str:
         """The content as one string."""
@@ -97,7 +102,6 @@ class StreamOptions(Strict):
     """What a streamed response carries besides the deltas."""
 
     include_usage: StrictBool = False
-    continuous_usage_stats: StrictBool = False
 
 
 class ResponseFormat(Strict):

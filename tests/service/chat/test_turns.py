@@ -4,24 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 
 import pytest
 
 from service.chat.formats import Reasoning, ToolSpec, family_of, load_families
 from service.chat.turns import ChatContext, ChatDelta, ChatTurn, render_prompt, run_chat_turn
 from service.runtime.interface import (
-    EngineState,
-    EngineStats,
     FinishReason,
-    GenerationRequest,
     RequestError,
     RequestFailedError,
     RequestLimits,
     Timings,
-    TokenEvent,
-    Usage,
 )
 from service.runtime.options import RequestOptions, SamplingParams
 from service.runtime.tokenizer import ChatMessage, TextTokenizer
@@ -31,96 +24,16 @@ from tests.service.chat.chat_templates import (
     NEMOTRON_V1_5_TEMPLATE,
     byte_tokenizer,
 )
+from tests.service.scripted_engine import FIRST_TIMINGS, Reply, ScriptedEngine
 
-LIMITS = RequestLimits(vocab_size=256, max_seq_len=4096, max_kv_tokens=4096)
 QUESTION = (ChatMessage("system", "Be brief."), ChatMessage("user", "Capital of France?"))
-FIRST_TIMINGS, SECOND_TIMINGS = Timings(0.01, 0.05, 0.5), Timings(0.02, 0.03, 0.25)
+SECOND_TIMINGS = Timings(0.02, 0.03, 0.25)
 # Longer than any budget below: the thinking is cut while the model is still at it.
 LONG_THINKING = "<think>Paris is the capital of France, and has been for a long time."
 FORECAST = ToolSpec(
     "forecast", "Weather for a city.", {"type": "object", "properties": {"city": {}}}
 )
 FORECAST_CALL = '<TOOLCALL>[{"name": "forecast", "arguments": {"city": "Paris"}}]</TOOLCALL>'
-
-
-@dataclass(frozen=True)
-class Reply:
-    """One scripted generation: what the model writes, and how it ends unless cut first."""
-
-    text: str
-    finish: FinishReason = FinishReason.STOP
-    timings: Timings = FIRST_TIMINGS
-    cached_prompt_tokens: int = 0
-    error: str | None = None
-
-
-class ScriptedEngine:
-    """An `Engine` standing in for the model only; the chat code under test is real.
-
-    Each `generate` answers with the next scripted `Reply`: one event per byte token of its
-    text (scripts are ASCII, so each token is a whole character), cut with LENGTH at the
-    request's `max_new_tokens` like a real engine; the last event carries the finish reason,
-    usage and timings. The requests received are kept in `requests`.
-    """
-
-    def __init__(
-        self, tokenizer: TextTokenizer, replies: Sequence[Reply], limits: RequestLimits = LIMITS
-    ) -> None:
-        self._tokenizer, self._replies, self._limits = tokenizer, list(replies), limits
-        self._state = EngineState.READY
-        self.requests: list[GenerationRequest] = []
-
-    @property
-    def state(self) -> EngineState:
-        return self._state
-
-    @property
-    def tokenizer(self) -> TextTokenizer:
-        return self._tokenizer
-
-    @property
-    def limits(self) -> RequestLimits:
-        return self._limits
-
-    async def start(self) -> None:
-        self._state = EngineState.READY
-
-    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        assert self._replies, f"no scripted reply left for {request.request_id}"
-        self.requests.append(request)
-        return self._stream(request, self._replies.pop(0))
-
-    async def _stream(self, request: GenerationRequest, reply: Reply) -> AsyncIterator[TokenEvent]:
-        if reply.finish is FinishReason.ERROR:
-            yield TokenEvent(
-                request.request_id, (), "", finish_reason=reply.finish, error=reply.error
-            )
-            return
-        ids = self._tokenizer.encode(reply.text)
-        limit = request.options.max_new_tokens
-        finish = FinishReason.LENGTH if limit is not None and len(ids) > limit else reply.finish
-        ids = ids[:limit]
-        usage = Usage(len(request.prompt_ids), len(ids), reply.cached_prompt_tokens)
-        for token in ids[:-1]:
-            yield TokenEvent(request.request_id, (token,), self._tokenizer.decode([token]))
-        last = ids[-1:]
-        yield TokenEvent(
-            request.request_id,
-            tuple(last),
-            self._tokenizer.decode(last),
-            finish_reason=finish,
-            usage=usage,
-            timings=reply.timings,
-        )
-
-    def abort(self, request_id: str) -> bool:
-        return False
-
-    def stats(self) -> EngineStats:
-        return EngineStats.empty(self._state)
-
-    async def shutdown(self) -> None:
-        self._state = EngineState.STOPPED
 
 
 @pytest.fixture(scope="module")
@@ -322,7 +235,9 @@ def test_a_budget_below_one_is_refused_before_the_engine_is_asked(v1_5_tokenizer
 def test_tool_calls_in_a_turn_that_stopped_finish_with_tool_calls(v1_5_tokenizer):
     engine = ScriptedEngine(v1_5_tokenizer, [Reply(f"<think>Ask.</think>{FORECAST_CALL}")])
     final = _run(engine, _turn(tools=(FORECAST,)))[-1]
-    assert final.tool_calls == ({"name": "forecast", "arguments": {"city": "Paris"}},)
+    (call,) = final.tool_calls
+    assert call.pop("id").startswith("call_")  # the id both APIs carry, for the tool's answer
+    assert call == {"name": "forecast", "arguments": {"city": "Paris"}}
     assert final.finish_reason is FinishReason.TOOL_CALLS
 
 

@@ -113,6 +113,7 @@ def test_an_unreadable_key_file_stops_startup_with_a_clear_error(cache_dir, tmp_
         [
             *_serve_command(),
             "--cache-dir", str(cache_dir), "--port", "0", "--metrics-port", "0",
+            "--http-port", "off",
             "--api-keys-file", str(tmp_path / "missing"),
         ],
         capture_output=True, text=True, timeout=120,
