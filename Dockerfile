@@ -57,7 +57,7 @@ RUN groupadd --system --gid "${UID}" nemotron \
  && chown -R "${UID}:${UID}" /opt/nemotron
 USER ${UID}:${UID}
 WORKDIR /opt/nemotron
-EXPOSE 50051 8002
+EXPOSE 50051 8000 8002
 # A 49B engine takes minutes to load: failures in the start period do not count.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=1200s --retries=3 \
     CMD ["nemotron-healthcheck", "--service", "readiness", "--timeout", "5"]
@@ -100,7 +100,7 @@ WORKDIR /opt/nemotron
 RUN checkpoint="$(nemotron-build fetch-embedded)" \
  && nemotron-build build --profile cpu --backend torch --checkpoint "${checkpoint}" \
       --repo "${NEMOTRON_CACHE_DIR}/engines"
-EXPOSE 50051 8002
+EXPOSE 50051 8000 8002
 HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
     CMD ["nemotron-healthcheck", "--service", "readiness", "--timeout", "5"]
 STOPSIGNAL SIGTERM

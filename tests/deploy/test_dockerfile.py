@@ -352,10 +352,11 @@ def test_each_target_runs_the_console_scripts_of_the_package(target):
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_each_target_exposes_the_servers_ports_and_stops_on_sigterm(target):
-    from service.server.flags import DEFAULT_METRICS_PORT, DEFAULT_PORT
+    from service.server.flags import DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, DEFAULT_PORT
 
     stage = dockerfile().stage(target)
-    assert stage.last("EXPOSE").value == (str(DEFAULT_PORT), str(DEFAULT_METRICS_PORT))
+    ports = (DEFAULT_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT)
+    assert stage.last("EXPOSE").value == tuple(str(p) for p in ports)
     assert stage.last("STOPSIGNAL").value == ("SIGTERM",)  # what the server drains on
 
 

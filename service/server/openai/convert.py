@@ -186,11 +186,20 @@ def chat_turn(
     return ChatTurn(
         request_id=request_id,
         messages=tuple(message(i, m) for i, m in enumerate(request.messages)),
-        reasoning=Reasoning.DEFAULT,
+        reasoning=_reasoning(request),
         reasoning_budget_tokens=budget,
         tools=tools,
         options=options,
     )
+
+
+def _reasoning(request: api.ChatCompletionRequest) -> Reasoning:
+    """The typed switch (`chat_template_kwargs.enable_thinking`); else the model's default
+    or what the system prompt says."""
+    kwargs = request.chat_template_kwargs
+    if kwargs is None or kwargs.enable_thinking is None:
+        return Reasoning.DEFAULT
+    return Reasoning.ON if kwargs.enable_thinking else Reasoning.OFF
 
 
 def prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:

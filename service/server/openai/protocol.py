@@ -122,6 +122,12 @@ class NvExt(Strict):
     stop_token_ids: list[StrictInt] | None = None
 
 
+class ChatTemplateKwargs(Strict):
+    """vLLM's `chat_template_kwargs`; the reasoning switch is the one variable served."""
+
+    enable_thinking: StrictBool | None = None
+
+
 class SamplingFields(Strict):
     """Fields chat and completions share: sampling, limits, stops, streaming, extras."""
 
@@ -158,6 +164,7 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None
     parallel_tool_calls: StrictBool | None = None
     response_format: ResponseFormat | None = None
+    chat_template_kwargs: ChatTemplateKwargs | None = None
     metadata: dict[str, str] | None = None
     store: StrictBool | None = None
     service_tier: str | None = None

@@ -171,3 +171,27 @@ def test_errors_before_the_first_byte_keep_their_status_when_streaming(tokenizer
             client.chat.completions.create(
                 model=MODEL, messages=QUESTION, max_tokens=5, stream=True
             )
+
+
+def test_reasoning_switches_as_nim_and_vllm_users_send_them(tokenizer):
+    replies = [Reply("Paris.")] * 2
+    with scripted_http(ScriptedEngine(tokenizer, replies)) as server:
+        client = _client(server)
+        typed = client.chat.completions.create(
+            model=MODEL,
+            messages=QUESTION,
+            max_tokens=50,
+            extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+        )
+        in_prompt = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "system", "content": "/no_think"}, *QUESTION],
+            max_tokens=50,
+        )
+        prompts = [
+            tokenizer.decode(r.prompt_ids, skip_special_tokens=False)
+            for r in server.engine.requests
+        ]
+    for answer, prompt in zip((typed, in_prompt), prompts, strict=True):
+        assert answer.choices[0].message.content == "Paris."  # no thinking to split off
+        assert "/no_think" in prompt and prompt.endswith("<think>\n\n</think>\n\n")

@@ -1,0 +1,57 @@
+"""The README's HTTP examples (curl and the openai SDK), run as written against a real server.
+
+Only the address changes: the README says `localhost:8000`, the test server listens on a free
+loopback port.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def example(name: str) -> str:
+    """The fenced block right after `<!-- tested-example: NAME -->`."""
+    found = re.search(
+        rf"<!-- tested-example: {name} -->\n```\w+\n(.*?)```", README.read_text(), re.DOTALL
+    )
+    assert found, f"README has no tested example {name!r}"
+    return found.group(1)
+
+
+def _at(server, text: str) -> str:
+    assert "localhost:8000" in text
+    return text.replace("localhost:8000", f"127.0.0.1:{server.http_port}")
+
+
+def test_the_readme_curl_example_answers(server):
+    curl = shutil.which("curl")
+    assert curl, "curl is needed to run the README's example"
+    result = subprocess.run(
+        ["bash", "-c", _at(server, example("curl"))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert "Paris" in result.stdout, result.stdout
+
+
+def test_the_readme_openai_sdk_example_answers(server):
+    result = subprocess.run(
+        [sys.executable, "-c", _at(server, example("python"))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert "Paris" in result.stdout, result.stdout + result.stderr
