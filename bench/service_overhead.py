@@ -1,13 +1,16 @@
-"""What the gRPC service costs over the in-process engine, on the same requests in one run.
+"""What the service costs over the in-process engine, gRPC and HTTP, on the same requests.
 
     python -m bench.service_overhead [--requests 48] [--concurrency 16] [--rounds 2]
 
 The peer is our own engine called in process (`engine.generate`), with the options the server
-uses. The service side is a real `nemotron-serve` process on a loopback port, serving the same
-engine directory, with clients streaming `GenerateStream` from this process over grpc.aio (a
-closed loop of `--concurrency` streams). Rounds alternate peer and service; each engine is idle
-while the other runs. Client and server share this machine's cores, so the client's work is part
-of the service's cost here.
+uses. The service side is a real `nemotron-serve` process on loopback ports, serving the same
+engine directory, with clients streaming from this process (a closed loop of `--concurrency`
+streams): `GenerateStream` over grpc.aio, and `POST /v1/completions` with `stream: true` over
+httpx (HTTP/1.1 keep-alive connections, one per concurrent stream, SSE lines read as they
+come). Rounds alternate in-process, gRPC and HTTP; each engine is idle while another runs.
+Client and server share this machine's cores, so the client's work is part of the service's
+cost here. An SSE chunk is counted as one token for the inter-token gaps (the engine merges
+tokens only when a client falls behind); totals come from the usage chunk.
 
 Reported:
 - output tokens/s of each side and their ratio;
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -38,6 +42,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
+import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nemotron.v1 import generation_pb2 as pb
 from nemotron.v1 import generation_pb2_grpc as pb_grpc
@@ -115,6 +120,38 @@ async def _through_grpc(
     return _result(name, sent, stamps, end)  # delays: from the server's spans, later
 
 
+async def _through_http(
+    client: httpx.AsyncClient, model: str, spec: RequestSpec, name: str
+) -> StreamResult:
+    body = {
+        "model": model,
+        "prompt": list(spec.prompt_ids),
+        "max_tokens": spec.output_tokens,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    sent = time.time_ns()
+    stamps: list[int] = []
+    end, total = sent, 0
+    async with client.stream(
+        "POST", "/v1/completions", json=body, headers={"x-request-id": name}
+    ) as response:
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                total = chunk["usage"]["completion_tokens"]
+                continue
+            end = time.time_ns()
+            if chunk["choices"][0]["text"]:
+                stamps.append(end)
+    result = _result(name, sent, stamps, end)
+    result.tokens = total
+    return result
+
+
 def _result(name: str, sent: int, stamps: list[int], end: int) -> StreamResult:
     gaps = [(b - a) / 1e9 for a, b in itertools.pairwise(stamps)]
     return StreamResult(name, len(stamps), gaps, sent, stamps[0], end)
@@ -170,7 +207,7 @@ def _free_port() -> int:
 
 
 def start_server(
-    cache_dir: str, threads: int | None, otlp_port: int
+    cache_dir: str, threads: int | None, otlp_port: int, http_port: int
 ) -> tuple[subprocess.Popen, str]:
     """A `nemotron-serve` process on loopback, tracing to `otlp_port`, ready."""
     port = _free_port()
@@ -184,7 +221,7 @@ def start_server(
         "--metrics-port",
         "0",
         "--http-port",
-        "off",
+        str(http_port),
     ]
     command += ["--cache-dir", cache_dir, "--log-level", "warning"]
     command += ["--compute-threads", str(threads)] if threads else []
@@ -226,7 +263,8 @@ def main() -> None:
     cache = default_cache_dir(os.environ)
     engine_dir = run_in_compute_thread(lambda: ensure_cpu_engine(cache, precision="bf16"))
     receiver, sink, otlp_port = start_receiver()
-    server, address = start_server(str(cache), args.compute_threads, otlp_port)
+    http_port = _free_port()
+    server, address = start_server(str(cache), args.compute_threads, otlp_port, http_port)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
@@ -244,52 +282,67 @@ def main() -> None:
         def ours_one(spec: RequestSpec, name: str) -> Awaitable[StreamResult]:
             return _through_grpc(stub, spec, name)
 
-        for one in (peer_one, ours_one):  # warm both paths
+        limits = httpx.Limits(max_connections=args.concurrency)
+        http = httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{http_port}", limits=limits, timeout=600
+        )
+        model = loop.run_until_complete(http.get("/v1/models")).json()["data"][0]["id"]
+
+        def http_one(spec: RequestSpec, name: str) -> Awaitable[StreamResult]:
+            return _through_http(http, model, spec, name)
+
+        for one in (peer_one, ours_one, http_one):  # warm every path
             loop.run_until_complete(closed_loop(one, specs[:4], 4, "warm"))
-        peer: list[Round] = []
-        ours: list[Round] = []
+        sides: dict[str, list[Round]] = {"in-process": [], "gRPC": [], "HTTP": []}
+        ones = {"in-process": peer_one, "gRPC": ours_one, "HTTP": http_one}
         for number in range(args.rounds):
-            tag = f"round{number}"
-            peer.append(
-                loop.run_until_complete(closed_loop(peer_one, specs, args.concurrency, tag))
-            )
-            ours.append(
-                loop.run_until_complete(closed_loop(ours_one, specs, args.concurrency, tag))
-            )
+            for label, one in ones.items():
+                tag = f"{label}-round{number}"
+                sides[label].append(
+                    loop.run_until_complete(closed_loop(one, specs, args.concurrency, tag))
+                )
+        loop.run_until_complete(http.aclose())
         loop.run_until_complete(channel.close())
         loop.run_until_complete(runtime.shutdown())
     finally:
         server.send_signal(signal.SIGTERM)  # flushes its last spans
         server.wait(timeout=120)
-    place_on_spans([r for x in ours for r in x.results], receiver)
+    for label in ("gRPC", "HTTP"):
+        place_on_spans([r for x in sides[label] for r in x.results], receiver)
     sink.stop(None)
-    report(engine_dir.name, args, peer, ours)
+    report(engine_id=engine_dir.name, args=args, sides=sides)
 
 
-def report(engine_id: str, args: argparse.Namespace, peer: list[Round], ours: list[Round]) -> None:
+def report(engine_id: str, args: argparse.Namespace, sides: dict[str, list[Round]]) -> None:
     """Print the markdown report."""
     print(f"machine: {machine()}")
     print(f"engine: {engine_id}; {args.requests} requests, prompts 16-128 tokens, outputs 32-64")
     threads = args.compute_threads or "all cores"
     print(f"closed loop of {args.concurrency} concurrent streams, {args.rounds} rounds, "
           f"engine compute threads: {threads}\n")  # fmt: skip
-    print("| round | in-process tokens/s | gRPC tokens/s | gRPC / in-process |\n|---|---|---|---|")
-    for index, (p, o) in enumerate(zip(peer, ours, strict=True), start=1):
-        ratio = o.output_tokens_per_s / p.output_tokens_per_s
-        print(
-            f"| {index} | {p.output_tokens_per_s:.1f} | {o.output_tokens_per_s:.1f} | {ratio:.3f} |"
-        )
+    peer, grpc_side, http_side = sides["in-process"], sides["gRPC"], sides["HTTP"]
+    print(
+        "| round | in-process tokens/s | gRPC tokens/s | HTTP tokens/s | gRPC / in-process "
+        "| HTTP / in-process | HTTP / gRPC |\n|---|---|---|---|---|---|---|"
+    )
+
+    def row(label: str, p: float, g: float, h: float) -> None:
+        ratios = f"{g / p:.3f} | {h / p:.3f} | {h / g:.3f}"
+        print(f"| {label} | {p:.1f} | {g:.1f} | {h:.1f} | {ratios} |")
+
+    for index, rounds in enumerate(zip(peer, grpc_side, http_side, strict=True), start=1):
+        row(str(index), *(r.output_tokens_per_s for r in rounds))
     rate = [
         sum(r.tokens for x in side for r in x.results) / sum(x.wall_s for x in side)
-        for side in (peer, ours)
+        for side in (peer, grpc_side, http_side)
     ]
-    print(f"| all | {rate[0]:.1f} | {rate[1]:.1f} | {rate[1] / rate[0]:.3f} |\n")
+    row("all", *rate)
     print(
-        "token delivery delay (received by the client - produced by the engine), ms:\n\n"
+        "\ntoken delivery delay (received by the client - produced by the engine), ms:\n\n"
         "| path | tokens | p50 | p90 | p99 |\n|---|---|---|---|---|"
     )
     p50 = {}
-    for label, side in (("in-process", peer), ("gRPC", ours)):
+    for label, side in sides.items():
         results = [r for x in side for r in x.results]
         for which, values in (
             ("first and last", [d for r in results for d in (r.out_first_s, r.out_last_s)]),
@@ -299,15 +352,16 @@ def report(engine_id: str, args: argparse.Namespace, peer: list[Round], ours: li
             q = percentiles(values)
             p50.setdefault(label, q["p50"])
             print(f"| {label} | {which} | {q['p50']} | {q['p90']} | {q['p99']} |")
-    print(
-        f"\nadded by the service per streamed token, p50: {p50['gRPC'] - p50['in-process']:.2f} ms"
-    )
-    way_in = percentiles([r.way_in_s for x in ours for r in x.results])
-    print(
-        f"request way in through gRPC (call -> engine arrival): p50 {way_in['p50']} ms, "
-        f"p90 {way_in['p90']} ms"
-    )
-    for label, side in (("in-process", peer), ("gRPC", ours)):
+    print()
+    for label in ("gRPC", "HTTP"):
+        added = p50[label] - p50["in-process"]
+        print(f"added by {label} per streamed token, p50: {added:.2f} ms")
+        way_in = percentiles([r.way_in_s for x in sides[label] for r in x.results])
+        print(
+            f"request way in through {label} (call -> engine arrival): p50 {way_in['p50']} ms, "
+            f"p90 {way_in['p90']} ms"
+        )
+    for label, side in sides.items():
         q = percentiles([g for x in side for r in x.results for g in r.itl_s])
         print(
             f"inter-token latency seen by the client, {label}: p50 {q['p50']} ms, p90 {q['p90']} ms"
