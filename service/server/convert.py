@@ -9,7 +9,7 @@ from google.protobuf import json_format, struct_pb2
 from nemotron.v1 import generation_pb2 as pb
 
 from service.chat.formats import Reasoning, ToolSpec
-from service.chat.turns import ChatDelta, ChatTurn
+from service.chat.turns import ChatDelta, ChatTurn, new_call_id
 from service.runtime.interface import (
     EngineStats,
     FinishReason,
@@ -41,6 +41,7 @@ _FINISH = {
     FinishReason.DEADLINE: pb.FINISH_REASON_DEADLINE,
     FinishReason.TOOL_CALLS: pb.FINISH_REASON_TOOL_CALLS,
 }
+_EXACT_INTS = 2**53  # doubles hold every whole number up to here exactly
 
 
 def sampling_from_pb(message: pb.SamplingParams) -> SamplingParams:
@@ -94,17 +95,67 @@ def generation_from_pb(
 
 
 def messages_from_pb(messages: Any) -> tuple[ChatMessage, ...]:
-    """Chat messages, refusing unset roles with the allowed values."""
-    converted = []
-    for index, message in enumerate(messages):
-        if message.role not in _ROLES:
-            name = pb.Role.Name(message.role) if message.role in pb.Role.values() else message.role
-            raise RequestError(
-                f"messages[{index}].role: {name} is not allowed; "
-                "use ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT or ROLE_TOOL"
-            )
-        converted.append(ChatMessage(_ROLES[message.role], message.content))
-    return tuple(converted)
+    """Chat messages, refusing unset roles and tool fields on roles that do not carry them."""
+    return tuple(_message_from_pb(f"messages[{i}]", m) for i, m in enumerate(messages))
+
+
+def _message_from_pb(field: str, message: pb.ChatMessage) -> ChatMessage:
+    if message.role not in _ROLES:
+        name = pb.Role.Name(message.role) if message.role in pb.Role.values() else message.role
+        raise RequestError(
+            f"{field}.role: {name} is not allowed; "
+            "use ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT or ROLE_TOOL"
+        )
+    role, role_name = _ROLES[message.role], pb.Role.Name(message.role)
+    if message.tool_calls and role != "assistant":
+        raise RequestError(
+            f"{field}.tool_calls: only ROLE_ASSISTANT messages carry tool calls, not {role_name}"
+        )
+    if role == "tool" and not message.tool_call_id:
+        raise RequestError(
+            f"{field}.tool_call_id: a ROLE_TOOL message needs the id of the call it answers"
+        )
+    if role != "tool" and message.HasField("tool_call_id"):
+        raise RequestError(
+            f"{field}.tool_call_id: only ROLE_TOOL messages answer a call, not {role_name}"
+        )
+    calls = tuple(
+        _call_from_pb(f"{field}.tool_calls[{i}]", call) for i, call in enumerate(message.tool_calls)
+    )
+    return ChatMessage(role, message.content, calls, message.tool_call_id or None)
+
+
+def _call_from_pb(field: str, call: pb.ToolCall) -> dict[str, Any]:
+    """An earlier call as the domain holds it: {"id", "name", "arguments"}."""
+    if not call.name:
+        raise RequestError(f"{field}.name: a tool call needs the name of the function it calls")
+    arguments = _json_object(call.arguments, f"{field}.arguments")
+    return {"id": call.id, "name": call.name, "arguments": arguments}
+
+
+def _json_object(struct: struct_pb2.Struct, field: str) -> dict[str, Any]:
+    """A Struct as the JSON object it stands for: keys sorted, whole numbers as ints.
+
+    A Struct is a map whose order the wire does not keep (and Python's protobuf iterates it in a
+    per-process order), so keys are sorted: the same conversation renders the same prompt on
+    every replica, which the prefix cache needs. Struct keeps every number as a double; giving
+    whole ones back as ints renders `{"days": 3}` as the model wrote it.
+    """
+    try:
+        value = json_format.MessageToDict(struct)
+    except ValueError as err:  # NaN and infinities have no JSON
+        raise RequestError(f"{field}: must be a JSON object ({err})") from None
+    return _canonical(value)
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) <= _EXACT_INTS:
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _canonical(value[key]) for key in sorted(value)}
+    if isinstance(value, list):
+        return [_canonical(item) for item in value]
+    return value
 
 
 def chat_from_pb(
@@ -114,8 +165,8 @@ def chat_from_pb(
 ) -> ChatTurn:
     """The domain chat turn of a Chat or ChatStream call."""
     tools = tuple(
-        ToolSpec(t.name, t.description, json_format.MessageToDict(t.parameters))
-        for t in request.tools
+        ToolSpec(t.name, t.description, _json_object(t.parameters, f"tools[{i}].parameters"))
+        for i, t in enumerate(request.tools)
     )
     return ChatTurn(
         request_id=request_id,
@@ -200,12 +251,17 @@ def generate_response_to_pb(events: list[TokenEvent]) -> pb.GenerateResponse:
 
 
 def _tool_calls_to_pb(calls: tuple[dict[str, Any], ...]) -> list[pb.ToolCall]:
+    """The model's calls with their ids (one lacking an id gets one, as in the HTTP API)."""
     out = []
     for call in calls:
         arguments = struct_pb2.Struct()
         if isinstance(call.get("arguments"), dict):
             arguments.update(call["arguments"])
-        out.append(pb.ToolCall(name=call.get("name", ""), arguments=arguments))
+        out.append(
+            pb.ToolCall(
+                id=call.get("id") or new_call_id(), name=call.get("name", ""), arguments=arguments
+            )
+        )
     return out
 
 
