@@ -7,6 +7,7 @@ the reference (same engine: greedy output and usage must agree token for token).
 from __future__ import annotations
 
 import json
+import signal
 
 import httpx
 import openai
@@ -14,7 +15,13 @@ import pytest
 from nemotron.v1 import generation_pb2 as pb
 
 from service.runtime.tokenizer import TextTokenizer
-from tests.service.server_process import WAIT_S, wait_until
+from tests.service.server_process import (
+    WAIT_S,
+    start_server,
+    stop_server,
+    wait_ready,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -252,3 +259,35 @@ def test_metrics_on_the_http_port_carry_the_routers_gauges_and_the_routes(server
     assert 'vllm:cache_config_info{block_size="' in text
     assert 'nemotron_requests_total{code="OK",method="/v1/chat/completions"}' in text
     assert httpx.get(f"{server.http_url}/v1/metrics", timeout=10).status_code == 200
+
+
+def test_on_sigterm_an_inflight_http_stream_finishes_and_new_requests_are_refused(
+    cache_dir, cached_embedded_checkpoint
+):
+    running = start_server(cache_dir, "--grace-s", "120")
+    try:
+        wait_ready(running)
+        url = running.http_url
+        name = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+        body = {"model": name, "prompt": "Count:", "max_tokens": 40, "ignore_eos": True}
+        with httpx.stream(
+            "POST",
+            f"{url}/v1/completions",
+            json=body | {"stream": True, "stream_options": {"include_usage": True}},
+            timeout=120,
+        ) as reply:
+            lines = reply.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            running.process.send_signal(signal.SIGTERM)
+            running.wait_for_log(lambda line: line.get("event") == "server_draining", "the drain")
+            with pytest.raises((httpx.ConnectError, httpx.HTTPStatusError)):
+                refused = httpx.get(f"{url}/v1/health/ready", timeout=10)
+                refused.raise_for_status()  # 503 if the connection still got through
+            rest = [line for line in lines if line.startswith("data: ")]
+        chunks = [json.loads(line[6:]) for line in [first, *rest] if line != "data: [DONE]"]
+        assert rest[-1] == "data: [DONE]"
+        assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+        assert chunks[-1]["usage"]["completion_tokens"] == 40  # all of it, after the signal
+        assert running.process.wait(timeout=120) == 0
+    finally:
+        stop_server(running)

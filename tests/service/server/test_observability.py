@@ -4,6 +4,7 @@ carrying request and trace ids (and no prompt text), Prometheus counters that mo
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import urllib.request
 
@@ -197,3 +198,42 @@ def test_a_passed_deadline_is_recorded_as_deadline_exceeded_not_cancelled(traced
         "the server to record DEADLINE_EXCEEDED",
         interval_s=0.2,
     )
+
+
+def test_http_calls_continue_the_callers_trace_with_the_same_phase_children(traced):
+    import httpx
+
+    server, receiver = traced
+    body = {
+        "model": httpx.get(f"{server.http_url}/v1/models", timeout=30).json()["data"][0]["id"],
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": 12,
+        "stream": True,
+    }
+    headers = {"traceparent": f"00-{TRACE_ID}-{CALLER_SPAN}-01", "x-request-id": "traced-http"}
+    with httpx.stream(
+        "POST", f"{server.http_url}/v1/chat/completions", json=body, headers=headers, timeout=120
+    ) as reply:
+        assert reply.status_code == 200 and reply.headers["x-request-id"] == "traced-http"
+        lines = list(reply.iter_lines())
+    assert "data: [DONE]" in lines
+    (span,) = receiver.wait_for(
+        lambda s: (
+            s.name == "POST /v1/chat/completions"
+            and s.attributes.get("nemotron.request_id") == "traced-http"
+        )
+    )
+    assert span.trace_id == TRACE_ID and span.parent_span_id == CALLER_SPAN
+    a = span.attributes
+    assert a["gen_ai.operation.name"] == "chat" and a["http.response.status_code"] == 200
+    assert a["http.route"] == "/v1/chat/completions" and 0 < a["gen_ai.usage.output_tokens"] <= 12
+    children = receiver.wait_for(lambda s: s.parent_span_id == span.span_id)
+    assert {s.name for s in children} == {"tokenize", "queue", "prefill", "decode"}
+    (line,) = server.wait_for_log(
+        lambda line: (
+            line.get("event") == "rpc_finished" and line.get("request_id") == "traced-http"
+        ),
+        "the HTTP call's log line",
+    )
+    assert line["trace_id"] == TRACE_ID and line["method"] == "/v1/chat/completions"
+    assert PROMPT not in json.dumps(line)
