@@ -43,7 +43,10 @@ def configure_service_logging(level: str = "info", fmt: str = "auto") -> None:
     renderer: Any = (
         structlog.processors.JSONRenderer(default=str)
         if as_json
-        else structlog.dev.ConsoleRenderer(colors=False)
+        # Tracebacks without local variables: they hold prompts, tokens and keys.
+        else structlog.dev.ConsoleRenderer(
+            colors=False, exception_formatter=structlog.dev.plain_traceback
+        )
     )
     chain: list[Any] = [
         _record_fields,
@@ -52,7 +55,11 @@ def configure_service_logging(level: str = "info", fmt: str = "auto") -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True, key="time"),
     ]
     if as_json:
-        chain.append(structlog.processors.dict_tracebacks)
+        chain.append(
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            )
+        )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=chain,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],

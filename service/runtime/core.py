@@ -19,12 +19,12 @@ from torch import Tensor
 
 from engine_build.graph import ModelGraph
 from service.runtime.block_pool import BlockPool
-from service.runtime.interface import EngineState, EngineStats, FinishReason
+from service.runtime.interface import EngineState, EngineStats, FinishReason, TokenEvent
 from service.runtime.kv_manager import KVCacheManager
 from service.runtime.output import OutputProcessor, RequestState
 from service.runtime.runner import StepPlan, make_plan
-from service.runtime.sampler import SampleInput, sample_batch
-from service.runtime.scheduler import Scheduler
+from service.runtime.sampler import SampleInput, prompt_logprobs, sample_batch
+from service.runtime.scheduler import ScheduledStep, Scheduler
 from service.runtime.sequence import SeqStatus
 
 _LOG = logging.getLogger("nemotron.runtime")
@@ -114,7 +114,8 @@ class EngineCore:
         for seq, _ in step.items:
             state = self.requests[seq.request.request_id]
             state.scheduled_at = state.scheduled_at or now
-        logits = self.executor.execute(make_plan(step))
+        plan = make_plan(step)
+        logits = self.executor.execute(plan)
         self.steps += 1
         self.tokens_processed += step.num_tokens
         ready = []  # the requests whose next token is due, in the order of the logits rows
@@ -122,7 +123,30 @@ class EngineCore:
             self.scheduler.computed(seq, count)
             if seq.num_computed == len(seq.token_ids):
                 ready.append(self.requests[seq.request.request_id])
-        self._sample(ready, logits)
+        if plan.prompt_spans:
+            self._score_prompts(step, plan, logits[len(ready) :])
+        self._sample(ready, logits[: len(ready)])
+
+    def _score_prompts(self, step: ScheduledStep, plan: StepPlan, logits: Tensor) -> None:
+        """Log-probabilities of prompt tokens; the whole prompt's go out in one event."""
+        row = 0
+        for index, first, count in plan.prompt_spans:
+            seq = step.items[index][0]
+            state = self.requests[seq.request.request_id]
+            rows, row = logits[row : row + count].float().cpu(), row + count
+            targets = seq.token_ids[first + 1 : first + 1 + count]
+            top = seq.request.options.prompt_logprobs or 0
+            done = len(state.prompt_logprobs)  # a preempted prompt is computed again
+            for offset, scored in enumerate(prompt_logprobs(rows, targets, top)):
+                if first + offset >= done:
+                    state.prompt_logprobs.append(scored)
+            if len(state.prompt_logprobs) == seq.num_prompt - 1 and not state.prompt_scored:
+                state.prompt_scored = True
+                state.push(
+                    TokenEvent(
+                        state.request_id, (), "", prompt_logprobs=tuple(state.prompt_logprobs)
+                    )
+                )
 
     def _sample(self, ready: list[RequestState], logits: Tensor) -> None:
         """Sample every ready row at once; first tokens are pushed (delivered) first."""

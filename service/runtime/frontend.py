@@ -301,6 +301,7 @@ def merge_events(first: TokenEvent, then: TokenEvent) -> TokenEvent:
         token_ids=first.token_ids + then.token_ids,
         text=first.text + then.text,
         logprobs=first.logprobs + then.logprobs,
+        prompt_logprobs=first.prompt_logprobs + then.prompt_logprobs,
     )
 
 

@@ -130,6 +130,9 @@ class TokenEvent:
     logprobs: tuple[TokenLogprob, ...] = ()
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    # With `prompt_logprobs`: prompt tokens 1.. given those before them, in an event of their own
+    # before the first generated token.
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
     timings: Timings | None = None
     error: str | None = None
 

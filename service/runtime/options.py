@@ -90,6 +90,9 @@ class RequestOptions:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no log-probabilities; n >= 0: chosen plus top n
+    # Log-probabilities of the prompt's own tokens (each given those before it), as `logprobs`;
+    # such a request computes its whole prompt (no prefix-cache reuse).
+    prompt_logprobs: int | None = None
     deadline: float | None = None  # time.monotonic() value after which the request is dropped
 
 

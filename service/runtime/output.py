@@ -30,6 +30,8 @@ class RequestState:
     scheduled_at: float | None = None
     first_token_at: float | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens 1.. so far
+    prompt_scored: bool = False  # the prompt's log-probabilities were pushed
 
     @property
     def request_id(self) -> str:

@@ -7,7 +7,7 @@ workers, which run the same step on their shard and their own copy of the KV pag
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -24,22 +24,30 @@ class StepPlan:
     token_ids: list[int]
     positions: list[int]
     segments: list[tuple[int, int, int, list[int]]]  # (start, count, context, block ids)
-    sample_rows: list[int]  # packed rows whose next-token logits are needed
+    sample_rows: list[int]  # packed rows whose logits are needed: next tokens, then prompts'
+    # (item index, first prompt position, count): the prompt rows after the next-token ones,
+    # for requests that asked for prompt log-probabilities
+    prompt_spans: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 def make_plan(step: ScheduledStep) -> StepPlan:
     """The plan of a scheduled step (rank 0)."""
     tokens: list[int] = []
     positions: list[int] = []
-    segments, sample_rows = [], []
-    for seq, count in step.items:
+    segments, sample_rows, prompt_rows, prompt_spans = [], [], [], []
+    for index, (seq, count) in enumerate(step.items):
         start, first = len(tokens), seq.num_computed
         tokens.extend(seq.token_ids[first : first + count])
         positions.extend(range(first, first + count))
         segments.append((start, count, first, list(seq.blocks)))
         if first + count == len(seq.token_ids):  # prefill finished or decoding: sample next
             sample_rows.append(start + count - 1)
-    return StepPlan(tokens, positions, segments, sample_rows)
+        # A row at position p predicts the prompt's token p + 1, while p + 1 is in the prompt.
+        scored = min(first + count, seq.num_prompt - 1) - first
+        if seq.request.options.prompt_logprobs is not None and scored > 0:
+            prompt_rows.extend(range(start, start + scored))
+            prompt_spans.append((index, first, scored))
+    return StepPlan(tokens, positions, segments, sample_rows + prompt_rows, prompt_spans)
 
 
 class ModelRunner:

@@ -120,6 +120,13 @@ def _mix(seed: int, index: int) -> int:
     return (seed * 6364136223846793005 + index * 1442695040888963407 + 1) % (2**63)
 
 
+def prompt_logprobs(logits: Tensor, targets: Sequence[int], top: int) -> list[TokenLogprob]:
+    """Each target token's log-probability under its row of `logits` [rows, vocab], with the
+    `top` alternatives (the model's own distribution: no sampling options apply)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return [_logprob(row, token, top) for row, token in zip(logprobs, targets, strict=True)]
+
+
 def _logprob(logprobs: Tensor, token: int, top: int) -> TokenLogprob:
     alternatives = ()
     if top:

@@ -59,7 +59,8 @@ class Scheduler:
             budget -= count
         while self.waiting and budget and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
-            self.kv.reuse_prefix(seq)
+            if seq.request.options.prompt_logprobs is None:  # cached tokens have no logits
+                self.kv.reuse_prefix(seq)
             count = min(seq.to_compute, budget)
             if not self.kv.can_fit(seq, count):
                 self.kv.free(seq)  # give the prefix blocks back while it waits

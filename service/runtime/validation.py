@@ -48,6 +48,13 @@ def validate_request(request: GenerationRequest, limits: RequestLimits) -> int:
         MAX_LOGPROBS
     ):
         raise RequestError(f"logprobs {options.logprobs} is outside [0, {MAX_LOGPROBS}]")
+    if (
+        options.prompt_logprobs is not None
+        and not 0 <= _integer("prompt_logprobs", options.prompt_logprobs) <= MAX_LOGPROBS
+    ):
+        raise RequestError(
+            f"prompt_logprobs {options.prompt_logprobs} is outside [0, {MAX_LOGPROBS}]"
+        )
     if options.deadline is not None and not math.isfinite(options.deadline):
         raise RequestError("deadline must be a finite time")
     return max_new

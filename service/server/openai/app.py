@@ -269,6 +269,11 @@ async def merged(streams: Sequence[AsyncIterator[T]]) -> AsyncIterator[tuple[int
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _scored_prompt(request: GenerationRequest) -> tuple[int, ...] | None:
+    """The prompt whose log-probabilities a completion echoes (echo with logprobs)."""
+    return request.prompt_ids if request.options.prompt_logprobs is not None else None
+
+
 def json_response(body: BaseModel | dict[str, Any], call: _HttpCall) -> Response:
     """A JSON response (OpenAI leaves unset fields out)."""
     content = body.model_dump_json(exclude_none=True) if isinstance(body, BaseModel) else None
@@ -526,7 +531,9 @@ class HttpApi:
     ) -> api.Completion:
         tokenizer = self.serving.ready().tokenizer
         choices = [
-            convert.completion_choice(i, events[i], tokenizer, echoes[i])
+            convert.completion_choice(
+                i, events[i], tokenizer, echoes[i], _scored_prompt(requests[i])
+            )
             for i in range(len(requests))
         ]
         usage = self._completion_usage(requests, events)
@@ -576,12 +583,25 @@ class HttpApi:
                 id=response_id, created=created, model=model, choices=choices, usage=usage
             )
 
+        unechoed = set()  # echoes waiting for their prompt's log-probabilities
         for index, echo in enumerate(echoes):
-            if echo:
+            if echo and _scored_prompt(requests[index]) is not None:
+                unechoed.add(index)
+            elif echo:
                 yield chunk([api.CompletionChoice(index=index, text=echo)])
         async for index, event in tagged:
             events[index].append(event)
             call.keep_text(event.text)
+            if index in unechoed:  # the first event: the prompt's own (none for one token)
+                unechoed.discard(index)
+                scored = convert.echo_logprobs(
+                    requests[index].prompt_ids, event.prompt_logprobs, tokenizer
+                )
+                yield chunk(
+                    [api.CompletionChoice(index=index, text=echoes[index], logprobs=scored)]
+                )
+                if not (event.token_ids or event.text or event.finish_reason):
+                    continue
             logprobs = None
             if event.logprobs:
                 logprobs = convert.completion_logprobs(event.logprobs, tokenizer, offsets[index])

@@ -12,6 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from service.chat.formats import Reasoning, ToolSpec
@@ -224,9 +225,9 @@ def generation_requests(
         raise RequestError(f"best_of: {request.best_of} is not supported; allowed: 1")
     if request.suffix:
         raise RequestError("suffix is not supported (no fill-in-the-middle)")
-    if request.echo and request.logprobs is not None:
-        raise RequestError("echo with logprobs (prompt log-probabilities) is not supported yet")
     options = request_options(request, request.max_tokens, request.logprobs, deadline)
+    if request.echo and request.logprobs is not None:  # the prompt's own, as lm-eval asks
+        options = replace(options, prompt_logprobs=request.logprobs)
     found = prompts(request.prompt)
     return [
         GenerationRequest(
@@ -348,15 +349,46 @@ def finish_reason(reason: FinishReason | None) -> str | None:
 
 
 def completion_choice(
-    index: int, events: Sequence[TokenEvent], tokenizer: TextTokenizer, echo: str = ""
+    index: int,
+    events: Sequence[TokenEvent],
+    tokenizer: TextTokenizer,
+    echo: str = "",
+    scored_prompt: Sequence[int] | None = None,
 ) -> api.CompletionChoice:
-    """One choice of a completion from the events of its generation."""
+    """One choice of a completion from the events of its generation; with `scored_prompt`
+    (echo with logprobs) the logprobs cover those prompt tokens first."""
     logprobs = tuple(lp for e in events for lp in e.logprobs)
+    generated = completion_logprobs(logprobs, tokenizer, len(echo)) if logprobs else None
+    if scored_prompt is not None:
+        scored = [lp for e in events for lp in e.prompt_logprobs]
+        prompt_part = echo_logprobs(scored_prompt, scored, tokenizer)
+        generated = join_logprobs(prompt_part, generated) if generated else prompt_part
     return api.CompletionChoice(
         index=index,
         text=echo + "".join(e.text for e in events),
-        logprobs=completion_logprobs(logprobs, tokenizer, len(echo)) if logprobs else None,
+        logprobs=generated,
         finish_reason=finish_reason(events[-1].finish_reason),
+    )
+
+
+def echo_logprobs(
+    prompt_ids: Sequence[int], scored: Sequence[TokenLogprob], tokenizer: TextTokenizer
+) -> api.CompletionLogprobs:
+    """The echoed prompt's logprobs: its first token has none (`null`, as OpenAI's)."""
+    first = tokenizer.decode(list(prompt_ids[:1]), skip_special_tokens=False)
+    head = api.CompletionLogprobs(
+        tokens=[first], token_logprobs=[None], top_logprobs=[None], text_offset=[0]
+    )
+    return join_logprobs(head, completion_logprobs(scored, tokenizer, len(first)))
+
+
+def join_logprobs(a: api.CompletionLogprobs, b: api.CompletionLogprobs) -> api.CompletionLogprobs:
+    """Two consecutive stretches of completion logprobs as one."""
+    return api.CompletionLogprobs(
+        tokens=a.tokens + b.tokens,
+        token_logprobs=a.token_logprobs + b.token_logprobs,
+        top_logprobs=a.top_logprobs + b.top_logprobs,
+        text_offset=a.text_offset + b.text_offset,
     )
 
 

@@ -496,3 +496,38 @@ def test_a_consumer_that_falls_behind_gets_merged_deltas_with_nothing_lost(synth
     assert "".join(e.text for e in events) == "".join(e.text for e in alone)
     assert events[-1].finish_reason is FinishReason.LENGTH and events[-1].usage is not None
     assert sum(e.finish_reason is not None for e in events) == 1
+
+
+@pytest.mark.parametrize("max_num_tokens", [None, 7])  # whole prefill; chunks of 7 tokens
+def test_prompt_logprobs_equal_a_plain_forwards_and_skip_the_prefix_cache(
+    synthetic_engine, max_num_tokens
+):
+    import torch
+
+    from engine_build.model import NemotronModel
+    from service.runtime.loader import load_rank_model
+
+    prompt = tuple(range(3, 43))  # 40 tokens: several KV blocks, several chunks of 7
+
+    async def body(runtime):
+        plain = GenerationRequest("warm", prompt, RequestOptions(max_new_tokens=2))
+        await collect(runtime, plain)  # its full blocks are now in the prefix cache
+        options = RequestOptions(max_new_tokens=2, prompt_logprobs=3)
+        return await collect(runtime, GenerationRequest("scored", prompt, options))
+
+    options = {"max_num_tokens": max_num_tokens} if max_num_tokens else {}
+    events = run_with_runtime(synthetic_engine, body, **options)
+    (scored,) = [e for e in events if e.prompt_logprobs]
+    assert events.index(scored) == 0 and not scored.token_ids  # before the first token
+    assert events[-1].usage.cached_prompt_tokens == 0
+    model: NemotronModel = load_rank_model(synthetic_engine)
+    with torch.inference_mode():
+        expected = torch.log_softmax(model(torch.tensor([prompt]))[0].float(), dim=-1)
+    got = scored.prompt_logprobs
+    assert [lp.token_id for lp in got] == list(prompt[1:])
+    for position, lp in enumerate(got):
+        assert lp.logprob == pytest.approx(
+            float(expected[position, prompt[position + 1]]), abs=1e-4
+        )
+        top_ids = [t for t, _ in lp.top]
+        assert top_ids == expected[position].topk(3).indices.tolist()
