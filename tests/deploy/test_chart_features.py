@@ -18,6 +18,10 @@ from tests.deploy.helm_chart import GPU_PROFILES, PROFILES, by_kind, one, profil
 
 ALL_FEATURES = ["-f", str(Path(__file__).parent / "data" / "all-features.yaml")]
 WORKLOADS = ("Deployment", "Job")
+# Set by the chart for the HTTP API that nemotron-serve is gaining in parallel; until its flags
+# land, they are the only NEMOTRON_ variables allowed without a SERVE_ARGUMENTS entry
+# (test_chart_http checks them against the parser once they are there).
+HTTP_VARIABLES = frozenset({"NEMOTRON_HTTP_PORT", "NEMOTRON_SERVED_MODEL_NAME"})
 PARSERS = {
     "nemotron-build": build_cli_parser,
     "nemotron-healthcheck": healthcheck_parser,
@@ -69,6 +73,7 @@ def test_the_server_environment_is_what_nemotron_serve_reads(chart, name, values
     env = server_env(objects)
     known = {variable for _, variable, _ in SERVE_ARGUMENTS if variable}
     known |= {"NEMOTRON_PROFILE", "NEMOTRON_PROFILES"}  # read by the profile selection
+    known |= HTTP_VARIABLES
     assert {key for key in env if key.startswith("NEMOTRON_")} <= known
     server = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert server["command"] == ["nemotron-serve"] and server["args"][0] == "serve"
@@ -123,16 +128,17 @@ def test_the_cluster_role_only_reads_nodes_and_can_be_switched_off(chart):
     assert not by_kind(off, "ClusterRole") and not by_kind(off, "ClusterRoleBinding")
 
 
-def test_services_offer_grpc_and_metrics_and_a_headless_one_for_client_balancing(chart):
+def test_services_offer_grpc_http_and_metrics_and_a_headless_one_for_client_balancing(chart):
     services = {s["metadata"]["name"]: s["spec"] for s in by_kind(chart.objects(), "Service")}
     main, headless = services["nemotron"], services["nemotron-headless"]
     assert main["type"] == "ClusterIP"
     assert {(p["name"], p["port"], p["targetPort"]) for p in main["ports"]} == {
         ("grpc", 50051, "grpc"),
+        ("http", 8000, "http"),
         ("metrics", 8002, "metrics"),
     }
     assert headless["clusterIP"] == "None"
-    assert [(p["name"], p["port"]) for p in headless["ports"]] == [("grpc", 50051)]
+    assert [(p["name"], p["port"]) for p in headless["ports"]] == [("grpc", 50051), ("http", 8000)]
     assert main["selector"] == headless["selector"]
 
 
@@ -167,13 +173,14 @@ def test_the_disruption_budget_and_network_policy_select_the_server_pods(chart):
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     policy = one(objects, "NetworkPolicy")
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
-    grpc_rule, metrics_rule = policy["spec"]["ingress"]
+    grpc_rule, http_rule, metrics_rule = policy["spec"]["ingress"]
     assert grpc_rule["ports"] == [{"port": "grpc", "protocol": "TCP"}]
     test_labels = one(objects, "Pod")["metadata"]["labels"]
     assert any(
         "podSelector" in peer and peer["podSelector"]["matchLabels"].items() <= test_labels.items()
         for peer in grpc_rule["from"]
     ), "the helm test pod must be allowed in"
+    assert http_rule["ports"] == [{"port": "http", "protocol": "TCP"}]
     assert metrics_rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
 
 

@@ -1,9 +1,9 @@
 """Every rendered object validates against Kubernetes' own schemas, strictly (unknown fields fail).
 
-kubernetes-validate holds the OpenAPI schemas of Kubernetes 1.25-1.37 offline. The
-ServiceMonitor is a Prometheus Operator CRD it does not know; that one kind is checked by hand
-below instead. Renders for Kubernetes 1.23 (exec probes) are validated against 1.25, the
-oldest schema it has.
+kubernetes-validate holds the OpenAPI schemas of Kubernetes 1.25-1.37 offline. Custom
+resources are left out here: the ServiceMonitor (Prometheus Operator) is checked by hand below,
+the InferencePool and the KEDA ScaledObject against their upstream CRDs in test_chart_gateway.
+Renders for Kubernetes 1.23 (exec probes) are validated against 1.25, the oldest schema it has.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from tests.deploy.helm_chart import PROFILES, by_kind, one, profile_args
 
 KUBERNETES = ("1.27.0", "1.30.0", "1.35.0")
 DATA = Path(__file__).parent / "data"
+ALL_KUBERNETES = tuple(f"1.{minor}.0" for minor in range(25, 38))  # what kubernetes-validate has
 VALUE_SETS = {
     "defaults": [],
     "all-features": ["-f", str(DATA / "all-features.yaml")],
+    "all-features-keda": ["-f", str(DATA / "all-features.yaml"), "-f", str(DATA / "keda.yaml")],
     "init-container-build": [
         "--set", "engine.build.mode=initContainer", "--set", "model.pvc.existingClaim=models",
         "--set", "engine.cache.existingClaim=engines", "--set", "rbac.create=false",
@@ -27,7 +29,7 @@ VALUE_SETS = {
         "--set", "podDisruptionBudget.enabled=false",
     ],
 }  # fmt: skip
-NOT_IN_KUBERNETES = {"ServiceMonitor"}  # a CRD: checked in its own test
+NOT_IN_KUBERNETES = {"ServiceMonitor", "InferencePool", "ScaledObject"}  # CRDs: own tests
 
 
 def validation_errors(objects, version: str) -> list[str]:
@@ -57,6 +59,16 @@ CASES = [
 def test_every_object_validates_strictly(chart, version, name, values):
     objects = chart.objects(*profile_args(name, VALUE_SETS[values]), kube_version=version)
     assert {"Deployment", "ConfigMap", "Service"} <= {o["kind"] for o in objects}
+    assert validation_errors(objects, version) == []
+
+
+@pytest.mark.parametrize("values", ["all-features", "all-features-keda"])
+@pytest.mark.parametrize("version", ALL_KUBERNETES)
+def test_every_option_on_validates_for_every_kubernetes_from_1_25_to_1_37(chart, version, values):
+    objects = chart.objects(*profile_args("h100x2", VALUE_SETS[values]), kube_version=version)
+    kinds = {o["kind"] for o in objects}
+    assert {"InferencePool", "NetworkPolicy"} <= kinds
+    assert ("ScaledObject" in kinds) == (values == "all-features-keda")
     assert validation_errors(objects, version) == []
 
 

@@ -79,6 +79,14 @@ IMPOSSIBLE = [
     ),
     pytest.param("profile=h100x2,model.source=pvc", "existingClaim", [], id="pvc-without-claim"),
     pytest.param("otel.enabled=true", "otel", ["endpoint"], id="otel-without-endpoint"),
+    pytest.param("keda.enabled=true", "keda", ["serverAddress"], id="keda-without-prometheus"),
+    pytest.param(
+        "inferencePool.endpointPicker.failureMode=FailClosed",
+        "failureMode",
+        ["FailOpen", "FailClose"],
+        id="failure-mode-typo",
+    ),
+    pytest.param("server.httpPort=70000", "httpPort", [], id="http-port-range"),
 ]
 
 
@@ -98,4 +106,7 @@ def test_combinations_the_schema_cannot_compare_fail_with_a_sentence(chart):
     )
     assert "autoscaling.minReplicas 5 is above autoscaling.maxReplicas 4" in message
     message = refusal(chart, "--set", "server.graceSeconds=90")
-    assert "server.graceSeconds 90 must be below server.terminationGracePeriodSeconds 60" in message
+    assert (
+        "server.preStopSeconds 10 + server.graceSeconds 90 = 100 s must be below "
+        "server.terminationGracePeriodSeconds 60" in message
+    )

@@ -254,9 +254,46 @@ nodeAffinity:
 {{- if and .Values.tls.enabled (eq .Values.probes.mode "grpc") -}}
 {{- fail "probes.mode=grpc cannot check a TLS server (the kubelet's gRPC probes are plaintext); use probes.mode auto or exec" -}}
 {{- end -}}
-{{- if ge (int .Values.server.graceSeconds) (int .Values.server.terminationGracePeriodSeconds) -}}
-{{- fail (printf "server.graceSeconds %d must be below server.terminationGracePeriodSeconds %d, or the kubelet kills in-flight calls" (int .Values.server.graceSeconds) (int .Values.server.terminationGracePeriodSeconds)) -}}
+{{- $server := .Values.server -}}
+{{- $shutdown := addf (float64 $server.preStopSeconds) (float64 $server.graceSeconds) -}}
+{{- if ge $shutdown (float64 $server.terminationGracePeriodSeconds) -}}
+{{- fail (printf "server.preStopSeconds %v + server.graceSeconds %v = %v s must be below server.terminationGracePeriodSeconds %v, or the kubelet kills in-flight calls; raise terminationGracePeriodSeconds or lower the others" $server.preStopSeconds $server.graceSeconds $shutdown $server.terminationGracePeriodSeconds) -}}
 {{- end -}}
+{{- $ports := dict "server.port" (int $server.port) "server.metricsPort" (int $server.metricsPort) -}}
+{{- if $server.httpPort -}}
+{{- $_ := set $ports "server.httpPort" (int $server.httpPort) -}}
+{{- end -}}
+{{- range $name, $number := $ports -}}
+{{- range $other, $otherNumber := $ports -}}
+{{- if and (lt $name $other) (eq $number $otherNumber) -}}
+{{- fail (printf "%s and %s are both %d; the gRPC, HTTP and metrics ports must differ" $name $other $number) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.autoscaling.enabled .Values.keda.enabled -}}
+{{- fail "autoscaling.enabled and keda.enabled both scale the Deployment (KEDA creates its own HPA); enable one of them" -}}
+{{- end -}}
+{{- if and .Values.keda.enabled (gt (int .Values.keda.minReplicas) (int .Values.keda.maxReplicas)) -}}
+{{- fail (printf "keda.minReplicas %d is above keda.maxReplicas %d" (int .Values.keda.minReplicas) (int .Values.keda.maxReplicas)) -}}
+{{- end -}}
+{{- if and .Values.inferencePool.enabled (not $server.httpPort) -}}
+{{- fail "inferencePool.enabled needs the HTTP API: gateways route to the pool's pods on server.httpPort, which is 0 (off)" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* nemotron.httpScheme: https when the HTTP API serves the gRPC certificate (tls.enabled), else http. */}}
+{{- define "nemotron.httpScheme" -}}
+{{- ternary "https" "http" (.Values.tls.enabled | default false) -}}
+{{- end -}}
+
+{{/* nemotron.endpointPickerName: the Service of the InferencePool's endpoint picker. */}}
+{{- define "nemotron.endpointPickerName" -}}
+{{- .Values.inferencePool.endpointPicker.serviceName | default (printf "%s-epp" (include "nemotron.fullname" .) | trunc 63 | trimSuffix "-") -}}
+{{- end -}}
+
+{{/* nemotron.kedaQuery: the PromQL of the release's waiting requests (keda.query, else the sum over the chart's ServiceMonitor series). */}}
+{{- define "nemotron.kedaQuery" -}}
+{{- .Values.keda.query | default (printf "sum(vllm:num_requests_waiting{namespace=%q,service=%q})" .Release.Namespace (include "nemotron.fullname" .)) -}}
 {{- end -}}
 
 {{/* nemotron.nodeReaderName: the ClusterRole (and binding) name; cluster-scoped, so it carries the namespace. */}}
