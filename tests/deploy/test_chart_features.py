@@ -18,10 +18,6 @@ from tests.deploy.helm_chart import GPU_PROFILES, PROFILES, by_kind, one, profil
 
 ALL_FEATURES = ["-f", str(Path(__file__).parent / "data" / "all-features.yaml")]
 WORKLOADS = ("Deployment", "Job")
-# Set by the chart for the HTTP API that nemotron-serve is gaining in parallel; until its flags
-# land, they are the only NEMOTRON_ variables allowed without a SERVE_ARGUMENTS entry
-# (test_chart_http checks them against the parser once they are there).
-HTTP_VARIABLES = frozenset({"NEMOTRON_HTTP_PORT", "NEMOTRON_SERVED_MODEL_NAME"})
 PARSERS = {
     "nemotron-build": build_cli_parser,
     "nemotron-healthcheck": healthcheck_parser,
@@ -73,7 +69,6 @@ def test_the_server_environment_is_what_nemotron_serve_reads(chart, name, values
     env = server_env(objects)
     known = {variable for _, variable, _ in SERVE_ARGUMENTS if variable}
     known |= {"NEMOTRON_PROFILE", "NEMOTRON_PROFILES"}  # read by the profile selection
-    known |= HTTP_VARIABLES
     assert {key for key in env if key.startswith("NEMOTRON_")} <= known
     server = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert server["command"] == ["nemotron-serve"] and server["args"][0] == "serve"

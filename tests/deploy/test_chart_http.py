@@ -10,7 +10,7 @@ import pytest
 
 from service.server.flags import SERVE_ARGUMENTS, build_serve_parser, parse_serve_config
 from tests.deploy.helm_chart import PROFILES, HelmError, by_kind, one, profile_args
-from tests.deploy.test_chart_features import HTTP_VARIABLES, server_env
+from tests.deploy.test_chart_features import server_env
 
 ALL_FEATURES = ["-f", str(Path(__file__).parent / "data" / "all-features.yaml")]
 SERVE_VARIABLES = {variable for _, variable, _ in SERVE_ARGUMENTS if variable}
@@ -68,7 +68,9 @@ def test_with_tls_the_http_port_is_https_on_both_services(chart):
 
 def test_http_port_zero_turns_http_off_everywhere(chart):
     objects = chart.objects("--set", "server.httpPort=0", "--set", "networkPolicy.enabled=true")
-    assert server_env(objects)["NEMOTRON_HTTP_PORT"] == "0"  # the server's default is 8000
+    env = server_env(objects)
+    assert env["NEMOTRON_HTTP_PORT"] == "off"  # to the server 0 is "any free port"
+    assert parse_serve_config(server_container(objects)["args"][1:], env).http_port is None
     assert "http" not in ports_by_name(server_container(objects)["ports"])
     for spec in services(objects).values():
         assert "http" not in ports_by_name(spec["ports"])
@@ -150,16 +152,11 @@ def test_notes_say_how_to_reach_the_http_api(chart):
     assert "HTTP API: off (server.httpPort=0)" in notes("--set", "server.httpPort=0")
 
 
-@pytest.mark.xfail(
-    not HTTP_VARIABLES <= SERVE_VARIABLES,
-    reason="nemotron-serve's HTTP flags are not on this branch yet",
-    strict=True,
-)
 def test_nemotron_serve_reads_the_http_variables_the_chart_sets(chart):
     objects = chart.objects(*profile_args("cpu", ALL_FEATURES))
-    assert HTTP_VARIABLES <= SERVE_VARIABLES
+    assert {"NEMOTRON_HTTP_PORT", "NEMOTRON_SERVED_MODEL_NAME"} <= SERVE_VARIABLES
     argv, env = server_container(objects)["args"][1:], server_env(objects)
     parse_serve_config(argv, env)  # exit 2 on a value the server refuses
     args = build_serve_parser(env).parse_args(argv)  # --http-port, --served-model-name
     assert args.http_port == 8000
-    assert args.served_model_name == "nvidia/llama-3.3-nemotron-super-49b-v1"
+    assert args.served_model_name == ("nvidia/llama-3.3-nemotron-super-49b-v1",)
