@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,10 +11,13 @@ from engine_build.build import BuildRequest, build_engine
 from engine_build.model import NemotronModel
 from engine_build.profiles import load_profiles
 from engine_build.repository import EngineRepository
+from service.runtime.factory import open_runtime
 from service.runtime.interface import GenerationRequest
 from service.runtime.options import RequestOptions
+from service.runtime.sizing import RuntimeOptions
 from service.runtime.tokenizer import ChatMessage, ChatTemplate, TextTokenizer
 from tests.service.runtime.conftest import collect, run_with_runtime, tokens_of
+from tests.service.server.http_in_process import MODEL, http_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -50,6 +55,14 @@ def reference(embedded_gguf):
 
 
 @pytest.fixture(scope="module")
+def fp32_engine(embedded_checkpoint, tmp_path_factory) -> Path:
+    """The whole stack's engine: fp32, built from the import."""
+    build = BuildRequest(embedded_checkpoint, load_profiles().get("cpu"), precision="fp32")
+    repository = EngineRepository(tmp_path_factory.mktemp("repo"))
+    return build_engine(build, repository).entry.directory
+
+
+@pytest.fixture(scope="module")
 def ours(embedded_checkpoint) -> NemotronModel:
     return NemotronModel.from_checkpoint(embedded_checkpoint, dtype=torch.float32)
 
@@ -71,9 +84,7 @@ def test_logits_match_transformers_within_1e_3_on_every_prompt(reference, ours, 
 
 
 @torch.inference_mode()
-def test_greedy_continuations_of_32_tokens_are_identical(
-    reference, prompts, embedded_checkpoint, tmp_path
-):
+def test_greedy_continuations_of_32_tokens_are_identical(reference, prompts, fp32_engine):
     model, _ = reference
     expected = []
     for prompt in prompts:
@@ -87,8 +98,7 @@ def test_greedy_continuations_of_32_tokens_are_identical(
             step = torch.tensor([[tokens[-1]]])
         expected.append(tokens)
     # Ours: the whole stack, an fp32 engine built from the import, served by the runtime.
-    build = BuildRequest(embedded_checkpoint, load_profiles().get("cpu"), precision="fp32")
-    engine = build_engine(build, EngineRepository(tmp_path / "repo")).entry.directory
+    engine = fp32_engine
 
     async def body(runtime):
         return [
@@ -167,3 +177,41 @@ def test_whitespace_control_and_special_tokens_render_like_transformers(
     tokenizer.chat_template = ChatTemplate(WHITESPACE_TEMPLATE)
     assert tokenizer.chat_prompt(messages) == expected
     assert expected.count("<|im_end|>") == 1  # eos_token really reached the template
+
+
+# (context, continuation) as lm-evaluation-harness scores multiple-choice answers.
+SCORED = (
+    ("Question: What is the capital of France?\nAnswer:", " Paris"),
+    ("Question: What is the capital of France?\nAnswer:", " Berlin"),
+    ("The largest planet in the solar system is", " Jupiter, a gas giant."),
+    ("def add(a, b):\n    return", " a + b"),
+    ("Water freezes at", " 0 degrees Celsius."),
+)
+
+
+@torch.inference_mode()
+def test_prompt_logprobs_through_http_match_transformers_within_1e_3(
+    reference, fp32_engine, embedded_checkpoint
+):
+    """What lm-eval's local-completions sends for a loglikelihood: token ids, echo, logprobs."""
+    openai = pytest.importorskip("openai")
+    model, _ = reference
+    tokenizer = TextTokenizer(embedded_checkpoint)
+    runtime = open_runtime(fp32_engine, RuntimeOptions(kv_cache_bytes=100_000_000))
+    with http_in_process(runtime) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0)
+        for context, continuation in SCORED:
+            context_ids = tokenizer.encode(context)  # encoded apart, as lm-eval does
+            ids = context_ids + tokenizer.encode(continuation)
+            answer = client.completions.create(
+                model=MODEL, prompt=ids, max_tokens=1, logprobs=1, echo=True, temperature=0
+            )
+            logprobs = answer.choices[0].logprobs
+            assert len(logprobs.token_logprobs) == len(ids) + 1  # the prompt and one token
+            assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+            got = torch.tensor(logprobs.token_logprobs[len(context_ids) : -1])
+            expected = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+            rows = torch.arange(len(context_ids) - 1, len(ids) - 1)
+            wanted = expected[rows, torch.tensor(ids[len(context_ids) :])]
+            assert (got - wanted).abs().max().item() < 1e-3, (context, continuation)
+            assert answer.usage.prompt_tokens == len(ids)

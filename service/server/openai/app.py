@@ -66,6 +66,7 @@ ROUTE_METHODS: dict[str, tuple[str, ...]] = {
     "/v1/metadata": ("GetModelInfo",),
     "/tokenize": ("Tokenize",),
     "/detokenize": ("Tokenize",),
+    "/tokenizer_info": ("Tokenize",),
 }
 # OpenAI's error `code` where a refusal has one.
 ERROR_CODES: tuple[tuple[type[BaseException], str], ...] = (
@@ -326,6 +327,7 @@ class HttpApi:
             ("GET", "/v1/metadata", self._metadata),
             ("POST", "/tokenize", self._tokenize),
             ("POST", "/detokenize", self._detokenize),
+            ("GET", "/tokenizer_info", self._tokenizer_info),
         )
         for method, path, handler in routes:
             app.add_api_route(path, self._endpoint(path, handler), methods=[method])
@@ -679,6 +681,12 @@ class HttpApi:
         self._model(asked.model)
         if (asked.prompt is None) == (asked.messages is None):
             raise InvalidBodyError("send exactly one of prompt and messages", "prompt")
+        if asked.add_special_tokens:
+            raise InvalidBodyError(
+                "add_special_tokens: true is not supported; allowed: false (prompts are encoded "
+                "as they are; chat templates write the special tokens)",
+                "add_special_tokens",
+            )
         if asked.messages is not None:
             messages: list[ChatMessage] = [
                 convert.message(i, m) for i, m in enumerate(asked.messages)
@@ -703,6 +711,19 @@ class HttpApi:
                 f"tokens: {bad[0]} is not a token id; allowed: 0 to {vocab - 1}", "tokens"
             )
         return json_response({"prompt": context.tokenizer.decode(asked.tokens)}, call)
+
+    async def _tokenizer_info(self, call: _HttpCall, request: Request, body: bytes) -> Response:
+        """vLLM's tokenizer description (lm-evaluation-harness's remote tokenizer reads it)."""
+        tokenizer = self.serving.ready().tokenizer
+        info: dict[str, Any] = {
+            key: tokenizer.special_token(key) for key in ("bos_token", "eos_token", "pad_token")
+        }
+        info |= {
+            "chat_template": tokenizer.chat_template_source,
+            "model_max_length": self.serving.model_info().max_context_tokens,
+            "tokenizer_class": "PreTrainedTokenizerFast",
+        }
+        return json_response(info, call)
 
     async def _live(self) -> Response:
         if self.health.live:

@@ -188,6 +188,7 @@ class TokenizeRequest(Strict):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_generation_prompt: StrictBool = True
+    add_special_tokens: StrictBool = False  # prompts are encoded as they are (templates add BOS)
 
 
 class DetokenizeRequest(Strict):

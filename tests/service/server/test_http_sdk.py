@@ -17,7 +17,7 @@ from service.runtime.interface import FinishReason, OverloadedError
 from service.runtime.tokenizer import TextTokenizer
 from tests.service.chat.chat_templates import NEMOTRON_V1_5_TEMPLATE, byte_tokenizer
 from tests.service.scripted_engine import Reply, ScriptedEngine
-from tests.service.server.http_scripted import MODEL, scripted_http
+from tests.service.server.http_in_process import MODEL, http_in_process
 
 FORECAST_TOOL = {
     "type": "function",
@@ -47,7 +47,7 @@ def test_a_tool_round_trip_with_call_ids(tokenizer):
         Reply(f"<think>Ask.</think>{FORECAST_CALL}"),
         Reply("<think>Answer.</think>Sunny in Paris."),
     ]
-    with scripted_http(ScriptedEngine(tokenizer, replies)) as server:
+    with http_in_process(ScriptedEngine(tokenizer, replies)) as server:
         client = _client(server)
         first = client.chat.completions.create(
             model=MODEL, messages=QUESTION, tools=[FORECAST_TOOL], max_tokens=200
@@ -75,7 +75,7 @@ def test_a_tool_round_trip_with_call_ids(tokenizer):
 
 def test_tool_calls_stream_as_openai_streams_them(tokenizer):
     replies = [Reply(f"<think>Ask.</think>{FORECAST_CALL}")]
-    with scripted_http(ScriptedEngine(tokenizer, replies)) as server:
+    with http_in_process(ScriptedEngine(tokenizer, replies)) as server:
         stream = _client(server).chat.completions.create(
             model=MODEL, messages=QUESTION, tools=[FORECAST_TOOL], max_tokens=200, stream=True
         )
@@ -99,7 +99,7 @@ def test_every_error_class_raises_the_sdks_typed_exception(tokenizer, tmp_path):
         Reply("", refusal=OverloadedError("the queue is full", retry_after_s=0.25)),
         Reply("", FinishReason.ERROR, error="step failed: CUDA error 700"),
     ]
-    with scripted_http(ScriptedEngine(tokenizer, replies), api_keys_file=keys) as server:
+    with http_in_process(ScriptedEngine(tokenizer, replies), api_keys_file=keys) as server:
         chat = dict(model=MODEL, messages=QUESTION, max_tokens=5)
         full = _client(server, api_key="full-key", max_retries=0)
         cases = [
@@ -132,7 +132,7 @@ def test_the_sdks_retry_honours_retry_after(tokenizer):
         Reply("", refusal=OverloadedError("the queue is full", retry_after_s=0.8)),
         Reply("<think>Easy.</think>Paris."),
     ]
-    with scripted_http(ScriptedEngine(tokenizer, replies)) as server:
+    with http_in_process(ScriptedEngine(tokenizer, replies)) as server:
         started = time.monotonic()
         answer = _client(server, max_retries=1).chat.completions.create(
             model=MODEL, messages=QUESTION, max_tokens=50
@@ -144,7 +144,7 @@ def test_the_sdks_retry_honours_retry_after(tokenizer):
 
 def test_an_error_after_the_stream_started_is_an_error_event(tokenizer):
     replies = [Reply("<think>Par", FinishReason.ERROR, error="step failed")] * 2
-    with scripted_http(ScriptedEngine(tokenizer, replies)) as server:
+    with http_in_process(ScriptedEngine(tokenizer, replies)) as server:
         stream = _client(server, max_retries=0).chat.completions.create(
             model=MODEL, messages=QUESTION, max_tokens=20, stream=True
         )
@@ -165,7 +165,7 @@ def test_an_error_after_the_stream_started_is_an_error_event(tokenizer):
 
 def test_errors_before_the_first_byte_keep_their_status_when_streaming(tokenizer):
     replies = [Reply("", refusal=OverloadedError("the queue is full", retry_after_s=1.0))]
-    with scripted_http(ScriptedEngine(tokenizer, replies)) as server:
+    with http_in_process(ScriptedEngine(tokenizer, replies)) as server:
         client = _client(server, max_retries=0)
         with pytest.raises(openai.RateLimitError):
             client.chat.completions.create(
@@ -175,7 +175,7 @@ def test_errors_before_the_first_byte_keep_their_status_when_streaming(tokenizer
 
 def test_reasoning_switches_as_nim_and_vllm_users_send_them(tokenizer):
     replies = [Reply("Paris.")] * 2
-    with scripted_http(ScriptedEngine(tokenizer, replies)) as server:
+    with http_in_process(ScriptedEngine(tokenizer, replies)) as server:
         client = _client(server)
         typed = client.chat.completions.create(
             model=MODEL,

@@ -1,8 +1,9 @@
-"""The HTTP API served by real uvicorn on loopback over a scripted engine, for real clients.
+"""The HTTP API served in this process by real uvicorn on loopback, for real clients.
 
-The engine is the only stand-in (`tests.service.scripted_engine`): the app, the chat layer, the
-error table, API keys and the server are the product's own, run on an event loop in a thread
-so that synchronous clients (the `openai` SDK, httpx) can call them.
+Over any `Engine`: a scripted one (`tests.service.scripted_engine`) where a test needs what the
+model would not do, or the real runtime. The app, the chat layer, the error table, API keys and
+the server are the product's own, run on an event loop in a thread so that synchronous
+clients (the `openai` SDK, httpx) can call them.
 """
 
 from __future__ import annotations
@@ -13,27 +14,28 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from service.chat.formats import family_of, load_families
 from service.chat.turns import ChatContext
 from service.observability.calls import Observability
 from service.observability.metrics import ServiceMetrics
+from service.runtime.interface import Engine
 from service.server.api_keys import ApiKeys
 from service.server.health import Health
 from service.server.http_server import HttpServer
 from service.server.openai.app import HttpApi, HttpApiSettings
 from service.server.operations import ModelInfo, Serving
-from tests.service.scripted_engine import ScriptedEngine
 
 MODEL = "scripted-nemotron"
 
 
 @dataclass
-class ScriptedHttp:
-    """A running HTTP API over a scripted engine."""
+class InProcessHttp:
+    """A running HTTP API over an engine."""
 
     url: str
-    engine: ScriptedEngine
+    engine: Any
     metrics: ServiceMetrics
 
     @property
@@ -43,7 +45,7 @@ class ScriptedHttp:
 
 
 def model_info(max_context_tokens: int) -> ModelInfo:
-    """The model info a scripted server reports."""
+    """The model info the server reports."""
     return ModelInfo(
         model=MODEL,
         family="scripted",
@@ -59,16 +61,17 @@ def model_info(max_context_tokens: int) -> ModelInfo:
 
 
 @contextmanager
-def scripted_http(
-    engine: ScriptedEngine, api_keys_file: Path | None = None, max_body_bytes: int = 1 << 20
-) -> Iterator[ScriptedHttp]:
-    """Serve the HTTP API over `engine` on a free loopback port until the block ends."""
+def http_in_process(
+    engine: Engine, api_keys_file: Path | None = None, max_body_bytes: int = 1 << 20
+) -> Iterator[InProcessHttp]:
+    """Start `engine`, serve the HTTP API over it on a free loopback port until the block ends."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     metrics = ServiceMetrics()
 
     async def start() -> tuple[HttpServer, int]:
+        await engine.start()
         serving = Serving()
         family = family_of(engine.tokenizer.chat_template_source, load_families())
         serving.attach(ChatContext(engine, family), model_info(engine.limits.max_seq_len))
@@ -83,9 +86,10 @@ def scripted_http(
 
     server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=30)
     try:
-        yield ScriptedHttp(f"http://127.0.0.1:{port}", engine, metrics)
+        yield InProcessHttp(f"http://127.0.0.1:{port}", engine, metrics)
     finally:
         asyncio.run_coroutine_threadsafe(server.stop(), loop).result(timeout=30)
+        asyncio.run_coroutine_threadsafe(engine.shutdown(), loop).result(timeout=60)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=30)
         loop.close()
