@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet
 
-.PHONY: run test test-apiserver lint clean
+.PHONY: run test test-apiserver test-lm-eval lint clean
 
 # A stamp per extra set: reinstall when pyproject.toml changes.
 $(VENV)/.installed-base: pyproject.toml
@@ -31,6 +31,16 @@ test: $(VENV)/.installed-test
 test-apiserver: $(VENV)/.installed-test
 	tools/kube_apiserver.sh build
 	NEMOTRON_APISERVER_TESTS=1 $(BIN)/pytest -m apiserver tests/deploy/test_chart_apiserver.py $(PYTEST_ARGS)
+
+# lm-evaluation-harness in its own venv (its dependencies stay out of ours), run against the
+# HTTP API; every log-likelihood is compared with transformers (tools/lm_eval_parity.py).
+.venv-lmeval/.installed:
+	test -x .venv-lmeval/bin/python || $(PYTHON) -m venv .venv-lmeval
+	.venv-lmeval/bin/pip install "torch==2.13.0" "lm-eval[api]==0.4.13"
+	touch $@
+
+test-lm-eval: $(VENV)/.installed-test .venv-lmeval/.installed
+	$(BIN)/python -m tools.lm_eval_parity --lm-eval .venv-lmeval/bin/lm_eval
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

@@ -133,6 +133,9 @@ class TokenEvent:
     # With `prompt_logprobs`: prompt tokens 1.. given those before them, in an event of their own
     # before the first generated token.
     prompt_logprobs: tuple[TokenLogprob, ...] = ()
+    # With `logprobs`, on the last event: the stop token that ended the request (not emitted
+    # as a token: not in `token_ids`, the text or the usage), as OpenAI's completions list it.
+    stop_logprob: TokenLogprob | None = None
     timings: Timings | None = None
     error: str | None = None
 

@@ -32,6 +32,7 @@ class RequestState:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens 1.. so far
     prompt_scored: bool = False  # the prompt's log-probabilities were pushed
+    stop_logprob: TokenLogprob | None = None  # of the stop token that ended it, if asked
 
     @property
     def request_id(self) -> str:
@@ -66,6 +67,7 @@ class OutputProcessor:
         seq = state.seq
         state.first_token_at = state.first_token_at or time.monotonic()
         if token in state.stop_ids:
+            state.stop_logprob = logprob
             return FinishReason.STOP, True
         seq.token_ids.append(token)
         if logprob is not None:
@@ -106,4 +108,5 @@ class OutputProcessor:
                 total_s=now - seq.arrival,
             ),
             error=error,
+            stop_logprob=state.stop_logprob,
         )

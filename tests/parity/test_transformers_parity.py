@@ -186,6 +186,9 @@ SCORED = (
     ("The largest planet in the solar system is", " Jupiter, a gas giant."),
     ("def add(a, b):\n    return", " a + b"),
     ("Water freezes at", " 0 degrees Celsius."),
+    # The model's next token here is its end of text: the stop token must still be listed, or
+    # lm-eval's [ctxlen:-1] would cut the continuation's last token instead.
+    ("Question: What is the square root of 81?\nAnswer:", " 9"),
 )
 
 

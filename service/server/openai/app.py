@@ -605,8 +605,10 @@ class HttpApi:
                 if not (event.token_ids or event.text or event.finish_reason):
                     continue
             logprobs = None
-            if event.logprobs:
-                logprobs = convert.completion_logprobs(event.logprobs, tokenizer, offsets[index])
+            if convert.event_logprobs(event):
+                logprobs = convert.completion_logprobs(
+                    convert.event_logprobs(event), tokenizer, offsets[index]
+                )
             offsets[index] += len(event.text)
             finish = convert.finish_reason(event.finish_reason)
             yield chunk(

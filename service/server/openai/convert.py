@@ -357,7 +357,7 @@ def completion_choice(
 ) -> api.CompletionChoice:
     """One choice of a completion from the events of its generation; with `scored_prompt`
     (echo with logprobs) the logprobs cover those prompt tokens first."""
-    logprobs = tuple(lp for e in events for lp in e.logprobs)
+    logprobs = tuple(lp for e in events for lp in event_logprobs(e))
     generated = completion_logprobs(logprobs, tokenizer, len(echo)) if logprobs else None
     if scored_prompt is not None:
         scored = [lp for e in events for lp in e.prompt_logprobs]
@@ -369,6 +369,16 @@ def completion_choice(
         logprobs=generated,
         finish_reason=finish_reason(events[-1].finish_reason),
     )
+
+
+def _stop_logprob(event: TokenEvent) -> tuple[TokenLogprob, ...]:
+    """The stop token that ended a completion, listed last as OpenAI's (and vLLM's) list it."""
+    return (event.stop_logprob,) if event.stop_logprob is not None else ()
+
+
+def event_logprobs(event: TokenEvent) -> tuple[TokenLogprob, ...]:
+    """A completion event's token log-probabilities, the stop token's included."""
+    return (*event.logprobs, *_stop_logprob(event))
 
 
 def echo_logprobs(
