@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException
 
 from engine_build.events import log_event
 from service.observability.calls import Call, Observability
+from service.observability.tracing import current_record, phase
 from service.runtime.interface import (
     GenerationRequest,
     NotReadyError,
@@ -497,9 +498,10 @@ class HttpApi:
         model = self._model(completion.model)
         if completion.max_tokens is None:  # OpenAI's default for completions
             completion = completion.model_copy(update={"max_tokens": 16})
-        requests = convert.generation_requests(
-            completion, call.record.request_id, context.tokenizer
-        )
+        with phase("tokenize"):  # as gRPC's Generate: the span's first child
+            requests = convert.generation_requests(
+                completion, call.record.request_id, context.tokenizer
+            )
         echoes = [
             context.tokenizer.decode(r.prompt_ids, skip_special_tokens=False)
             if completion.echo
@@ -556,8 +558,6 @@ class HttpApi:
     @staticmethod
     def _note_usage(usage: api.Usage) -> None:
         """Several prompts in one request: the call record counts them all."""
-        from service.observability.tracing import current_record
-
         record = current_record()
         if record is not None:
             record.prompt_tokens, record.completion_tokens = (

@@ -237,3 +237,15 @@ def test_http_calls_continue_the_callers_trace_with_the_same_phase_children(trac
     )
     assert line["trace_id"] == TRACE_ID and line["method"] == "/v1/chat/completions"
     assert PROMPT not in json.dumps(line)
+    completion = {"model": body["model"], "prompt": PROMPT, "max_tokens": 4}
+    httpx.post(
+        f"{server.http_url}/v1/completions",
+        json=completion,
+        headers={"x-request-id": "traced-http-2"},
+        timeout=120,
+    ).raise_for_status()
+    (span,) = receiver.wait_for(
+        lambda s: s.attributes.get("nemotron.request_id") == "traced-http-2"
+    )
+    children = receiver.wait_for(lambda s: s.parent_span_id == span.span_id)
+    assert {s.name for s in children} == {"tokenize", "queue", "prefill", "decode"}
