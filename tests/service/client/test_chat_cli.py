@@ -268,7 +268,7 @@ def _final() -> pb.ChatStreamResponse:
     arguments.update({"city": "Paris", "days": 3})
     return pb.ChatStreamResponse(
         request_id="req-1",
-        tool_calls=[pb.ToolCall(name="forecast", arguments=arguments)],
+        tool_calls=[pb.ToolCall(id="call_1", name="forecast", arguments=arguments)],
         finish_reason=pb.FINISH_REASON_TOOL_CALLS,
         usage=pb.Usage(prompt_tokens=11, completion_tokens=9, reasoning_tokens=4),
         timings=pb.Timings(queue_ms=1.5, time_to_first_token_ms=20.0, total_ms=90.0),
@@ -335,8 +335,8 @@ def test_json_carries_reasoning_and_tool_calls_and_usage_counts_reasoning(script
     response = json.loads(done.stdout)
     assert response["reasoning"] == "The user asks about France."
     assert response["content"] == "Paris it is."
-    assert response["tool_calls"] == [
-        {"name": "forecast", "arguments": {"city": "Paris", "days": 3}}
+    assert response["tool_calls"] == [  # with the id a tool message answers
+        {"id": "call_1", "name": "forecast", "arguments": {"city": "Paris", "days": 3}}
     ]
     assert response["finish_reason"] == "FINISH_REASON_TOOL_CALLS"
     assert "completion 9 tokens (4 reasoning)" in done.stderr
