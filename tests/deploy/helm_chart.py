@@ -87,3 +87,12 @@ def one(objects: Sequence[Mapping[str, Any]], kind: str) -> Mapping[str, Any]:
     found = by_kind(objects, kind)
     assert len(found) == 1, f"{len(found)} objects of kind {kind}"
     return found[0]
+
+
+def refusal(chart: Any, *args: str) -> str:
+    """helm template's error message for these values (fails the test if it renders)."""
+    import pytest
+
+    with pytest.raises(HelmError) as error:
+        chart.template(*args)
+    return str(error.value)

@@ -13,7 +13,14 @@ import pytest
 import yaml
 
 from tests.deploy.crd_schema import CustomResourceSchema
-from tests.deploy.helm_chart import PROFILES, REPO_ROOT, HelmError, by_kind, one, profile_args
+from tests.deploy.helm_chart import (
+    PROFILES,
+    REPO_ROOT,
+    by_kind,
+    one,
+    profile_args,
+    refusal,
+)
 
 DATA = Path(__file__).parent / "data"
 ALL_FEATURES = ["-f", str(DATA / "all-features.yaml")]
@@ -34,13 +41,6 @@ def pool_schema(release: str) -> CustomResourceSchema:
 @functools.cache
 def scaled_object_schema() -> CustomResourceSchema:
     return CustomResourceSchema.load("keda.sh_scaledobjects-v2.20.2.yaml", "v1alpha1")
-
-
-def refusal(chart, *args: str) -> str:
-    """helm template's error message for these values (fails the test if it renders)."""
-    with pytest.raises(HelmError) as error:
-        chart.template(*args)
-    return str(error.value)
 
 
 def test_neither_custom_resource_is_rendered_by_default(chart):

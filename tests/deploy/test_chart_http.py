@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from service.server.flags import SERVE_ARGUMENTS, build_serve_parser, parse_serve_config
-from tests.deploy.helm_chart import PROFILES, HelmError, by_kind, one, profile_args
+from tests.deploy.helm_chart import PROFILES, by_kind, one, profile_args, refusal
 from tests.deploy.test_chart_features import server_env
 
 ALL_FEATURES = ["-f", str(Path(__file__).parent / "data" / "all-features.yaml")]
@@ -26,13 +26,6 @@ def ports_by_name(ports) -> dict[str, dict]:
 
 def services(objects) -> dict[str, dict]:
     return {s["metadata"]["name"]: s["spec"] for s in by_kind(objects, "Service")}
-
-
-def refusal(chart, *args: str) -> str:
-    """helm template's error message for these values (fails the test if it renders)."""
-    with pytest.raises(HelmError) as error:
-        chart.template(*args)
-    return str(error.value)
 
 
 @pytest.mark.parametrize("name", PROFILES)

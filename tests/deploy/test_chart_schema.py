@@ -10,16 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.helm_chart import PROFILES, HelmError, profile_args
+from tests.deploy.helm_chart import PROFILES, profile_args, refusal
 
 ALL_FEATURES = Path(__file__).parent / "data" / "all-features.yaml"
-
-
-def refusal(chart, *args: str) -> str:
-    """helm template's error message for these values (fails the test if it renders)."""
-    with pytest.raises(HelmError) as error:
-        chart.template(*args)
-    return str(error.value)
 
 
 @pytest.mark.parametrize("name", PROFILES)
