@@ -133,15 +133,15 @@ class EngineCore:
         for index, first, count in plan.prompt_spans:
             seq = step.items[index][0]
             state = self.requests[seq.request.request_id]
-            rows, row = logits[row : row + count].float().cpu(), row + count
+            rows, row = logits[row : row + count], row + count
             targets = seq.token_ids[first + 1 : first + 1 + count]
             top = seq.request.options.prompt_logprobs or 0
             done = len(state.prompt_logprobs)  # a preempted prompt is computed again
             for offset, scored in enumerate(prompt_logprobs(rows, targets, top)):
                 if first + offset >= done:
                     state.prompt_logprobs.append(scored)
-            if len(state.prompt_logprobs) == seq.num_prompt - 1 and not state.prompt_scored:
-                state.prompt_scored = True
+            if len(state.prompt_logprobs) == seq.num_prompt - 1 and not seq.prompt_scored:
+                seq.prompt_scored = True
                 state.push(
                     TokenEvent(
                         state.request_id, (), "", prompt_logprobs=tuple(state.prompt_logprobs)

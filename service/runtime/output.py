@@ -31,7 +31,6 @@ class RequestState:
     first_token_at: float | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens 1.. so far
-    prompt_scored: bool = False  # the prompt's log-probabilities were pushed
     stop_logprob: TokenLogprob | None = None  # of the stop token that ended it, if asked
 
     @property

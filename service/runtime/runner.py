@@ -44,7 +44,7 @@ def make_plan(step: ScheduledStep) -> StepPlan:
             sample_rows.append(start + count - 1)
         # A row at position p predicts the prompt's token p + 1, while p + 1 is in the prompt.
         scored = min(first + count, seq.num_prompt - 1) - first
-        if seq.request.options.prompt_logprobs is not None and scored > 0:
+        if seq.request.options.prompt_logprobs is not None and scored > 0 and not seq.prompt_scored:
             prompt_rows.extend(range(start, start + scored))
             prompt_spans.append((index, first, scored))
     return StepPlan(tokens, positions, segments, sample_rows + prompt_rows, prompt_spans)

@@ -122,9 +122,18 @@ def _mix(seed: int, index: int) -> int:
 
 def prompt_logprobs(logits: Tensor, targets: Sequence[int], top: int) -> list[TokenLogprob]:
     """Each target token's log-probability under its row of `logits` [rows, vocab], with the
-    `top` alternatives (the model's own distribution: no sampling options apply)."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    return [_logprob(row, token, top) for row, token in zip(logprobs, targets, strict=True)]
+    `top` alternatives (the model's own distribution: no sampling options apply). Computed
+    where the logits are; only [rows, 1 + top] values come back to the host."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [rows, vocab]
+    index = torch.tensor(list(targets), device=logprobs.device).unsqueeze(1)
+    chosen = logprobs.gather(1, index).squeeze(1).tolist()
+    if not top:
+        return [TokenLogprob(t, v, ()) for t, v in zip(targets, chosen, strict=True)]
+    values, ids = torch.topk(logprobs, top, dim=-1)
+    return [
+        TokenLogprob(t, v, tuple(zip(i, w, strict=True)))
+        for t, v, i, w in zip(targets, chosen, ids.tolist(), values.tolist(), strict=True)
+    ]
 
 
 def _logprob(logprobs: Tensor, token: int, top: int) -> TokenLogprob:

@@ -52,7 +52,7 @@ class Scheduler:
                 break
             if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            count = min(seq.to_compute, budget)
+            count = min(seq.to_compute, budget, _chunk_cap(seq))
             if not self._reserve(seq, count, scheduled=[s for s, _ in items]):
                 continue
             items.append((seq, count))
@@ -61,7 +61,7 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.request.options.prompt_logprobs is None:  # cached tokens have no logits
                 self.kv.reuse_prefix(seq)
-            count = min(seq.to_compute, budget)
+            count = min(seq.to_compute, budget, _chunk_cap(seq))
             if not self.kv.can_fit(seq, count):
                 self.kv.free(seq)  # give the prefix blocks back while it waits
                 break
@@ -105,3 +105,14 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
         self.preemptions += 1
+
+
+# Prompt rows scored at once: each needs a vocabulary-wide row of logits (a 128k vocabulary
+# at 512 rows is 256 MB in fp32), so a scored prompt is computed in chunks of this many.
+SCORED_PROMPT_CHUNK = 512
+
+
+def _chunk_cap(seq: Sequence) -> int:
+    """The most tokens of `seq` one step computes (all, unless its prompt is being scored)."""
+    scoring = seq.request.options.prompt_logprobs is not None and not seq.prompt_scored
+    return SCORED_PROMPT_CHUNK if scoring and seq.num_computed < seq.num_prompt else 1 << 30

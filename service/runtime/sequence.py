@@ -31,6 +31,7 @@ class Sequence:
     registered_blocks: int = 0  # full blocks already offered to the prefix cache
     block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks so far
     prefix_counted: bool = False  # prefix-cache statistics taken (first admission only)
+    prompt_scored: bool = False  # prompt log-probabilities done (not again after preemption)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ValidationError
 from sse_starlette import EventSourceResponse
 from sse_starlette.sse import AppStatus
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from engine_build.events import log_event
 from service.observability.calls import Call, Observability
@@ -58,6 +59,8 @@ from service.server.status import (
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 OK = Status(grpc.StatusCode.OK, 200, "")
+MAX_REQUEST_ID_CHARS = 128
+MAX_PROMPTS = 256  # prompts in one completions request
 API_VERSION = "1.0.0"
 # The RPCs a route stands for, for API keys limited to some methods (streaming one second).
 ROUTE_METHODS: dict[str, tuple[str, ...]] = {
@@ -98,9 +101,13 @@ class _HttpCall(Call):
     """One HTTP request in flight."""
 
     def __init__(self, obs: Observability, request: Request, route: str) -> None:
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        # The client's X-Request-Id names the call in logs, spans and the response header; the
+        # engine gets an id of the server's own (a retry that reuses the header while the first
+        # try is still being aborted must not collide with it).
+        given = request.headers.get("x-request-id", "")[:MAX_REQUEST_ID_CHARS]
+        self.engine_id = uuid.uuid4().hex
         name = f"{request.method} {route}"
-        super().__init__(obs, route, request_id, request.headers, name)
+        super().__init__(obs, route, given or self.engine_id, request.headers, name)
         self.http_method, self.route = request.method, route
         self.streaming = False
 
@@ -203,6 +210,10 @@ async def until_disconnected(request: Request) -> None:
         pass
 
 
+class ClientGoneError(Exception):
+    """The client closed the connection before the response was ready."""
+
+
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     """`work`, cancelled (and its request aborted) when the client goes away first."""
     task = asyncio.ensure_future(work)
@@ -216,7 +227,7 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     if not task.done() or task.cancelled():
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        raise asyncio.CancelledError("the client closed the connection")
+        raise ClientGoneError("the client closed the connection")
     return task.result()
 
 
@@ -276,20 +287,38 @@ def _scored_prompt(request: GenerationRequest) -> tuple[int, ...] | None:
     return request.prompt_ids if request.options.prompt_logprobs is not None else None
 
 
+async def _close(stream: AsyncIterator[Any]) -> None:
+    """Close an async generator now (its request is aborted), not when it is collected."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(BaseException):
+            await aclose()
+
+
+def openai_json(body: BaseModel | dict[str, Any]) -> str:
+    """A body as OpenAI writes it: optional fields left out, but a choice's `finish_reason` and
+    `logprobs`, and a message's `content` beside tool calls, written as null (clients test
+    `finish_reason !== null`)."""
+    if isinstance(body, BaseModel):
+        body = body.model_dump(mode="json", exclude_none=True)
+        for choice in body.get("choices", ()):
+            choice.setdefault("finish_reason", None)
+            choice.setdefault("logprobs", None)
+            message = choice.get("message")
+            if message is not None:
+                message.setdefault("content", None)
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+
+
 def json_response(body: BaseModel | dict[str, Any], call: _HttpCall) -> Response:
-    """A JSON response (OpenAI leaves unset fields out)."""
-    content = body.model_dump_json(exclude_none=True) if isinstance(body, BaseModel) else None
+    """A JSON response, naming the call."""
     headers = {"x-request-id": call.record.request_id}
-    if content is None:
-        return JSONResponse(body, headers=headers)
-    return Response(content, media_type="application/json", headers=headers)
+    return Response(openai_json(body), media_type="application/json", headers=headers)
 
 
 def sse_data(body: BaseModel | dict[str, Any]) -> dict[str, str]:
     """One SSE event's fields (sse-starlette frames them)."""
-    if isinstance(body, BaseModel):
-        return {"data": body.model_dump_json(exclude_none=True)}
-    return {"data": json.dumps(body, ensure_ascii=False)}
+    return {"data": openai_json(body)}
 
 
 class HttpApi:
@@ -352,7 +381,10 @@ class HttpApi:
                     self._authenticate(request, route)
                     body = await read_body(request, self.settings.max_body_bytes)
                     response = await unless_disconnected(request, handler(call, request, body))
-                except asyncio.CancelledError:
+                except (ClientGoneError, ClientDisconnect):  # nobody reads the answer
+                    call.finish(CANCELLED)
+                    return Response(status_code=CANCELLED.http_status)
+                except asyncio.CancelledError:  # the server is stopping
                     call.finish(CANCELLED)
                     raise
                 except Exception as error:
@@ -425,8 +457,8 @@ class HttpApi:
         self._permit(request, "ChatStream" if chat.stream else "Chat")
         context = self.serving.ready()
         model = self._model(chat.model)
-        turn = convert.chat_turn(chat, call.record.request_id)
-        response_id = f"chatcmpl-{call.record.request_id}"
+        turn = convert.chat_turn(chat, call.engine_id)
+        response_id = f"chatcmpl-{call.engine_id}"
         if not chat.stream:
             deltas = [d async for d in operations.chat(context, turn)]
             for delta in deltas:
@@ -500,7 +532,7 @@ class HttpApi:
             completion = completion.model_copy(update={"max_tokens": 16})
         with phase("tokenize"):  # as gRPC's Generate: the span's first child
             requests = convert.generation_requests(
-                completion, call.record.request_id, context.tokenizer
+                completion, call.engine_id, context.tokenizer, max_prompts=MAX_PROMPTS
             )
         echoes = [
             context.tokenizer.decode(r.prompt_ids, skip_special_tokens=False)
@@ -508,7 +540,7 @@ class HttpApi:
             else ""
             for r in requests
         ]
-        response_id = f"cmpl-{call.record.request_id}"
+        response_id = f"cmpl-{call.engine_id}"
         streams = [operations.generate(context, r) for r in requests]
         if not completion.stream:
             events: list[list[TokenEvent]] = [[] for _ in requests]
@@ -618,9 +650,9 @@ class HttpApi:
                     )
                 ]
             )
+        usage = self._completion_usage(requests, events)
+        self._note_usage(usage)  # the call's record counts every prompt, usage asked or not
         if include_usage:
-            usage = self._completion_usage(requests, events)
-            self._note_usage(usage)
             yield chunk([], usage)
 
     # --- streaming ------------------------------------------------------------------------
@@ -634,8 +666,9 @@ class HttpApi:
                 try:
                     async for item in chunks:
                         yield sse_data(item)
-                except asyncio.CancelledError:
+                except (asyncio.CancelledError, GeneratorExit):  # the client went away
                     call.finish(CANCELLED)
+                    await _close(chunks)
                     raise
                 except Exception as error:  # after the first byte: an error event
                     status, message, body = describe(error)

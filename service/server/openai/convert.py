@@ -38,6 +38,16 @@ FINISH_REASONS = {
 }
 ROLES = {"developer": "system"}  # OpenAI's newer name for system instructions
 EXTRAS = ("top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids")
+# OpenAI chat fields refused unless null, and what to use instead.
+UNSERVED_CHAT_FIELDS = {
+    "reasoning_effort": "this model's reasoning is on or off: chat_template_kwargs."
+    "enable_thinking, or the system prompt switch",
+    "verbosity": "ask in the prompt",
+    "functions": "use tools",
+    "function_call": "use tool_choice",
+    "prediction": "no predicted outputs",
+    "audio": "text only",
+}
 # The engine's refusals name its fields; OpenAI's clients know these by other names.
 ENGINE_FIELDS = {"max_new_tokens": "max_tokens", "stop strings": "stop", "stop string": "stop"}
 OPENAI_PARAMS = {
@@ -142,6 +152,9 @@ def _refuse_chat_unsupported(request: api.ChatCompletionRequest) -> None:
         raise RequestError("store: true is not supported (completions are not stored)")
     if request.modalities not in (None, ["text"]):
         raise RequestError(f"modalities: {request.modalities} is not supported; allowed: ['text']")
+    for name, instead in UNSERVED_CHAT_FIELDS.items():
+        if getattr(request, name) is not None:
+            raise RequestError(f"{name} is not supported; allowed: null or absent ({instead})")
 
 
 def message(index: int, sent: api.ChatMessage) -> ChatMessage:
@@ -219,16 +232,19 @@ def generation_requests(
     request_id: str,
     tokenizer: TextTokenizer,
     deadline: float | None = None,
+    max_prompts: int = 256,
 ) -> list[GenerationRequest]:
-    """One engine request per prompt of a completion request."""
+    """One engine request per prompt of a completion request (at most `max_prompts`)."""
     if request.best_of not in (None, 1):
         raise RequestError(f"best_of: {request.best_of} is not supported; allowed: 1")
     if request.suffix:
         raise RequestError("suffix is not supported (no fill-in-the-middle)")
     options = request_options(request, request.max_tokens, request.logprobs, deadline)
+    found = prompts(request.prompt)
+    if len(found) > max_prompts:
+        raise RequestError(f"prompt: {len(found)} prompts; allowed: at most {max_prompts}")
     if request.echo and request.logprobs is not None:  # the prompt's own, as lm-eval asks
         options = replace(options, prompt_logprobs=request.logprobs)
-    found = prompts(request.prompt)
     return [
         GenerationRequest(
             request_id if len(found) == 1 else f"{request_id}-{index}",

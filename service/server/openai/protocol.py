@@ -36,6 +36,7 @@ class ToolCall(Strict):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
+    index: StrictInt | None = None  # present when the call was rebuilt from a stream
 
 
 class TextPart(Strict):
@@ -58,7 +59,12 @@ class ChatMessage(Strict):
     # templates of reasoning models do with past thinking).
     reasoning_content: str | None = None
     reasoning: str | None = None
+    # What the SDK writes back for a returned message (`message.model_dump()`): nulls, or
+    # annotations of the answer, which do not reach the prompt.
     refusal: None = None
+    annotations: list[dict[str, Any]] | None = None
+    audio: None = None
+    function_call: None = None
 
     def text(self) -> str:
         """The content as one string."""
@@ -140,7 +146,7 @@ class SamplingFields(Strict):
     seed: StrictInt | None = None
     presence_penalty: FiniteFloat | None = None
     frequency_penalty: FiniteFloat | None = None
-    stream: StrictBool = False
+    stream: StrictBool | None = None  # null: false, as OpenAI takes it
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
@@ -158,7 +164,7 @@ class ChatCompletionRequest(SamplingFields):
 
     messages: list[ChatMessage]
     max_completion_tokens: StrictInt | None = None
-    logprobs: StrictBool = False
+    logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None
@@ -169,6 +175,16 @@ class ChatCompletionRequest(SamplingFields):
     store: StrictBool | None = None
     service_tier: str | None = None
     modalities: list[str] | None = None
+    # OpenAI fields this server takes only as null (refused otherwise, with the reason), and
+    # hints that do not change the answer (accepted).
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -176,7 +192,7 @@ class CompletionRequest(SamplingFields):
 
     prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
     logprobs: StrictInt | None = None
-    echo: StrictBool = False
+    echo: StrictBool | None = None
     best_of: StrictInt | None = None
     suffix: str | None = None
 

@@ -198,6 +198,8 @@ def test_bad_input_gets_the_right_status_and_message_and_the_server_keeps_servin
     huge = b'{"prompt": "' + b"a" * (50 * 1024 * 1024) + b'"}'
     too_large = _post(server, huge, model, "/v1/completions")
     assert too_large.status_code == 413 and "limit" in too_large.json()["error"]["message"]
+    many = _post(server, {"prompt": ["a"] * 300}, model, "/v1/completions")
+    assert many.status_code == 400 and "at most 256" in many.json()["error"]["message"]
     missing = httpx.get(f"{server.http_url}/v1/nothing-here", timeout=10)
     assert missing.status_code == 404 and missing.json()["error"]["message"]
     ok = _post(server, {"messages": [{"role": "user", "content": PARIS}], "max_tokens": 8}, model)
@@ -234,6 +236,7 @@ def test_a_client_that_disconnects_frees_its_kv_blocks(server, model):
         "the cancelled HTTP calls",
         count=2,
     )
+    assert "Exception in ASGI application" not in server.log_path.read_text()  # no traceback
 
 
 def test_metrics_on_the_http_port_carry_the_routers_gauges_and_the_routes(server, client, model):

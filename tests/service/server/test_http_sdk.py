@@ -195,3 +195,55 @@ def test_reasoning_switches_as_nim_and_vllm_users_send_them(tokenizer):
     for answer, prompt in zip((typed, in_prompt), prompts, strict=True):
         assert answer.choices[0].message.content == "Paris."  # no thinking to split off
         assert "/no_think" in prompt and prompt.endswith("<think>\n\n</think>\n\n")
+
+
+def test_what_clients_send_back_and_optional_nulls_are_taken_and_unserved_fields_named(
+    tokenizer,
+):
+    replies = [Reply(f"<think>Ask.</think>{FORECAST_CALL}"), Reply("<think>.</think>Sunny.")]
+    with http_in_process(ScriptedEngine(tokenizer, replies)) as server:
+        client = _client(server, max_retries=0)
+        first = client.chat.completions.create(
+            model=MODEL, messages=QUESTION, tools=[FORECAST_TOOL], max_tokens=200
+        )
+        returned = first.choices[0].message.model_dump()  # every field, nulls included
+        assert returned["content"] is None  # written as null beside tool calls, as OpenAI does
+        call = returned["tool_calls"][0] | {"index": 0}  # as rebuilt from a stream
+        history = [
+            *QUESTION,
+            returned | {"tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "content": "sunny"},
+        ]
+        second = client.chat.completions.create(
+            model=MODEL,
+            messages=history,
+            max_tokens=200,
+            extra_body={"stream": None, "logprobs": None, "prompt_cache_key": "user-7"},
+        )
+        assert second.choices[0].message.content == "Sunny."
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(
+                model=MODEL, messages=QUESTION, max_tokens=5, reasoning_effort="low"
+            )
+        assert "reasoning_effort" in refused.value.body["message"]
+
+
+def test_chunks_carry_finish_reason_null_and_a_reused_request_id_does_not_collide(tokenizer):
+    replies = [Reply("<think>.</think>Paris.")] * 2
+    with http_in_process(ScriptedEngine(tokenizer, replies)) as server:
+        body = {"model": MODEL, "messages": QUESTION, "max_tokens": 50, "stream": True}
+        headers = {"x-request-id": "retried-1"}
+        with httpx.Client(base_url=server.base_url, timeout=60) as http:
+            for _ in range(2):  # a gateway's retry keeps the header
+                with http.stream("POST", "/chat/completions", json=body, headers=headers) as r:
+                    assert r.status_code == 200 and r.headers["x-request-id"] == "retried-1"
+                    chunks = [
+                        json.loads(line[6:])
+                        for line in r.iter_lines()
+                        if line.startswith("data: {")
+                    ]
+                assert all("finish_reason" in c["choices"][0] for c in chunks)
+                assert chunks[0]["choices"][0]["finish_reason"] is None
+                assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+        engine_ids = {r.request_id for r in server.engine.requests}
+        assert len(engine_ids) == 2 and "retried-1" not in engine_ids  # the server's own ids
