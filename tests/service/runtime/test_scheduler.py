@@ -53,3 +53,23 @@ def test_shared_prefix_blocks_are_reused_and_counted():
     assert step.items[0][1] == 1  # 12 of 13 tokens came from the cache
     assert second.cached_prompt_tokens == 12
     assert (kv.prefix_queries, kv.prefix_hits) == (26, 12)
+
+
+def test_a_prompt_being_scored_is_computed_in_chunks_of_bounded_logits():
+    from service.runtime.scheduler import SCORED_PROMPT_CHUNK
+
+    scheduler = Scheduler(KVCacheManager(BlockPool(256, 16)), max_batch_size=4, max_num_tokens=2048)
+    options = RequestOptions(max_new_tokens=2, prompt_logprobs=0)
+    scored = Sequence(GenerationRequest("scored", tuple(range(1, 1301)), options), 0.0)
+    scheduler.add(scored)
+    chunks = []
+    while scored.num_computed < scored.num_prompt:
+        ((seq, count),) = scheduler.schedule().items
+        chunks.append(count)
+        scheduler.computed(seq, count)
+    assert chunks == [SCORED_PROMPT_CHUNK, SCORED_PROMPT_CHUNK, 1300 - 2 * SCORED_PROMPT_CHUNK]
+    other_prompt = tuple(range(2, 1302))  # not the scored one's: no prefix-cache hit
+    plain = Sequence(GenerationRequest("plain", other_prompt, RequestOptions()), 0.0)
+    scheduler.add(plain)
+    ((_, count),) = [item for item in scheduler.schedule().items if item[0] is plain]
+    assert count == 1300  # only scored prompts are held to the bound
