@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -258,11 +257,6 @@ def generation_requests(
 # --- responses ------------------------------------------------------------------------------
 
 
-def new_id(prefix: str) -> str:
-    """A response id in OpenAI's style."""
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
 def usage(prompt: int, completion: int, reasoning: int = 0, cached: int = 0) -> api.Usage:
     """OpenAI's usage object."""
     return api.Usage(
@@ -387,14 +381,11 @@ def completion_choice(
     )
 
 
-def _stop_logprob(event: TokenEvent) -> tuple[TokenLogprob, ...]:
-    """The stop token that ended a completion, listed last as OpenAI's (and vLLM's) list it."""
-    return (event.stop_logprob,) if event.stop_logprob is not None else ()
-
-
 def event_logprobs(event: TokenEvent) -> tuple[TokenLogprob, ...]:
-    """A completion event's token log-probabilities, the stop token's included."""
-    return (*event.logprobs, *_stop_logprob(event))
+    """A completion event's token log-probabilities; the stop token that ended the completion
+    is listed last, as OpenAI's (and vLLM's) list it."""
+    stop = (event.stop_logprob,) if event.stop_logprob is not None else ()
+    return (*event.logprobs, *stop)
 
 
 def echo_logprobs(
