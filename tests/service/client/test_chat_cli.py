@@ -107,13 +107,25 @@ def test_server_error_exits_2_with_the_status_code_and_details(server):
     )
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Terminal:
     """`nemotron-chat` on a pseudo-terminal, so it runs its interactive chat."""
 
     def __init__(self, *args: str) -> None:
         self.master, replica = pty.openpty()
         self.process = subprocess.Popen(
-            [CHAT, *args], stdin=replica, stdout=replica, stderr=replica, env=BASE_ENV
+            [CHAT, *args],
+            stdin=replica,
+            stdout=replica,
+            stderr=replica,
+            env=BASE_ENV,
+            # A shell gives a foreground command Ctrl-C back even where the tests themselves
+            # run as a background job, which inherits SIGINT ignored (and Python then installs
+            # no KeyboardInterrupt handler): do the same, so the test does not depend on it.
+            preexec_fn=_default_sigint,
         )
         os.close(replica)
         self.seen = ""
