@@ -1,19 +1,23 @@
 """What the service costs over the in-process engine, gRPC and HTTP, on the same requests.
 
-    python -m bench.service_overhead [--requests 48] [--concurrency 16] [--rounds 2]
+    python -m bench.service_overhead [--requests 32] [--concurrency 16] [--rounds 6]
 
 The peer is our own engine called in process (`engine.generate`), with the options the server
 uses. The service side is a real `nemotron-serve` process on loopback ports, serving the same
 engine directory, with clients streaming from this process (a closed loop of `--concurrency`
 streams): `GenerateStream` over grpc.aio, and `POST /v1/completions` with `stream: true` over
-httpx (HTTP/1.1 keep-alive connections, one per concurrent stream, SSE lines read as they
-come). Rounds alternate in-process, gRPC and HTTP; each engine is idle while another runs.
-Client and server share this machine's cores, so the client's work is part of the service's
-cost here. An SSE chunk is counted as one token for the inter-token gaps (the engine merges
-tokens only when a client falls behind); totals come from the usage chunk.
+aiohttp, the HTTP client of aiperf and `vllm bench serve` (HTTP/1.1 keep-alive connections,
+one per concurrent stream, SSE lines read as they come). Both processes freeze their startup
+heap the same way (`service.runtime.heap`). Rounds alternate in-process, gRPC and HTTP; each
+engine is idle while another runs. Client and server share this machine's cores, so the
+client's work is part of the service's cost here. A shared machine's speed drifts by tens of
+percent between rounds, more than the differences measured: the ratios are taken within each
+round (the three sides ran within a minute of each other) and their median is the result.
+An SSE chunk is counted as one token for the inter-token gaps (the engine merges tokens only
+when a client falls behind); totals come from the usage chunk.
 
 Reported:
-- output tokens/s of each side and their ratio;
+- output tokens/s of each side and their ratios, per round, with the median of each ratio;
 - delivery delay of streamed tokens: when the client received a token minus when the engine
   produced it. The server runs with tracing on (to a receiver in this process), and its own
   spans say when each stream's first token (end of `prefill`) and last token (end of `decode`)
@@ -35,14 +39,15 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import aiohttp
 import grpc
-import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nemotron.v1 import generation_pb2 as pb
 from nemotron.v1 import generation_pb2_grpc as pb_grpc
@@ -53,6 +58,7 @@ from bench.otlp_sink import OtlpReceiver, start_receiver
 from engine_build.embedded import default_cache_dir
 from service.runtime.compute import reserve_cores_for_compute_threads, run_in_compute_thread
 from service.runtime.factory import open_runtime
+from service.runtime.heap import freeze_startup_heap
 from service.runtime.interface import Engine, GenerationRequest
 from service.runtime.options import RequestOptions, SamplingParams
 from service.runtime.sizing import RuntimeOptions
@@ -121,7 +127,7 @@ async def _through_grpc(
 
 
 async def _through_http(
-    client: httpx.AsyncClient, model: str, spec: RequestSpec, name: str
+    client: aiohttp.ClientSession, model: str, spec: RequestSpec, name: str
 ) -> StreamResult:
     body = {
         "model": model,
@@ -134,11 +140,10 @@ async def _through_http(
     sent = time.time_ns()
     stamps: list[int] = []
     end, total = sent, 0
-    async with client.stream(
-        "POST", "/v1/completions", json=body, headers={"x-request-id": name}
-    ) as response:
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+    async with client.post("/v1/completions", json=body, headers={"x-request-id": name}) as r:
+        r.raise_for_status()
+        async for line in r.content:  # one SSE line at a time
+            if not line.startswith(b"data: {"):  # blank separators and [DONE]
                 continue
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
@@ -254,9 +259,9 @@ def start_server(
 def main() -> None:
     """Run the rounds and print the report."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--compute-threads", type=int, default=None, help="both engines")
     args = parser.parse_args()
     reserve_cores_for_compute_threads()
@@ -271,6 +276,7 @@ def main() -> None:
         options = RuntimeOptions(threads=args.compute_threads)  # the server's options
         runtime = open_runtime(engine_dir, options)
         loop.run_until_complete(runtime.start())
+        freeze_startup_heap()  # as the server does once its engine is started
         workload = Workload(args.requests, (16, 128), (32, 64), seed=0)
         specs = make_requests(workload, runtime.tokenizer.encode, runtime.graph.vocab_size)
         channel = grpc.aio.insecure_channel(address)
@@ -282,11 +288,17 @@ def main() -> None:
         def ours_one(spec: RequestSpec, name: str) -> Awaitable[StreamResult]:
             return _through_grpc(stub, spec, name)
 
-        limits = httpx.Limits(max_connections=args.concurrency)
-        http = httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{http_port}", limits=limits, timeout=600
+        http = aiohttp.ClientSession(
+            base_url=f"http://127.0.0.1:{http_port}",
+            connector=aiohttp.TCPConnector(limit=args.concurrency),
+            timeout=aiohttp.ClientTimeout(total=600),
         )
-        model = loop.run_until_complete(http.get("/v1/models")).json()["data"][0]["id"]
+
+        async def served_name() -> str:
+            async with http.get("/v1/models") as response:
+                return str((await response.json())["data"][0]["id"])
+
+        model = loop.run_until_complete(served_name())
 
         def http_one(spec: RequestSpec, name: str) -> Awaitable[StreamResult]:
             return _through_http(http, model, spec, name)
@@ -295,13 +307,15 @@ def main() -> None:
             loop.run_until_complete(closed_loop(one, specs[:4], 4, "warm"))
         sides: dict[str, list[Round]] = {"in-process": [], "gRPC": [], "HTTP": []}
         ones = {"in-process": peer_one, "gRPC": ours_one, "HTTP": http_one}
-        for number in range(args.rounds):
-            for label, one in ones.items():
+        labels = list(ones)
+        for number in range(args.rounds):  # each side first in turn
+            for label in labels[number % 3 :] + labels[: number % 3]:
+                one = ones[label]
                 tag = f"{label}-round{number}"
                 sides[label].append(
                     loop.run_until_complete(closed_loop(one, specs, args.concurrency, tag))
                 )
-        loop.run_until_complete(http.aclose())
+        loop.run_until_complete(http.close())
         loop.run_until_complete(channel.close())
         loop.run_until_complete(runtime.shutdown())
     finally:
@@ -337,6 +351,17 @@ def report(engine_id: str, args: argparse.Namespace, sides: dict[str, list[Round
         for side in (peer, grpc_side, http_side)
     ]
     row("all", *rate)
+    per_round = [[r.output_tokens_per_s for r in side] for side in (peer, grpc_side, http_side)]
+    medians = [
+        statistics.median(a / b for a, b in zip(top, bottom, strict=True))
+        for top, bottom in (
+            (per_round[1], per_round[0]),
+            (per_round[2], per_round[0]),
+            (per_round[2], per_round[1]),
+        )
+    ]
+    cells = " | ".join(f"{m:.3f}" for m in medians)
+    print(f"| median of the rounds' ratios | | | | {cells} |")
     print(
         "\ntoken delivery delay (received by the client - produced by the engine), ms:\n\n"
         "| path | tokens | p50 | p90 | p99 |\n|---|---|---|---|---|"

@@ -1,9 +1,10 @@
 """Chat over a running engine: prepare the conversation, generate, split reasoning and tools.
 
-`run_chat_turn` streams `ChatDelta`s for one assistant turn (used by the gRPC API and the
-terminal chat). A reasoning budget runs the turn in two generations when the first reaches it:
-the thinking, cut at the budget and closed (or already closed within it), then the rest of the
-answer from the prompt plus what came so far (prefix caching makes the second prefill cheap).
+`start_chat_turn` submits one assistant turn and streams its `ChatDelta`s (the APIs);
+`run_chat_turn` does both when first iterated (the terminal chat). A reasoning budget runs the
+turn in two generations when the first reaches it: the thinking, cut at the budget and closed
+(or already closed within it), then the rest of the answer from the prompt plus what came so
+far (prefix caching makes the second prefill cheap).
 """
 
 from __future__ import annotations
@@ -100,23 +101,46 @@ def render_prompt(context: ChatContext, turn: ChatTurn) -> list[int]:
     return context.tokenizer.render_chat(messages, **({"tools": tools} if tools else {}))
 
 
-async def run_chat_turn(context: ChatContext, turn: ChatTurn) -> AsyncIterator[ChatDelta]:
-    """Stream the assistant's turn."""
+def start_chat_turn(context: ChatContext, turn: ChatTurn) -> AsyncIterator[ChatDelta]:
+    """Check, render and submit the turn now (a refusal raises here); its deltas stream after.
+
+    A front end can so answer a refused turn with an error status and start streaming an
+    admitted one before its first token exists.
+    """
     if turn.reasoning_budget_tokens is not None and turn.reasoning_budget_tokens < 1:
         raise RequestError(f"reasoning_budget_tokens {turn.reasoning_budget_tokens} must be >= 1")
     mode, messages = asked_reasoning(turn.messages, context.family, turn.reasoning)
     turn = replace(turn, messages=messages, reasoning=mode)
     with phase("tokenize"):
         prompt = render_prompt(context, turn)
-    thinking = context.family.reasoning_enabled(mode)
-    splitter = OutputSplitter(thinking=thinking)
     wanted = max_new_tokens_for(
         turn.options.max_new_tokens, context.engine.limits.room(len(prompt))
     )
+    thinking = context.family.reasoning_enabled(mode)
     budget = turn.reasoning_budget_tokens if thinking else None
     first = _request(turn, prompt, min(wanted, budget) if budget else wanted, turn.request_id)
+    stream = context.engine.generate(first)
+    return _run_turn(context, turn, prompt, stream, wanted, budget, thinking)
+
+
+async def run_chat_turn(context: ChatContext, turn: ChatTurn) -> AsyncIterator[ChatDelta]:
+    """Stream the assistant's turn (submitted when first asked for a delta)."""
+    async for delta in start_chat_turn(context, turn):
+        yield delta
+
+
+async def _run_turn(
+    context: ChatContext,
+    turn: ChatTurn,
+    prompt: list[int],
+    stream: AsyncIterator[TokenEvent],
+    wanted: int,
+    budget: int | None,
+    thinking: bool,
+) -> AsyncIterator[ChatDelta]:
+    splitter = OutputSplitter(thinking=thinking)
     events: list[TokenEvent] = []
-    async for delta in _split(context.engine, context.engine.generate(first), splitter, events):
+    async for delta in _split(context.engine, stream, splitter, events):
         yield delta
     tail = events[-1]
     generated = sum(len(e.token_ids) for e in events)

@@ -22,6 +22,7 @@ from service.chat.formats import family_of, load_families
 from service.chat.turns import ChatContext
 from service.runtime.compute import run_in_compute_thread
 from service.runtime.factory import open_engine
+from service.runtime.heap import freeze_startup_heap
 from service.runtime.interface import Engine
 from service.runtime.sizing import RuntimeOptions
 from service.server.config import ServerConfig
@@ -65,6 +66,7 @@ async def start_engine(
         "engine_started",
         engine=str(choice.directory),
         seconds=round(time.perf_counter() - started, 2),
+        frozen_objects=freeze_startup_heap(),
     )
     return engine
 

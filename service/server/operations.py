@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from service.chat.turns import ChatContext, ChatDelta, ChatTurn, run_chat_turn
-from service.observability.tracing import current_record
+from service.chat.turns import ChatContext, ChatDelta, ChatTurn, start_chat_turn
+from service.observability.tracing import RequestRecord, current_record
 from service.runtime.interface import (
     FinishReason,
     GenerationRequest,
@@ -69,13 +69,22 @@ class Serving:
         return self._info
 
 
-async def generate(context: ChatContext, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-    """Run a plain generation, counting tokens as they come (a cancelled stream still counts)."""
+def generate(context: ChatContext, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    """Submit a plain generation now (a refusal raises here); stream its events, counting
+    tokens as they come (a cancelled stream still counts)."""
     note_request("text_completion", request.options)
     record = current_record()
     if record is not None:
         record.prompt_tokens = len(request.prompt_ids)
-    stream = context.engine.generate(request)
+    return _counted(context, request, context.engine.generate(request), record)
+
+
+async def _counted(
+    context: ChatContext,
+    request: GenerationRequest,
+    stream: AsyncIterator[TokenEvent],
+    record: RequestRecord | None,
+) -> AsyncIterator[TokenEvent]:
     completion = 0
     try:
         async for event in stream:
@@ -91,10 +100,14 @@ async def generate(context: ChatContext, request: GenerationRequest) -> AsyncIte
         await stream.aclose()  # a client that went away aborts its request
 
 
-async def chat(context: ChatContext, turn: ChatTurn) -> AsyncIterator[ChatDelta]:
-    """Run a chat turn, noting the request and its outcome."""
+def chat(context: ChatContext, turn: ChatTurn) -> AsyncIterator[ChatDelta]:
+    """Submit a chat turn now (a refusal raises here); stream its deltas, noting the outcome."""
     note_request("chat", turn.options)
-    async for delta in run_chat_turn(context, turn):
+    return _noted(start_chat_turn(context, turn))
+
+
+async def _noted(deltas: AsyncIterator[ChatDelta]) -> AsyncIterator[ChatDelta]:
+    async for delta in deltas:
         record = current_record()
         if record is not None and delta.usage is not None:
             u = delta.usage

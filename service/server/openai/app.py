@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from engine_build.events import log_event
+from service.chat.turns import ChatContext
 from service.observability.calls import Call, Observability
 from service.observability.tracing import current_record, phase
 from service.runtime.interface import (
@@ -231,23 +232,6 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-async def primed(source: AsyncIterator[T]) -> AsyncIterator[T]:
-    """`source` with its first item already produced, so a refusal comes before any bytes."""
-    try:
-        first = await anext(source)
-    except StopAsyncIteration:
-        first = None
-
-    async def rest() -> AsyncIterator[T]:
-        if first is None:
-            return
-        yield first
-        async for item in source:
-            yield item
-
-    return rest()
-
-
 async def merged(streams: Sequence[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
     """Items of several streams as they come, tagged with the stream's index."""
     if len(streams) == 1:
@@ -316,9 +300,31 @@ def json_response(body: BaseModel | dict[str, Any], call: _HttpCall) -> Response
     return Response(openai_json(body), media_type="application/json", headers=headers)
 
 
-def sse_data(body: BaseModel | dict[str, Any]) -> dict[str, str]:
-    """One SSE event's fields (sse-starlette frames them)."""
-    return {"data": openai_json(body)}
+def sse_data(body: BaseModel | dict[str, Any] | str) -> dict[str, str]:
+    """One SSE event's fields (sse-starlette frames them); a string is JSON already written."""
+    return {"data": body if isinstance(body, str) else openai_json(body)}
+
+
+class TextChunk:
+    """A stream chunk whose only varying part is one text (a token's), written fast.
+
+    Building and dumping the pydantic chunk per token cost more than the rest of the token's
+    way out of the server. The chunk is rendered once by `openai_json`, with a marker where the
+    text goes (every field that holds it), and each token's chunk is that JSON with the marker
+    replaced by the token's JSON string: the same bytes `openai_json` would write.
+    """
+
+    MARK = "\x00text\x00"
+
+    def __init__(self, make: Callable[[str], BaseModel]) -> None:
+        self._json = openai_json(make(self.MARK))
+        self._mark = json.dumps(self.MARK)
+        if self._mark not in self._json:
+            raise ValueError("the chunk does not carry its text")
+
+    def __call__(self, text: str) -> str:
+        """The chunk's JSON with `text` in it."""
+        return self._json.replace(self._mark, json.dumps(text, ensure_ascii=False))
 
 
 class HttpApi:
@@ -346,6 +352,9 @@ class HttpApi:
 
     def _build(self) -> FastAPI:
         app = FastAPI(
+            # The server's own spans, logs and metrics describe every call (one record for
+            # both APIs); FastAPI's built-in OpenTelemetry would add a second set.
+            telemetry={"tracing": False, "metrics": False, "logs": False},
             title="nemotron-serve",
             version=self.settings.version,
             description="OpenAI- and NIM-compatible API of nemotron-serve",
@@ -467,7 +476,7 @@ class HttpApi:
                 convert.chat_completion(response_id, model, deltas, context.tokenizer), call
             )
         include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-        deltas_stream = await primed(operations.chat(context, turn))
+        deltas_stream = operations.chat(context, turn)  # admitted: the stream starts now
         chunks = self._chat_chunks(call, deltas_stream, response_id, model, include_usage)
         return self._stream(call, chunks)
 
@@ -478,7 +487,7 @@ class HttpApi:
         response_id: str,
         model: str,
         include_usage: bool,
-    ) -> AsyncIterator[BaseModel]:
+    ) -> AsyncIterator[BaseModel | str]:
         tokenizer = self.serving.ready().tokenizer
         created = int(time.time())
 
@@ -492,16 +501,24 @@ class HttpApi:
                 choices=[choice],
             )
 
+        content = TextChunk(lambda t: chunk(api.AssistantMessage(content=t)))
+        reasoning = TextChunk(
+            lambda t: chunk(api.AssistantMessage(reasoning_content=t, reasoning=t))
+        )
         yield chunk(api.AssistantMessage(role="assistant", content=""))
         async for delta in deltas:
             call.keep_text(delta.reasoning, delta.content)
-            if delta.reasoning or delta.content or delta.logprobs:
+            if delta.logprobs or (delta.reasoning and delta.content):
                 text = api.AssistantMessage(
                     content=delta.content or None,
                     reasoning_content=delta.reasoning or None,
                     reasoning=delta.reasoning or None,
                 )
                 yield chunk(text, logprobs=convert.chat_logprobs(delta.logprobs, tokenizer))
+            elif delta.content:
+                yield content(delta.content)
+            elif delta.reasoning:
+                yield reasoning(delta.reasoning)
             if delta.finish_reason is None:
                 continue
             if delta.tool_calls:
@@ -541,7 +558,7 @@ class HttpApi:
             for r in requests
         ]
         response_id = f"cmpl-{call.engine_id}"
-        streams = [operations.generate(context, r) for r in requests]
+        streams = self._submit(context, requests)
         if not completion.stream:
             events: list[list[TokenEvent]] = [[] for _ in requests]
             async for index, event in merged(streams):
@@ -551,11 +568,26 @@ class HttpApi:
                 self._completion(response_id, model, requests, events, echoes), call
             )
         include_usage = bool(completion.stream_options and completion.stream_options.include_usage)
-        tagged = await primed(merged(streams))
+        tagged = merged(streams)  # admitted: the stream starts now, before the first token
         chunks = self._completion_chunks(
             call, tagged, response_id, model, requests, echoes, include_usage
         )
         return self._stream(call, chunks)
+
+    @staticmethod
+    def _submit(
+        context: ChatContext, requests: Sequence[GenerationRequest]
+    ) -> list[AsyncIterator[TokenEvent]]:
+        """Submit every prompt, or none: a refusal aborts those already admitted."""
+        streams: list[AsyncIterator[TokenEvent]] = []
+        try:
+            for request in requests:
+                streams.append(operations.generate(context, request))
+        except BaseException:
+            for request in requests[: len(streams)]:
+                context.engine.abort(request.request_id)
+            raise
+        return streams
 
     def _completion(
         self,
@@ -606,7 +638,7 @@ class HttpApi:
         requests: Sequence[GenerationRequest],
         echoes: Sequence[str],
         include_usage: bool,
-    ) -> AsyncIterator[BaseModel]:
+    ) -> AsyncIterator[BaseModel | str]:
         tokenizer = self.serving.ready().tokenizer
         created = int(time.time())
         offsets = [len(e) for e in echoes]
@@ -616,6 +648,15 @@ class HttpApi:
             return api.Completion(
                 id=response_id, created=created, model=model, choices=choices, usage=usage
             )
+
+        plain: dict[int, TextChunk] = {}  # by prompt: a token's text and nothing else
+
+        def text_chunk(index: int, text: str) -> str:
+            if index not in plain:
+                plain[index] = TextChunk(
+                    lambda t: chunk([api.CompletionChoice(index=index, text=t)])
+                )
+            return plain[index](text)
 
         unechoed = set()  # echoes waiting for their prompt's log-probabilities
         for index, echo in enumerate(echoes):
@@ -636,6 +677,10 @@ class HttpApi:
                 )
                 if not (event.token_ids or event.text or event.finish_reason):
                     continue
+            if not (event.finish_reason or convert.event_logprobs(event)):
+                offsets[index] += len(event.text)
+                yield text_chunk(index, event.text)
+                continue
             logprobs = None
             if convert.event_logprobs(event):
                 logprobs = convert.completion_logprobs(
@@ -657,7 +702,7 @@ class HttpApi:
 
     # --- streaming ------------------------------------------------------------------------
 
-    def _stream(self, call: _HttpCall, chunks: AsyncIterator[BaseModel]) -> Response:
+    def _stream(self, call: _HttpCall, chunks: AsyncIterator[BaseModel | str]) -> Response:
         """An SSE response of `chunks` then `[DONE]`; the call ends with the stream."""
         call.streaming = True
 
