@@ -1,6 +1,6 @@
 """What the service costs over the in-process engine, gRPC and HTTP, on the same requests.
 
-    python -m bench.service_overhead [--requests 32] [--concurrency 16] [--rounds 6]
+    python -m bench.service_overhead [--requests 32] [--concurrency 16] [--rounds 8]
 
 The peer is our own engine called in process (`engine.generate`), with the options the server
 uses. The service side is a real `nemotron-serve` process on loopback ports, serving the same
@@ -12,7 +12,10 @@ heap the same way (`service.runtime.heap`). Rounds alternate in-process, gRPC an
 engine is idle while another runs. Client and server share this machine's cores, so the
 client's work is part of the service's cost here. A shared machine's speed drifts by tens of
 percent between rounds, more than the differences measured: the ratios are taken within each
-round (the three sides ran within a minute of each other) and their median is the result.
+round (the sides ran within a minute of each other) and their median is the result, and each
+round also runs the in-process engine a second time ("in-process again"), whose ratio to the
+first shows how far two runs of the same thing differ here. The hypervisor's steal time over
+the rounds is printed too.
 An SSE chunk is counted as one token for the inter-token gaps (the engine merges tokens only
 when a client falls behind); totals come from the usage chunk.
 
@@ -63,6 +66,8 @@ from service.runtime.interface import Engine, GenerationRequest
 from service.runtime.options import RequestOptions, SamplingParams
 from service.runtime.sizing import RuntimeOptions
 from service.startup.selection import ensure_cpu_engine
+
+CONTROL = "in-process again"  # the peer run twice per round: how far two equal runs differ
 
 
 @dataclass
@@ -261,7 +266,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--compute-threads", type=int, default=None, help="both engines")
     args = parser.parse_args()
     reserve_cores_for_compute_threads()
@@ -288,16 +293,18 @@ def main() -> None:
         def ours_one(spec: RequestSpec, name: str) -> Awaitable[StreamResult]:
             return _through_grpc(stub, spec, name)
 
-        http = aiohttp.ClientSession(
-            base_url=f"http://127.0.0.1:{http_port}",
-            connector=aiohttp.TCPConnector(limit=args.concurrency),
-            timeout=aiohttp.ClientTimeout(total=600),
-        )
+        async def session() -> aiohttp.ClientSession:  # made on the loop that will use it
+            return aiohttp.ClientSession(
+                base_url=f"http://127.0.0.1:{http_port}",
+                connector=aiohttp.TCPConnector(limit=args.concurrency),
+                timeout=aiohttp.ClientTimeout(total=600),
+            )
 
         async def served_name() -> str:
             async with http.get("/v1/models") as response:
                 return str((await response.json())["data"][0]["id"])
 
+        http = loop.run_until_complete(session())
         model = loop.run_until_complete(served_name())
 
         def http_one(spec: RequestSpec, name: str) -> Awaitable[StreamResult]:
@@ -305,16 +312,17 @@ def main() -> None:
 
         for one in (peer_one, ours_one, http_one):  # warm every path
             loop.run_until_complete(closed_loop(one, specs[:4], 4, "warm"))
-        sides: dict[str, list[Round]] = {"in-process": [], "gRPC": [], "HTTP": []}
-        ones = {"in-process": peer_one, "gRPC": ours_one, "HTTP": http_one}
+        ones = {CONTROL: peer_one, "gRPC": ours_one, "HTTP": http_one, "in-process": peer_one}
+        sides: dict[str, list[Round]] = {label: [] for label in ones}
         labels = list(ones)
+        stolen = Steal()
         for number in range(args.rounds):  # each side first in turn
-            for label in labels[number % 3 :] + labels[: number % 3]:
-                one = ones[label]
+            for label in labels[number % 4 :] + labels[: number % 4]:
                 tag = f"{label}-round{number}"
                 sides[label].append(
-                    loop.run_until_complete(closed_loop(one, specs, args.concurrency, tag))
+                    loop.run_until_complete(closed_loop(ones[label], specs, args.concurrency, tag))
                 )
+        steal = stolen.fraction()
         loop.run_until_complete(http.close())
         loop.run_until_complete(channel.close())
         loop.run_until_complete(runtime.shutdown())
@@ -324,51 +332,86 @@ def main() -> None:
     for label in ("gRPC", "HTTP"):
         place_on_spans([r for x in sides[label] for r in x.results], receiver)
     sink.stop(None)
-    report(engine_id=engine_dir.name, args=args, sides=sides)
+    report(engine_id=engine_dir.name, args=args, sides=sides, steal=steal)
 
 
-def report(engine_id: str, args: argparse.Namespace, sides: dict[str, list[Round]]) -> None:
+class Steal:
+    """The share of this machine's CPU time its hypervisor gave to others since creation."""
+
+    def __init__(self) -> None:
+        self.start = self._read()
+
+    @staticmethod
+    def _read() -> tuple[int, int]:
+        try:
+            with open("/proc/stat") as stat:
+                fields = [int(x) for x in stat.readline().split()[1:]]
+        except OSError:
+            return 0, 0
+        return (fields[7] if len(fields) > 7 else 0), sum(fields)
+
+    def fraction(self) -> float:
+        """Stolen / all CPU time since creation (0 where the kernel does not say)."""
+        steal, total = self._read()
+        return (steal - self.start[0]) / max(1, total - self.start[1])
+
+
+def report(
+    engine_id: str, args: argparse.Namespace, sides: dict[str, list[Round]], steal: float
+) -> None:
     """Print the markdown report."""
     print(f"machine: {machine()}")
     print(f"engine: {engine_id}; {args.requests} requests, prompts 16-128 tokens, outputs 32-64")
     threads = args.compute_threads or "all cores"
     print(f"closed loop of {args.concurrency} concurrent streams, {args.rounds} rounds, "
           f"engine compute threads: {threads}\n")  # fmt: skip
-    peer, grpc_side, http_side = sides["in-process"], sides["gRPC"], sides["HTTP"]
+    print(f"CPU time stolen by the hypervisor during the rounds: {steal:.1%}\n")
+    ratios = (
+        (CONTROL, "in-process"),  # the noise floor: the same engine twice
+        ("gRPC", "in-process"),
+        ("HTTP", "in-process"),
+        ("HTTP", "gRPC"),
+    )
+    rates = ("in-process", CONTROL, "gRPC", "HTTP")
     print(
-        "| round | in-process tokens/s | gRPC tokens/s | HTTP tokens/s | gRPC / in-process "
-        "| HTTP / in-process | HTTP / gRPC |\n|---|---|---|---|---|---|---|"
+        "| round | "
+        + " | ".join(f"{label} tokens/s" for label in rates)
+        + " | "
+        + " | ".join(f"{a} / {b}" for a, b in ratios)
+        + " |\n|"
+        + "---|" * (1 + len(rates) + len(ratios))
     )
 
-    def row(label: str, p: float, g: float, h: float) -> None:
-        ratios = f"{g / p:.3f} | {h / p:.3f} | {h / g:.3f}"
-        print(f"| {label} | {p:.1f} | {g:.1f} | {h:.1f} | {ratios} |")
+    def row(label: str, rate: dict[str, float]) -> None:
+        cells = [f"{rate[x]:.1f}" for x in rates] + [f"{rate[a] / rate[b]:.3f}" for a, b in ratios]
+        print(f"| {label} | " + " | ".join(cells) + " |")
 
-    for index, rounds in enumerate(zip(peer, grpc_side, http_side, strict=True), start=1):
-        row(str(index), *(r.output_tokens_per_s for r in rounds))
-    rate = [
-        sum(r.tokens for x in side for r in x.results) / sum(x.wall_s for x in side)
-        for side in (peer, grpc_side, http_side)
-    ]
-    row("all", *rate)
-    per_round = [[r.output_tokens_per_s for r in side] for side in (peer, grpc_side, http_side)]
+    for number in range(args.rounds):
+        row(str(number + 1), {x: sides[x][number].output_tokens_per_s for x in rates})
+    row(
+        "all",
+        {
+            x: sum(r.tokens for rnd in sides[x] for r in rnd.results)
+            / sum(rnd.wall_s for rnd in sides[x])
+            for x in rates
+        },
+    )
     medians = [
-        statistics.median(a / b for a, b in zip(top, bottom, strict=True))
-        for top, bottom in (
-            (per_round[1], per_round[0]),
-            (per_round[2], per_round[0]),
-            (per_round[2], per_round[1]),
+        statistics.median(
+            top.output_tokens_per_s / bottom.output_tokens_per_s
+            for top, bottom in zip(sides[a], sides[b], strict=True)
         )
+        for a, b in ratios
     ]
     cells = " | ".join(f"{m:.3f}" for m in medians)
-    print(f"| median of the rounds' ratios | | | | {cells} |")
+    print(f"| median of the rounds' ratios |{' |' * len(rates)} {cells} |")
     print(
         "\ntoken delivery delay (received by the client - produced by the engine), ms:\n\n"
         "| path | tokens | p50 | p90 | p99 |\n|---|---|---|---|---|"
     )
     p50 = {}
-    for label, side in sides.items():
-        results = [r for x in side for r in x.results]
+    for label in ("in-process", "gRPC", "HTTP"):
+        results = [r for x in sides[label] for r in x.results]
         for which, values in (
             ("first and last", [d for r in results for d in (r.out_first_s, r.out_last_s)]),
             ("first", [r.out_first_s for r in results]),
@@ -386,8 +429,8 @@ def report(engine_id: str, args: argparse.Namespace, sides: dict[str, list[Round
             f"request way in through {label} (call -> engine arrival): p50 {way_in['p50']} ms, "
             f"p90 {way_in['p90']} ms"
         )
-    for label, side in sides.items():
-        q = percentiles([g for x in side for r in x.results for g in r.itl_s])
+    for label in ("in-process", "gRPC", "HTTP"):
+        q = percentiles([g for x in sides[label] for r in x.results for g in r.itl_s])
         print(
             f"inter-token latency seen by the client, {label}: p50 {q['p50']} ms, p90 {q['p90']} ms"
         )

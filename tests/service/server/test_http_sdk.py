@@ -247,3 +247,23 @@ def test_chunks_carry_finish_reason_null_and_a_reused_request_id_does_not_collid
                 assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
         engine_ids = {r.request_id for r in server.engine.requests}
         assert len(engine_ids) == 2 and "retried-1" not in engine_ids  # the server's own ids
+
+
+def test_a_failure_after_admission_is_an_error_event_even_before_the_first_token(tokenizer):
+    # The response starts when the engine admits the request (as vLLM's do), so a prefill
+    # that fails comes as an error event after the role chunk, not as a status.
+    replies = [Reply("", FinishReason.ERROR, error="prefill failed: CUDA error 700")]
+    with (
+        http_in_process(ScriptedEngine(tokenizer, replies)) as server,
+        httpx.stream(
+            "POST",
+            f"{server.base_url}/chat/completions",
+            json={"model": MODEL, "messages": QUESTION, "stream": True},
+        ) as raw,
+    ):
+        assert raw.status_code == 200
+        events = [line[6:] for line in raw.iter_lines() if line.startswith("data: ")]
+    assert json.loads(events[0])["choices"][0]["delta"]["role"] == "assistant"
+    error = json.loads(events[-2])["error"]
+    assert "incident" in error["message"] and "CUDA" not in error["message"]
+    assert events[-1] == "[DONE]"
