@@ -12,6 +12,10 @@ The flow, per TensorRT-LLM's `examples/models/core/nemotron_nas` and `builder.py
         which writes the whole tp-sharded checkpoint with FP8 weights and KV-cache scales.
   then, per rank: `DeciLMForCausalLM.from_checkpoint(ckpt, rank=r)`, `build(model,
         BuildConfig(...))`, `engine.save(out)`.
+The intermediate checkpoint and the builder's timing cache live in the build's scratch
+directory (`BuildConfig.output_timing_cache` defaults to `model.cache` in the working directory,
+which the chart's build Job mounts read-only). The engine directory also gets the checkpoint's
+tokenizer files and `generation_config.json` (TensorRT-LLM's `LLM` reads its EOS ids there).
 """
 
 from __future__ import annotations
@@ -46,7 +50,13 @@ class Call:
     rank: int | None = None
 
 
-def build_config_kwargs(profile: Profile) -> dict[str, Any]:
+# Copied from the checkpoint into the engine directory, where the runtime reads them.
+ENGINE_DIR_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+TIMING_CACHE = "timing.cache"  # in the scratch directory
+CHECKPOINT = "checkpoint"  # the TensorRT-LLM checkpoint, in the scratch directory
+
+
+def build_config_kwargs(profile: Profile, scratch: Path) -> dict[str, Any]:
     """`tensorrt_llm.builder.BuildConfig` keyword arguments from the profile's limits."""
     limits = profile.limits
     return {
@@ -55,12 +65,14 @@ def build_config_kwargs(profile: Profile) -> dict[str, Any]:
         "max_seq_len": limits.max_seq_len,
         "max_num_tokens": limits.max_num_tokens,
         "max_beam_width": 1,
+        "output_timing_cache": str(scratch / TIMING_CACHE),
     }
 
 
 def plugin_settings(precision: Precision) -> dict[str, str]:
-    """PluginConfig attributes: the GEMM plugin for bf16 only (FP8 GEMMs take their own path)."""
-    return {} if precision.weights is Dtype.FP8 else {"gemm_plugin": "auto"}
+    """PluginConfig attributes: the GEMM plugin, for FP8 too (as NVIDIA's nemotron_nas example
+    builds its FP8 engines)."""
+    return {"gemm_plugin": "auto"}
 
 
 def conversion_calls(job: BuildJob, checkpoint_out: Path) -> list[Call]:
@@ -110,14 +122,14 @@ def conversion_calls(job: BuildJob, checkpoint_out: Path) -> list[Call]:
     ]
 
 
-def engine_calls(job: BuildJob, checkpoint_dir: Path, out_dir: Path) -> list[Call]:
+def engine_calls(job: BuildJob, scratch: Path, out_dir: Path) -> list[Call]:
     """TensorRT-LLM checkpoint -> one engine per rank, with the profile's limits."""
     return [
         Call(
             "tensorrt_llm.builder.build",
             {
-                "checkpoint_dir": str(checkpoint_dir),
-                "build_config": build_config_kwargs(job.profile),
+                "checkpoint_dir": str(scratch / CHECKPOINT),
+                "build_config": build_config_kwargs(job.profile, scratch),
                 "plugin_config": plugin_settings(job.precision),
                 "engine_dir": str(out_dir),
             },
@@ -127,9 +139,19 @@ def engine_calls(job: BuildJob, checkpoint_dir: Path, out_dir: Path) -> list[Cal
     ]
 
 
-def plan_calls(job: BuildJob, checkpoint_dir: Path, out_dir: Path) -> list[Call]:
-    """Every call `build` makes, in order."""
-    return conversion_calls(job, checkpoint_dir) + engine_calls(job, checkpoint_dir, out_dir)
+def plan_calls(job: BuildJob, scratch: Path, out_dir: Path) -> list[Call]:
+    """Every call `build` makes, in order; intermediate files go under `scratch`."""
+    return conversion_calls(job, scratch / CHECKPOINT) + engine_calls(job, scratch, out_dir)
+
+
+def copy_engine_dir_files(checkpoint_dir: Path, out_dir: Path) -> list[str]:
+    """Copy the checkpoint's files the runtime reads into the engine directory; their names."""
+    copied = []
+    for name in ENGINE_DIR_FILES:
+        if (checkpoint_dir / name).is_file():
+            shutil.copyfile(checkpoint_dir / name, out_dir / name)
+            copied.append(name)
+    return copied
 
 
 class TensorRTLLMBackend:
@@ -155,13 +177,11 @@ class TensorRTLLMBackend:
             raise BackendError(FP8_NEEDS_CALIBRATION)
 
     def build(self, job: BuildJob, out_dir: Path) -> None:  # pragma: no cover - needs CUDA
-        """Run the planned calls; the intermediate checkpoint lives in a temporary directory."""
-        with tempfile.TemporaryDirectory(prefix="trtllm-ckpt-") as scratch:
+        """Run the planned calls; intermediate files live in a temporary scratch directory."""
+        with tempfile.TemporaryDirectory(prefix="trtllm-build-") as scratch:
             for call in plan_calls(job, Path(scratch), out_dir):
                 _execute(call)
-        for file in ("tokenizer.json", "tokenizer_config.json"):
-            if (job.checkpoint.directory / file).is_file():
-                shutil.copyfile(job.checkpoint.directory / file, out_dir / file)
+        copy_engine_dir_files(job.checkpoint.directory, out_dir)
         (out_dir / "nemotron-engine.json").write_text(
             json.dumps(
                 {

@@ -61,13 +61,20 @@ def sampling_kwargs(request: GenerationRequest) -> dict[str, Any]:
     for name in sampling.option_names():
         value = getattr(sampling, name)
         kwargs[name] = None if _UNSET_WHEN.get(name) == value else value
+    if sampling.greedy:
+        # TensorRT-LLM takes greedy decoding from top_k=1 (its maintainers' advice, issue
+        # #646): temperature 0 passes its checks but a kernel divides by temperature + 1e-6,
+        # sampling from sharpened logits, and `_greedy_decoding` reads only top_k and top_p.
+        for name in ("temperature", "top_p", "top_k", "min_p"):
+            kwargs.pop(name, None)
+        kwargs["top_k"] = 1
     kwargs |= {
-        "temperature": 0.0 if sampling.greedy else sampling.temperature,
         "stop": list(options.stop_strings) or None,
         "stop_token_ids": list(options.stop_token_ids) or None,
         "include_stop_str_in_output": False,
         "ignore_eos": options.ignore_eos,
-        "logprobs": options.logprobs,
+        # Our 0 ("the chosen token only") is TensorRT-LLM's 1: with 0 it returns nothing.
+        "logprobs": None if options.logprobs is None else max(1, options.logprobs),
         "detokenize": True,
     }
     return {key: value for key, value in kwargs.items() if value is not None}
@@ -85,10 +92,15 @@ def generate_kwargs(request: GenerationRequest) -> dict[str, Any]:
 def llm_kwargs(
     engine_dir: Path, tokenizer_dir: Path, kv_cache_free_fraction: float
 ) -> dict[str, Any]:
-    """Keyword arguments of the TensorRT-engine `LLM` (kv_cache_config still as a dict)."""
+    """Keyword arguments of the TensorRT-engine `LLM` (kv_cache_config still as a dict).
+
+    `gather_generation_logits=True`: `LLM._check_arguments` refuses any request with
+    `logprobs` unless the LLM was made with it.
+    """
     return {
         "model": str(engine_dir),
         "tokenizer": str(tokenizer_dir),
+        "gather_generation_logits": True,
         "kv_cache_config": {
             "free_gpu_memory_fraction": kv_cache_free_fraction,
             "enable_block_reuse": True,

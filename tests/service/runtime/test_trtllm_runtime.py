@@ -34,10 +34,9 @@ def test_a_greedy_request_translates_to_sampling_params():
     request = GenerationRequest(
         "r1", (1, 2, 3), RequestOptions(max_new_tokens=64, stop_strings=("</s>",))
     )
-    assert sampling_kwargs(request) == {
+    assert sampling_kwargs(request) == {  # greedy as TensorRT-LLM takes it: top_k=1 alone
         "max_tokens": 64,
-        "temperature": 0.0,
-        "top_p": 1.0,
+        "top_k": 1,
         "repetition_penalty": 1.0,
         "frequency_penalty": 0.0,
         "presence_penalty": 0.0,
@@ -90,8 +89,15 @@ def test_llm_arguments_point_at_the_engine_and_size_the_kv_cache():
     assert llm_kwargs(Path("/engines/x"), Path("/models/m"), 0.85) == {
         "model": "/engines/x",
         "tokenizer": "/models/m",
+        "gather_generation_logits": True,  # else LLM refuses every request with logprobs
         "kv_cache_config": {"free_gpu_memory_fraction": 0.85, "enable_block_reuse": True},
     }
+
+
+@pytest.mark.parametrize(("ours", "theirs"), [(None, None), (0, 1), (1, 1), (5, 5)])
+def test_logprobs_ask_tensorrt_llm_for_at_least_one(ours, theirs):
+    request = GenerationRequest("r1", (1, 2), RequestOptions(max_new_tokens=4, logprobs=ours))
+    assert sampling_kwargs(request).get("logprobs") == theirs
 
 
 def _output(ids_diff, text_diff, ids, reason=None, logprobs_diff=None):
