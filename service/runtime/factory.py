@@ -7,6 +7,7 @@ workers started for tp > 1, the KV cache sized from memory); a TensorRT-LLM engi
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,7 +40,20 @@ def open_engine(
             f"engine {entry.name} ({entry.engine_id}) was built by backend "
             f"{entry.key.backend!r}, which this server cannot run; it runs: {sorted(_OPENERS)}"
         )
+    if entry.key.backend == "tensorrt-llm" and not trtllm_installed():
+        raise EngineError(
+            f"engine {entry.name} ({entry.engine_id}) was built by tensorrt-llm "
+            f"{entry.key.backend_version}, and this server cannot import the tensorrt_llm "
+            "package: run it in the gpu image (built on NVIDIA's TensorRT-LLM release image, "
+            "same TensorRT-LLM version), or serve a torch engine (--backend torch, "
+            "NEMOTRON_BACKEND=torch; chart value engine.backend=torch)"
+        )
     return opener(entry.directory, limits, options, device)
+
+
+def trtllm_installed() -> bool:
+    """Whether the tensorrt_llm package can be imported here."""
+    return importlib.util.find_spec("tensorrt_llm") is not None
 
 
 def open_runtime(

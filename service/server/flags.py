@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from service.server.config import ServerConfig
 
 SERVE_PRECISIONS = ("bf16", "fp8", "fp32")
+# engine_build.backends.registry.backend_names(), spelled here so parsing flags imports no torch
+SERVE_BACKENDS = ("auto", "torch", "tensorrt-llm")
 DEFAULT_PORT = 50051
 DEFAULT_HTTP_PORT = 8000  # NIM's
 DEFAULT_METRICS_PORT = 8002  # Triton's metrics port; Prometheus text format on /metrics
@@ -117,6 +119,17 @@ SERVE_ARGUMENTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
             "default": None,
             "help": "weights precision (default: any the profile allows; a build uses the "
             "profile's first)",
+        },
+    ),
+    (
+        "--backend",
+        "NEMOTRON_BACKEND",
+        {
+            "choices": SERVE_BACKENDS,
+            "default": "auto",
+            "help": "which engines to serve: auto (as `nemotron-build --backend auto`: "
+            "TensorRT-LLM on GPU profiles where tensorrt_llm is installed, else torch), torch, "
+            "tensorrt-llm",
         },
     ),
     (
@@ -328,6 +341,7 @@ def parse_serve_config(argv: Sequence[str], environ: Mapping[str, str]) -> Serve
             checkpoint=args.checkpoint,
             gguf=args.gguf,
             precision=args.precision,
+            backend=args.backend,
             build_if_missing=args.build_if_missing,
             profile_files=tuple(args.profiles),
         ),

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine_build.backends.registry import backend_names, select_backend
 from engine_build.build import BuildRequest, build_engine
 from engine_build.embedded import ensure_embedded_checkpoint
 from engine_build.events import log_event
@@ -36,8 +37,6 @@ PROFILE_ENV = "NEMOTRON_PROFILE"
 PROFILES_ENV = "NEMOTRON_PROFILES"
 SOURCE_FLAG = "flag"
 SOURCE_ENV = f"env {PROFILE_ENV}"
-# The runtime (service/runtime/factory.py) opens torch engines only.
-SERVING_BACKEND = "torch"
 
 
 class EngineSelectionError(RepositoryError):
@@ -54,6 +53,7 @@ class StartupOptions:
     checkpoint: Path | None = None
     gguf: Path | None = None  # local copy of the embedded model's GGUF
     precision: str | None = None  # None: any the profile allows; a build takes its default
+    backend: str = "auto"  # which engines to serve: auto, or a name of backend_names()
     build_if_missing: bool = False
     profile_files: tuple[Path, ...] = ()  # extra profile YAML files (also NEMOTRON_PROFILES)
 
@@ -122,10 +122,11 @@ def resolve_engine(
     )
     repository = EngineRepository(options.repository)
     if preferred.device is DeviceKind.CPU:
+        backend = serving_backend(options.backend, preferred)  # torch, or a refusal
         source = options.checkpoint or ensure_embedded_checkpoint(
             options.cache_dir, gguf=options.gguf
         )
-        entry, built = ensure_engine(repository, preferred, source, options.precision)
+        entry, built = ensure_engine(repository, preferred, source, options.precision, backend)
     else:
         entry, built = _gpu_engine(repository, decision, options)
     profile = next(p for p in decision.candidates if p.name == entry.key.profile)
@@ -228,14 +229,38 @@ def profile_problems(profile: Profile, hardware: Hardware) -> list[str]:
     return problems
 
 
+def serving_backend(requested: str, profile: Profile) -> str:
+    """The backend whose engines to serve for `profile`.
+
+    `auto` picks as `nemotron-build --backend auto` does: TensorRT-LLM on GPU profiles where the
+    tensorrt_llm package is installed, else torch.
+    """
+    if requested == "auto":
+        return select_backend("auto", profile).name
+    if requested not in backend_names():
+        raise EngineSelectionError(
+            f"unknown backend {requested!r}; allowed: {', '.join(backend_names())}"
+        )
+    if requested == "tensorrt-llm" and profile.device is DeviceKind.CPU:
+        raise EngineSelectionError(
+            f"backend tensorrt-llm has no engines for the {profile.name} profile (TensorRT-LLM "
+            "needs NVIDIA GPUs); serve it with backend torch or auto"
+        )
+    return requested
+
+
 def ensure_engine(
-    repository: EngineRepository, profile: Profile, checkpoint: Path, precision: str | None
+    repository: EngineRepository,
+    profile: Profile,
+    checkpoint: Path,
+    precision: str | None,
+    backend: str = "torch",
 ) -> tuple[EngineEntry, bool]:
     """Build `checkpoint` for `profile` unless already built, then select it (verified).
 
     Returns the entry and whether this call built it.
     """
-    request = BuildRequest(checkpoint, profile, precision=precision, backend=SERVING_BACKEND)
+    request = BuildRequest(checkpoint, profile, precision=precision, backend=backend)
     result = build_engine(request, repository)
     key = result.entry.key
     need = EngineRequirement(
@@ -243,7 +268,7 @@ def ensure_engine(
         profile.target,
         key.precision,
         key.checkpoint_fingerprint,
-        backend=SERVING_BACKEND,
+        backend=backend,
     )
     return repository.select(need), not result.skipped  # verifies every file's hash
 
@@ -270,9 +295,10 @@ def _gpu_engine(
 ) -> tuple[EngineEntry, bool]:
     """The newest engine for the best candidate that has one, or the preferred one built."""
     decision.preferred.precision(options.precision)  # refuse a precision the profile lacks
+    backend = serving_backend(options.backend, decision.preferred)
     fingerprint = checkpoint_fingerprint(options.checkpoint) if options.checkpoint else None
     needs = [
-        EngineRequirement(p.name, p.target, options.precision, fingerprint, SERVING_BACKEND)
+        EngineRequirement(p.name, p.target, options.precision, fingerprint, backend)
         for p in decision.candidates
         if options.precision is None or options.precision in p.precision_names
     ]
@@ -283,7 +309,7 @@ def _gpu_engine(
             raise EngineSelectionError(_refusal(decision, options, err)) from err
         log_event("engine_missing_building", profile=decision.preferred.name, reason=str(err))
         checkpoint = options.checkpoint
-    return ensure_engine(repository, decision.preferred, checkpoint, options.precision)
+    return ensure_engine(repository, decision.preferred, checkpoint, options.precision, backend)
 
 
 def _refusal(decision: ProfileDecision, options: StartupOptions, err: EngineMismatchError) -> str:

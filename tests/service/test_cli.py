@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from engine_build.profiles import load_profiles
+from engine_build.repository import EngineEntry, EngineKey, EngineRepository
 from service.cli import main
 
 
@@ -102,6 +106,8 @@ def test_serve_flags_default_to_their_environment_variables(tmp_path):
         ([], {"NEMOTRON_KEEPALIVE_TIMEOUT_S": "nan"}, "--keepalive-timeout-s nan (flag or NEMO"),
         (["--max-message-bytes", "3000000000"], {}, "is outside [1, 2147483647]"),
         (["--log-format", "xml"], {}, "argument --log-format: invalid choice: 'xml'"),
+        (["--backend", "onnx"], {}, "argument --backend: invalid choice: 'onnx' (choose from"),
+        ([], {"NEMOTRON_BACKEND": "onnx"}, "NEMOTRON_BACKEND='onnx' is not one of auto, torch,"),
         (["--tls-cert-file", "c.pem"], {}, "TLS needs both --tls-cert-file and --tls-key-file"),
         (["--tls-client-ca-file", "ca.pem"], {}, "mutual TLS) needs --tls-cert-file"),
         (["--keepalive-time-s", "0"], {}, "--keepalive-time-s 0.0 (flag or NEMOTRON_KEEPALIVE_T"),
@@ -174,3 +180,72 @@ def test_serve_refuses_to_start_listing_engines_and_the_build_command(tmp_path):
         result.stderr
     )
     assert '"event": "startup_refused"' in result.stderr and "Traceback" not in result.stderr
+
+
+def _trtllm_engine(repo_dir: Path) -> EngineEntry:
+    """A TensorRT-LLM h100x2 entry with the files its builder writes (the engines are stand-ins:
+    without the package the server must refuse before reading them)."""
+    profile = load_profiles().get("h100x2")
+    key = EngineKey(
+        checkpoint_fingerprint="0" * 64,
+        profile=profile.name,
+        backend="tensorrt-llm",
+        backend_version="1.2.1",
+        precision="fp8",
+        kv_cache_dtype="fp8",
+        tensor_parallel=2,
+        target=profile.target,
+    )
+    repository = EngineRepository(repo_dir)
+    repository.ensure_writable()
+    staging = repository.staging_dir(key.engine_id)
+    for name in ("rank0.engine", "rank1.engine", "config.json", "nemotron-engine.json"):
+        (staging / name).write_text("{}")
+    return repository.commit(key, staging)
+
+
+@pytest.mark.parametrize("how", [["--backend", "tensorrt-llm"], []])
+def test_serve_refuses_a_tensorrt_llm_engine_without_the_package_naming_the_way_out(tmp_path, how):
+    entry = _trtllm_engine(tmp_path / "repo")
+    environ = {**os.environ, "NEMOTRON_BACKEND": "tensorrt-llm"} if not how else None
+    result = subprocess.run(
+        [
+            _exe(), "--profile", "h100x2", *how, "--engine-repo", str(tmp_path / "repo"),
+            "--cache-dir", str(tmp_path), "--port", "0", "--metrics-port", "0",
+            "--http-port", "off", "--log-format", "json",
+        ],
+        capture_output=True, text=True, timeout=120, env=environ,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert f"engine {entry.name} ({entry.engine_id}) was built by tensorrt-llm 1.2.1" in (
+        result.stderr
+    )
+    assert "cannot import the tensorrt_llm package" in result.stderr
+    assert "--backend torch" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_with_backend_auto_here_serves_torch_engines_not_tensorrt_llm_ones(tmp_path):
+    _trtllm_engine(tmp_path / "repo")  # the only engine: auto means torch without the package
+    result = subprocess.run(
+        [
+            _exe(), "--profile", "h100x2", "--engine-repo", str(tmp_path / "repo"),
+            "--cache-dir", str(tmp_path), "--port", "0", "--metrics-port", "0",
+            "--http-port", "off", "--log-format", "json",
+        ],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "built by the tensorrt-llm backend; this loader runs torch" in result.stderr
+
+
+def test_the_cpu_profile_has_no_tensorrt_llm_engines(tmp_path):
+    result = subprocess.run(
+        [
+            _exe(), "--profile", "cpu", "--backend", "tensorrt-llm",
+            "--cache-dir", str(tmp_path), "--port", "0", "--metrics-port", "0",
+            "--http-port", "off",
+        ],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "backend tensorrt-llm has no engines for the cpu profile" in result.stderr
