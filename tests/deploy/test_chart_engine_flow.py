@@ -21,6 +21,9 @@ from tests.deploy.helm_chart import one, profile_args
 MODELS, ENGINES = "/models", "/var/lib/nemotron/engines"
 PVC_SOURCE = ["--set", "model.source=pvc", "--set", "model.pvc.existingClaim=models",
               "--set", "model.subPath=checkpoints/nemotron"]  # fmt: skip
+# GPU profiles default to TensorRT-LLM, which cannot be installed here: the flows that run for
+# real use the torch backend; the TensorRT-LLM commands are run up to their refusal below.
+TORCH = ["--set", "engine.backend=torch"]
 
 
 class Volumes:
@@ -52,7 +55,7 @@ def pod_spec(objects, kind: str):
 
 def test_the_server_waits_for_the_jobs_engine_and_then_selects_exactly_it(chart, tmp_path):
     name = "h100x2"  # fp8 at tp 2 (the test below builds a100x4's bf16 at tp 4)
-    objects = chart.objects(*profile_args(name, PVC_SOURCE))
+    objects = chart.objects(*profile_args(name, [*PVC_SOURCE, *TORCH]))
     volumes = Volumes(tmp_path)
     build = pod_spec(objects, "Job")["containers"][0]
     wait = pod_spec(objects, "Deployment")["initContainers"][0]
@@ -80,7 +83,7 @@ def test_the_server_waits_for_the_jobs_engine_and_then_selects_exactly_it(chart,
 
 
 def test_replicas_building_in_init_containers_build_once(chart, tmp_path):
-    args = profile_args("a100x4", [*PVC_SOURCE, "--set", "engine.build.mode=initContainer"])
+    args = profile_args("a100x4", [*PVC_SOURCE, *TORCH, "--set", "engine.build.mode=initContainer"])
     spec = pod_spec(chart.objects(*args), "Deployment")
     build = next(c for c in spec["initContainers"] if c["name"] == "build-engine")
     volumes = Volumes(tmp_path)
@@ -91,6 +94,34 @@ def test_replicas_building_in_init_containers_build_once(chart, tmp_path):
     assert verdicts == ["built", "skipped"]  # the second waited on the lock, then found it
     repo = Path(volumes.path(build["command"][-1]))
     assert len(EngineRepository(repo).entries()) == 1
+
+
+def test_the_rendered_tensorrt_llm_commands_are_accepted_and_refuse_clearly_here(chart, tmp_path):
+    # TensorRT-LLM is not installed on this machine: the build parses the chart's arguments and
+    # refuses by name; the wait looks only for a TensorRT-LLM engine, so a torch engine, even in
+    # the TensorRT-LLM repository, does not end it.
+    quick = ["--set", "engine.build.waitTimeoutSeconds=1"]
+    objects = chart.objects(*profile_args("a100x4", [*PVC_SOURCE, *quick]))
+    volumes = Volumes(tmp_path)
+    build = pod_spec(objects, "Job")["containers"][0]
+    assert build["command"][build["command"].index("--backend") + 1] == "tensorrt-llm"
+    refused = subprocess.run(volumes.command(build), capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0
+    assert "'tensorrt-llm' was requested but is not installed here" in refused.stderr, (
+        refused.stderr[-2000:]
+    )
+    torch = pod_spec(chart.objects(*profile_args("a100x4", [*PVC_SOURCE, *TORCH])), "Job")
+    torch_build = torch["containers"][0]
+    assert torch_build["command"][-1] != build["command"][-1]  # its own repository
+    wait = pod_spec(objects, "Deployment")["initContainers"][0]
+    # The torch engine, built into the TensorRT-LLM repository, still does not satisfy the wait.
+    misplaced = [*volumes.command(torch_build)[:-1], volumes.path(build["command"][-1])]
+    built = subprocess.run(misplaced, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    waited = subprocess.run(volumes.command(wait), capture_output=True, text=True, timeout=120)
+    assert waited.returncode != 0
+    message = waited.stderr[-2000:]
+    assert "backend tensorrt-llm" in message and "within 1 s" in message, message
 
 
 def test_the_download_script_runs_with_the_installed_hub_client(chart, tmp_path):

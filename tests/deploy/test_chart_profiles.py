@@ -7,12 +7,21 @@ so a chart that drifts from the profiles the server knows fails here.
 from __future__ import annotations
 
 import fnmatch
+import re
 
 import pytest
 import yaml
 
 from engine_build.profiles import DeviceKind, load_profiles
-from tests.deploy.helm_chart import CHART, GPU_PROFILES, PROFILES, by_kind, one, profile_args
+from tests.deploy.helm_chart import (
+    CHART,
+    GPU_PROFILES,
+    PROFILES,
+    REPO_ROOT,
+    by_kind,
+    one,
+    profile_args,
+)
 
 SHM = {"a100x4": "16Gi", "a100x8": "32Gi", "h100x2": "8Gi"}
 MODEL = "llama-3.3-nemotron-super-49b-v1"
@@ -23,11 +32,25 @@ def chart_table() -> dict:
     return yaml.safe_load((CHART / "values.yaml").read_text())["profiles"]
 
 
-def cache_key(name: str) -> str:
+def trtllm_version() -> str:
+    """The TensorRT-LLM release of the Dockerfile's gpu base image (its ARG TRTLLM_IMAGE tag)."""
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    (image,) = re.findall(r"^ARG TRTLLM_IMAGE=(\S+)$", dockerfile, re.MULTILINE)
+    return image.rsplit(":", 1)[1]
+
+
+def default_backend(name: str) -> str:
+    """What the chart builds and serves by default: TensorRT-LLM on GPUs, torch on cpu."""
+    return "tensorrt-llm" if load_profiles().get(name).device is DeviceKind.GPU else "torch"
+
+
+def cache_key(name: str, backend: str | None = None) -> str:
     profile = load_profiles().get(name)
     model = MODEL if profile.device is DeviceKind.GPU else "smollm2-135m-instruct"
+    backend = backend or default_backend(name)
+    slug = f"tensorrt-llm-{trtllm_version()}" if backend == "tensorrt-llm" else backend
     precision = profile.default_precision.name
-    return f"{model}/{name}-{profile.target}-{precision}-tp{profile.tensor_parallel}"
+    return f"{model}/{slug}/{name}-{profile.target}-{precision}-tp{profile.tensor_parallel}"
 
 
 def pod_spec(workload) -> dict:
@@ -139,10 +162,11 @@ def test_the_build_job_builds_the_profile_engine_under_its_cache_key(chart, name
     build = container(pod_spec(job), "build-engine")
     assert build["command"] == [
         "nemotron-build", "build", "--profile", name,
-        "--precision", profile.default_precision.name, "--backend", "torch",
+        "--precision", profile.default_precision.name, "--backend", "tensorrt-llm",
         "--checkpoint", "/models", "--repo", f"{ENGINES}/{key}",
     ]  # fmt: skip
-    assert "resources" in build and "nvidia.com/gpu" not in str(build["resources"])
+    # TensorRT-LLM builds on the profile's GPUs (test_chart_backend.py has the details).
+    assert build["resources"]["limits"]["nvidia.com/gpu"] == str(profile.tensor_parallel)
     download = container(pod_spec(job), "download-model", init=True)
     assert download["command"][3:6] == ["nvidia/Llama-3_3-Nemotron-Super-49B-v1", "main", "/models"]
     claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod_spec(job)["volumes"]
@@ -166,7 +190,7 @@ def test_the_server_waits_for_that_engine_then_serves_it(chart, name):
     wait = container(spec, "wait-for-engine", init=True)
     assert wait["command"] == [
         "nemotron-build", "wait", "--profile", name,
-        "--precision", profile.default_precision.name, "--backend", "torch",
+        "--precision", profile.default_precision.name, "--backend", "tensorrt-llm",
         "--repo", f"{ENGINES}/{key}",
     ]  # fmt: skip
     job_claim = next(
@@ -180,6 +204,7 @@ def test_the_server_waits_for_that_engine_then_serves_it(chart, name):
     assert config["NEMOTRON_ENGINE_REPO"] == f"{ENGINES}/{key}"
     assert config["NEMOTRON_PROFILE"] == name
     assert config["NEMOTRON_PRECISION"] == profile.default_precision.name
+    assert config["NEMOTRON_BACKEND"] == "tensorrt-llm"
     assert "NEMOTRON_CHECKPOINT" not in config  # the engine carries the tokenizer
     mounts = {m["name"]: m for m in container(spec, "server")["volumeMounts"]}
     assert mounts["engines"]["readOnly"] is True and "model" not in mounts

@@ -46,7 +46,7 @@ server pods' init containers (engine.build.mode=initContainer).
     - {name: tmp, mountPath: /tmp}
 {{- end -}}
 
-{{/* nemotron.buildContainer: builds the profile's torch engine into the cache key's repository; the repository's lock serializes builders and a built engine is skipped. */}}
+{{/* nemotron.buildContainer: builds the profile's engine with the chart's backend (nemotron.backend) into the cache key's repository; the repository's lock serializes builders and a built engine is skipped. */}}
 {{- define "nemotron.buildContainer" -}}
 - name: build-engine
   image: {{ include "nemotron.image" . }}
@@ -58,9 +58,15 @@ server pods' init containers (engine.build.mode=initContainer).
     - {{ .Values.profile }}
     - --precision
     - {{ include "nemotron.precision" . }}
-    # The server runs torch engines (docs/engines.md), whatever else the image could build.
+    # The backend the server runs: engine.backend, else the profile's default (nemotron.backend).
     - --backend
-    - torch
+    - {{ include "nemotron.backend" . }}
+    {{- if eq (include "nemotron.backend" .) "tensorrt-llm" }}
+    {{- with .Values.engine.build.calibrationDataset }}
+    - --calibration-dataset
+    - {{ . | quote }}
+    {{- end }}
+    {{- end }}
     - --checkpoint
     - {{ include "nemotron.checkpointPath" . }}
     - --repo
@@ -70,7 +76,7 @@ server pods' init containers (engine.build.mode=initContainer).
   securityContext:
     {{- toYaml .Values.server.securityContext | nindent 4 }}
   resources:
-    {{- toYaml .Values.engine.build.resources | nindent 4 }}
+    {{- include "nemotron.buildResources" . | nindent 4 }}
   volumeMounts:
     - {name: model, mountPath: /models, readOnly: {{ eq (include "nemotron.modelSource" .) "pvc" }}}
     - {name: engines, mountPath: /var/lib/nemotron/engines}
@@ -94,13 +100,25 @@ securityContext:
 nodeSelector:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .Values.engine.build.affinity }}
+{{- /* TensorRT-LLM builds on the profile's GPUs: its engines are specific to the GPU that builds them. */}}
+{{- $onGpus := eq (include "nemotron.backend" .) "tensorrt-llm" -}}
+{{- if .Values.engine.build.affinity }}
 affinity:
-  {{- toYaml . | nindent 2 }}
+  {{- toYaml .Values.engine.build.affinity | nindent 2 }}
+{{- else if $onGpus }}
+affinity:
+  {{- include "nemotron.gpuAffinity" . | nindent 2 }}
 {{- end }}
-{{- with .Values.engine.build.tolerations }}
+{{- if or $onGpus .Values.engine.build.tolerations }}
 tolerations:
+  {{- if $onGpus }}
+  - key: nvidia.com/gpu
+    operator: Exists
+    effect: NoSchedule
+  {{- end }}
+  {{- with .Values.engine.build.tolerations }}
   {{- toYaml . | nindent 2 }}
+  {{- end }}
 {{- end }}
 {{- if eq (include "nemotron.modelSource" .) "download" }}
 initContainers:

@@ -104,10 +104,31 @@ smollm2-135m-instruct
 {{- end -}}
 {{- end -}}
 
-{{/* nemotron.cacheKey: what one engine in the cache is for: <model>/<profile>-<target>-<precision>-tp<N>. */}}
+{{/* nemotron.backend: the engine backend built and served: engine.backend, else the profile's default (tensorrt-llm on GPU profiles, torch on cpu). */}}
+{{- define "nemotron.backend" -}}
+{{- $isGpu := eq (include "nemotron.isGpu" .) "true" -}}
+{{- $allowed := ternary (list "tensorrt-llm" "torch") (list "torch") $isGpu -}}
+{{- $backend := .Values.engine.backend | default (first $allowed) -}}
+{{- if not (has $backend $allowed) -}}
+{{- fail (printf "engine.backend %q is not allowed by profile %s (TensorRT-LLM needs NVIDIA GPUs); allowed: %s, or \"\" for the profile's default (%s)" $backend .Values.profile (join ", " $allowed) (first $allowed)) -}}
+{{- end -}}
+{{- $backend -}}
+{{- end -}}
+
+{{/* nemotron.backendSlug: the backend part of the cache key: torch, or tensorrt-llm-<engine.tensorrtLlmVersion> (TensorRT-LLM engines run only with the release that built them). */}}
+{{- define "nemotron.backendSlug" -}}
+{{- $backend := include "nemotron.backend" . -}}
+{{- if eq $backend "tensorrt-llm" -}}
+{{- printf "%s-%s" $backend .Values.engine.tensorrtLlmVersion -}}
+{{- else -}}
+{{- $backend -}}
+{{- end -}}
+{{- end -}}
+
+{{/* nemotron.cacheKey: what one engine in the cache is for: <model>/<backend>/<profile>-<target>-<precision>-tp<N>. */}}
 {{- define "nemotron.cacheKey" -}}
 {{- $profile := include "nemotron.profile" . | fromYaml -}}
-{{- printf "%s/%s-%s-%s-tp%d" (include "nemotron.modelSlug" .) .Values.profile (include "nemotron.target" .) (include "nemotron.precision" .) (int $profile.tensorParallel) -}}
+{{- printf "%s/%s/%s-%s-%s-tp%d" (include "nemotron.modelSlug" .) (include "nemotron.backendSlug" .) .Values.profile (include "nemotron.target" .) (include "nemotron.precision" .) (int $profile.tensorParallel) -}}
 {{- end -}}
 
 {{/* nemotron.engineRepo: the engine repository directory of this cache key on the engine volume. */}}
@@ -217,6 +238,20 @@ exec:
 {{- toYaml $resources -}}
 {{- end -}}
 
+{{/* nemotron.buildResources: the builder's resources: engine.build.resources for torch (a CPU job); for tensorrt-llm the profile's (the server's node class) overridden by engine.build.gpuResources, plus nvidia.com/gpu = tp. */}}
+{{- define "nemotron.buildResources" -}}
+{{- if eq (include "nemotron.backend" .) "tensorrt-llm" -}}
+{{- $profile := include "nemotron.profile" . | fromYaml -}}
+{{- $resources := mergeOverwrite (deepCopy ($profile.resources | default dict)) (deepCopy .Values.engine.build.gpuResources) -}}
+{{- $limits := $resources.limits | default dict -}}
+{{- $_ := set $limits "nvidia.com/gpu" (int $profile.tensorParallel | toString) -}}
+{{- $_ := set $resources "limits" $limits -}}
+{{- toYaml $resources -}}
+{{- else -}}
+{{- toYaml .Values.engine.build.resources -}}
+{{- end -}}
+{{- end -}}
+
 {{/* nemotron.gpuAffinity: required node affinity on the GFD product label and GPU count of the profile. */}}
 {{- define "nemotron.gpuAffinity" -}}
 {{- $profile := include "nemotron.profile" . | fromYaml -}}
@@ -239,6 +274,7 @@ nodeAffinity:
 {{- $profile := include "nemotron.profile" . | fromYaml -}}
 {{- $source := include "nemotron.modelSource" . -}}
 {{- $_ := include "nemotron.precision" . -}}
+{{- $_ := include "nemotron.backend" . -}}
 {{- if and $profile.gpu (eq $source "embedded") -}}
 {{- fail (printf "model.source=embedded (SmolLM2) runs only on profile cpu; profile %s needs model.source pvc or download" .Values.profile) -}}
 {{- end -}}
