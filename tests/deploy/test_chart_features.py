@@ -69,16 +69,13 @@ def test_the_server_environment_is_what_nemotron_serve_reads(chart, name, values
     env = server_env(objects)
     known = {variable for _, variable, _ in SERVE_ARGUMENTS if variable}
     known |= {"NEMOTRON_PROFILE", "NEMOTRON_PROFILES"}  # read by the profile selection
-    # NEMOTRON_BACKEND (issue 11): the server's --backend flag is being added alongside the
-    # chart's variable; until the server here reads it, it is the one variable let through
-    # (test_chart_backend.py checks its values). Once the flag exists this is empty again.
-    pending = {"NEMOTRON_BACKEND"} - known
-    assert {key for key in env if key.startswith("NEMOTRON_")} - pending <= known
+    assert {key for key in env if key.startswith("NEMOTRON_")} <= known
     server = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert server["command"] == ["nemotron-serve"] and server["args"][0] == "serve"
     config = parse_serve_config(server["args"][1:], env)  # exit 2 on a bad value
     assert config.port == 50051 and config.metrics_port == 8002
     assert config.startup.cache_dir == Path("/var/cache/nemotron")
+    assert config.startup.backend == ("torch" if name == "cpu" else "tensorrt-llm")
     if values:
         assert config.tls is not None and config.tls.client_ca_file is not None
         assert config.api_keys_file == Path("/etc/nemotron/api-keys/api-keys")
