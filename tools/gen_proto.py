@@ -21,8 +21,15 @@ def generate(out_dir: Path) -> list[Path]:
     protos = sorted(PROTO_DIR.rglob("*.proto"))
     out_dir.mkdir(parents=True, exist_ok=True)
     well_known = str(resources.files("grpc_tools") / "_proto")
-    args = ["protoc", f"-I{PROTO_DIR}", f"-I{well_known}", f"--python_out={out_dir}",
-            f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}", *map(str, protos)]
+    args = [
+        "protoc",
+        f"-I{PROTO_DIR}",
+        f"-I{well_known}",
+        f"--python_out={out_dir}",
+        f"--pyi_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
+        *map(str, protos),
+    ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed on {[p.name for p in protos]}")
     for package in {p.parent.relative_to(PROTO_DIR) for p in protos}:
