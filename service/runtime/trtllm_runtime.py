@@ -27,6 +27,7 @@ from service.runtime.interface import (
     NotReadyError,
     RequestError,
     RequestLimits,
+    Timings,
     TokenEvent,
     TokenLogprob,
     Usage,
@@ -136,6 +137,13 @@ def _chosen_logprob(entry: Any, token: int) -> float:
     return getattr(value, "logprob", value)
 
 
+def request_timings(arrival: float, first_token_at: float | None) -> Timings:
+    """Timings from our clock (time.monotonic()): TensorRT-LLM's per-request perf metrics are
+    not requested, so its queueing is not seen apart and counts as 0."""
+    now = time.monotonic()
+    return Timings(0.0, (first_token_at or now) - arrival, now - arrival)
+
+
 def past_deadline(request: GenerationRequest) -> bool:
     """Whether the request's deadline (a time.monotonic() value) has passed."""
     deadline = request.options.deadline
@@ -227,19 +235,29 @@ class TensorRTLLMRuntime:
         tensorrt_llm = importlib.import_module("tensorrt_llm")
         kwargs = generate_kwargs(request)
         kwargs["sampling_params"] = tensorrt_llm.SamplingParams(**kwargs["sampling_params"])
+        arrival, first_token_at = time.monotonic(), None
         result = self._llm.generate_async(**kwargs)
         self._results[request.request_id] = result
         try:
             async for chunk in result:
                 output = chunk.outputs[0]
+                if first_token_at is None and output.token_ids_diff:
+                    first_token_at = time.monotonic()
                 if past_deadline(request) and not chunk.finished:
                     result.abort()
                     usage = Usage(len(request.prompt_ids), len(output.token_ids))
-                    yield TokenEvent(request.request_id, (), "", (), FinishReason.DEADLINE, usage)
+                    yield TokenEvent(
+                        request.request_id, (), "", (), FinishReason.DEADLINE, usage,
+                        timings=request_timings(arrival, first_token_at),
+                    )  # fmt: skip
                     return
-                yield event_from_output(
+                event = event_from_output(
                     request.request_id, output, chunk.finished, len(request.prompt_ids)
                 )
+                if event.finish_reason is not None:
+                    # The last event carries the request's timings (the chat layer needs them).
+                    event = replace(event, timings=request_timings(arrival, first_token_at))
+                yield event
         finally:
             self._results.pop(request.request_id, None)
             if not result.finished:
@@ -259,7 +277,14 @@ class TensorRTLLMRuntime:
             latest = self._llm.get_stats(timeout=0.01)
             if latest:
                 self._last_stats = latest[-1]
-        return stats_from_iteration(self._last_stats, self._state)
+        stats = stats_from_iteration(self._last_stats, self._state)
+        if not self._results:
+            # TensorRT-LLM hands out each iteration's stats once, and after a get_stats that
+            # found none, none until the next request is submitted (`IterationResult`,
+            # `mark_undone`): the last ones seen may be from mid-request. Nothing in flight
+            # here means nothing runs or waits there.
+            stats = replace(stats, running=0, waiting=0)
+        return stats
 
     async def shutdown(self) -> None:
         """Stop the executor."""

@@ -6,13 +6,11 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from engine_build.profiles import load_profiles
-from engine_build.repository import EngineEntry, EngineKey, EngineRepository
 from service.cli import main
+from tests.service.trtllm_engine import commit_trtllm_engine
 
 
 def _exe() -> str:
@@ -182,31 +180,9 @@ def test_serve_refuses_to_start_listing_engines_and_the_build_command(tmp_path):
     assert '"event": "startup_refused"' in result.stderr and "Traceback" not in result.stderr
 
 
-def _trtllm_engine(repo_dir: Path) -> EngineEntry:
-    """A TensorRT-LLM h100x2 entry with the files its builder writes (the engines are stand-ins:
-    without the package the server must refuse before reading them)."""
-    profile = load_profiles().get("h100x2")
-    key = EngineKey(
-        checkpoint_fingerprint="0" * 64,
-        profile=profile.name,
-        backend="tensorrt-llm",
-        backend_version="1.2.1",
-        precision="fp8",
-        kv_cache_dtype="fp8",
-        tensor_parallel=2,
-        target=profile.target,
-    )
-    repository = EngineRepository(repo_dir)
-    repository.ensure_writable()
-    staging = repository.staging_dir(key.engine_id)
-    for name in ("rank0.engine", "rank1.engine", "config.json", "nemotron-engine.json"):
-        (staging / name).write_text("{}")
-    return repository.commit(key, staging)
-
-
 @pytest.mark.parametrize("how", [["--backend", "tensorrt-llm"], []])
 def test_serve_refuses_a_tensorrt_llm_engine_without_the_package_naming_the_way_out(tmp_path, how):
-    entry = _trtllm_engine(tmp_path / "repo")
+    entry = commit_trtllm_engine(tmp_path / "repo")
     environ = {**os.environ, "NEMOTRON_BACKEND": "tensorrt-llm"} if not how else None
     result = subprocess.run(
         [
@@ -225,7 +201,7 @@ def test_serve_refuses_a_tensorrt_llm_engine_without_the_package_naming_the_way_
 
 
 def test_serve_with_backend_auto_here_serves_torch_engines_not_tensorrt_llm_ones(tmp_path):
-    _trtllm_engine(tmp_path / "repo")  # the only engine: auto means torch without the package
+    commit_trtllm_engine(tmp_path / "repo")  # the only engine: auto means torch without the package
     result = subprocess.run(
         [
             _exe(), "--profile", "h100x2", "--engine-repo", str(tmp_path / "repo"),
