@@ -310,8 +310,8 @@ def main() -> None:
         def http_one(spec: RequestSpec, name: str) -> Awaitable[StreamResult]:
             return _through_http(http, model, spec, name)
 
-        for one in (peer_one, ours_one, http_one):  # warm every path
-            loop.run_until_complete(closed_loop(one, specs[:4], 4, "warm"))
+        for one in (peer_one, ours_one, http_one):  # warm every path and prefix cache
+            loop.run_until_complete(closed_loop(one, specs, args.concurrency, "warm"))
         ones = {CONTROL: peer_one, "gRPC": ours_one, "HTTP": http_one, "in-process": peer_one}
         sides: dict[str, list[Round]] = {label: [] for label in ones}
         labels = list(ones)
@@ -348,7 +348,8 @@ class Steal:
                 fields = [int(x) for x in stat.readline().split()[1:]]
         except OSError:
             return 0, 0
-        return (fields[7] if len(fields) > 7 else 0), sum(fields)
+        # user nice system idle iowait irq softirq steal (guest time is within user and nice)
+        return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
 
     def fraction(self) -> float:
         """Stolen / all CPU time since creation (0 where the kernel does not say)."""

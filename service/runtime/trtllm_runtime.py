@@ -226,18 +226,19 @@ class TensorRTLLMRuntime:
         max_new_tokens = validate_request(request, self._limits)
         if request.request_id in self._results:
             raise RequestError(f"request_id {request.request_id!r} is already in use")
-        options = replace(request.options, max_new_tokens=max_new_tokens)
-        return self._stream(replace(request, options=options))
-
-    async def _stream(
-        self, request: GenerationRequest
-    ) -> AsyncIterator[TokenEvent]:  # pragma: no cover
+        request = replace(request, options=replace(request.options, max_new_tokens=max_new_tokens))
         tensorrt_llm = importlib.import_module("tensorrt_llm")
         kwargs = generate_kwargs(request)
         kwargs["sampling_params"] = tensorrt_llm.SamplingParams(**kwargs["sampling_params"])
-        arrival, first_token_at = time.monotonic(), None
-        result = self._llm.generate_async(**kwargs)
+        arrival = time.monotonic()
+        result = self._llm.generate_async(**kwargs)  # submitted now: a refusal raises here
         self._results[request.request_id] = result
+        return self._stream(request, result, arrival)
+
+    async def _stream(
+        self, request: GenerationRequest, result: Any, arrival: float
+    ) -> AsyncIterator[TokenEvent]:
+        first_token_at = None
         try:
             async for chunk in result:
                 output = chunk.outputs[0]

@@ -26,6 +26,7 @@ from torch import Tensor
 from engine_build.backends.torch_engine import TorchEngine
 from engine_build.sharding import rank_graph
 from service.runtime.core import Booted
+from service.runtime.heap import freeze_startup_heap
 from service.runtime.interface import EngineError
 from service.runtime.kv_pages import PagedKVStore
 from service.runtime.loader import load_rank_model
@@ -74,6 +75,7 @@ def _worker_main(args: _WorkerArgs, plans: Connection) -> None:  # runs in the w
         rank_graph(engine.graph, args.world_size), num_blocks, args.block_size, model.dtype, device
     )
     runner = ModelRunner(model, store)
+    freeze_startup_heap()  # as rank 0's server does: a collection here would stall every rank
     plans.send("ready")
     while (plan := plans.recv()) is not None:
         runner.execute(plan)
