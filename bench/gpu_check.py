@@ -59,35 +59,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.prompts import CHAT_PARITY_PROMPTS, GREEDY_TEXT_PROMPTS
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The real config.json of Llama-3.3-Nemotron-Super-49B-v1, vendored for the tests.
 REFERENCE_49B = REPO_ROOT / "tests" / "data" / "nemotron-super-49b-v1.config.json"
 
-# Copied (bench code does not import tests; tests/bench/test_gpu_check.py checks they are equal):
-# the 10 prompts of tests/service/server/test_http_api.py PROMPTS (greedy output through HTTP
-# equal to gRPC), given as plain text...
-TEXT_PROMPTS = (
-    "The capital of France is",
-    "Water boils at",
-    "The largest planet in the solar system is",
-    "def fibonacci(n):",
-    "Once upon a time",
-    "The three primary colors are",
-    "1, 2, 3, 4,",
-    "Photosynthesis is the process",
-    "The opposite of hot is",
-    "Kubernetes is",
-)
-# ...and the 6 chat prompts of tests/parity/test_transformers_parity.py PROMPTS (greedy parity
-# with transformers), rendered with the model's chat template.
-CHAT_PROMPTS = (
-    "What is the capital of France?",
-    "Write a Python function that reverses a string.",
-    "Explain photosynthesis to a ten-year-old.",
-    "List three prime numbers greater than 100.",
-    "Translate 'good morning' into German and Spanish.",
-    "Why is the sky blue? Answer in one sentence.",
-)
+# The greedy-equality prompts of the HTTP/gRPC test and the transformers parity test's chat
+# prompts (one copy of each, in bench/prompts.py).
+TEXT_PROMPTS = GREEDY_TEXT_PROMPTS
+CHAT_PROMPTS = CHAT_PARITY_PROMPTS
 NEW_TOKENS = 32  # greedy tokens per prompt, as in the parity test
 
 # Peak HBM bandwidth in TB/s (decimal) by device name, from NVIDIA's data sheets; the first

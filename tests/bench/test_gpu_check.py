@@ -7,7 +7,6 @@ elsewhere that test is skipped saying so. tools/gpu_check.sh itself runs here wi
 
 from __future__ import annotations
 
-import ast
 import json
 import subprocess
 import sys
@@ -29,17 +28,11 @@ SCRIPT = REPO_ROOT / "tools" / "gpu_check.sh"
 TINY = ["--device", "cpu", "--tiny", "--threads", "1", "--context", "64", "--steps", "10"]
 
 
-def prompts_of(path: Path) -> tuple[str, ...]:
-    """The literal `PROMPTS = (...)` of a test module, read without importing it."""
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.Assign) and [t.id for t in node.targets] == ["PROMPTS"]:
-            return ast.literal_eval(node.value)
-    raise AssertionError(f"{path} has no PROMPTS")
-
-
 def test_prompts_are_the_parity_tests_prompts():
-    http = prompts_of(REPO_ROOT / "tests" / "service" / "server" / "test_http_api.py")
-    chat = prompts_of(REPO_ROOT / "tests" / "parity" / "test_transformers_parity.py")
+    from tests.parity import test_transformers_parity as parity
+    from tests.service.server import test_http_api as http_api
+
+    http, chat = http_api.PROMPTS, parity.PROMPTS
     assert http == gpu_check.TEXT_PROMPTS and len(http) == 10
     assert chat == gpu_check.CHAT_PROMPTS
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.prompts import CHAT_PARITY_PROMPTS
 from engine_build.build import BuildRequest, build_engine
 from engine_build.model import NemotronModel
 from engine_build.profiles import load_profiles
@@ -21,14 +22,7 @@ from tests.service.server.http_in_process import MODEL, http_in_process
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = (
-    "What is the capital of France?",
-    "Write a Python function that reverses a string.",
-    "Explain photosynthesis to a ten-year-old.",
-    "List three prime numbers greater than 100.",
-    "Translate 'good morning' into German and Spanish.",
-    "Why is the sky blue? Answer in one sentence.",
-)
+PROMPTS = CHAT_PARITY_PROMPTS  # bench/prompts.py: the GPU check uses the same set
 
 MULTILINGUAL = (
     "The quick brown fox jumps over the lazy dog. 1234567890",

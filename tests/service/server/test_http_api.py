@@ -14,6 +14,7 @@ import openai
 import pytest
 from nemotron.v1 import generation_pb2 as pb
 
+from bench.prompts import GREEDY_TEXT_PROMPTS
 from service.runtime.tokenizer import TextTokenizer
 from tests.service.server_process import (
     WAIT_S,
@@ -26,18 +27,7 @@ from tests.service.server_process import (
 pytestmark = pytest.mark.slow
 
 PARIS = "What is the capital of France?"
-PROMPTS = (
-    "The capital of France is",
-    "Water boils at",
-    "The largest planet in the solar system is",
-    "def fibonacci(n):",
-    "Once upon a time",
-    "The three primary colors are",
-    "1, 2, 3, 4,",
-    "Photosynthesis is the process",
-    "The opposite of hot is",
-    "Kubernetes is",
-)
+PROMPTS = GREEDY_TEXT_PROMPTS  # bench/prompts.py: the GPU check uses the same set
 
 
 @pytest.fixture(scope="module")
