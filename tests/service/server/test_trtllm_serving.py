@@ -11,6 +11,7 @@ what the real package does with them (CUDA, the engine plans, MPI for tp=2) has 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import json
 import os
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -156,7 +158,23 @@ def _double_env(events: Path) -> dict[str, str]:
         "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(DOUBLE_SITE)]),
         "TRTLLM_DOUBLE_EVENTS": str(events),
         "TRTLLM_DOUBLE_TOKEN_DELAY_S": TOKEN_DELAY_S,
+        "TRTLLM_DOUBLE_HOLD": str(_hold_file(events)),
     }
+
+
+def _hold_file(events: Path) -> Path:
+    """While it exists, the double's streams stop after their first token (see _double.py)."""
+    return events.with_name("hold")
+
+
+@contextlib.contextmanager
+def holding(events: Path) -> Iterator[None]:
+    """Keep the double's streams in flight after their first token until the block ends."""
+    _hold_file(events).touch()
+    try:
+        yield
+    finally:
+        _hold_file(events).unlink(missing_ok=True)
 
 
 def _seen(events: Path) -> list[dict]:
@@ -232,26 +250,28 @@ def test_a_streamed_chat_returns_the_doubles_answer_and_usage(served):
 def test_the_abort_rpc_and_a_cancelled_call_both_abort_the_tensorrt_llm_request(served):
     server, _, events = served
     request = pb.ChatStreamRequest(request_id="abort-me", messages=HI)
-    call = server.api.ChatStream(request, timeout=60)
-    first = next(call)
-    assert server.api.Abort(pb.AbortRequest(request_id="abort-me"), timeout=5).aborted
-    rest = list(call)
-    assert rest[-1].finish_reason == pb.FINISH_REASON_ABORTED
-    assert len(first.content + "".join(m.content for m in rest)) < len(ANSWER)
     aborts = lambda: [e for e in _seen(events) if e["event"] == "abort"]  # noqa: E731
-    assert len(aborts()) == 1 and not aborts()[0]["finished"]
-    call = server.api.ChatStream(pb.ChatStreamRequest(messages=HI), timeout=60)
-    next(call)
-    call.cancel()  # the client goes away: the server closes the stream, the runtime aborts
-    wait_until(lambda: len(aborts()) == 2, "the double to see the cancelled call's abort")
+    with holding(events):  # each stream is in flight, whatever the machine's speed
+        call = server.api.ChatStream(request, timeout=60)
+        first = next(call)
+        assert server.api.Abort(pb.AbortRequest(request_id="abort-me"), timeout=5).aborted
+        rest = list(call)
+        assert rest[-1].finish_reason == pb.FINISH_REASON_ABORTED
+        assert len(first.content + "".join(m.content for m in rest)) < len(ANSWER)
+        assert len(aborts()) == 1 and not aborts()[0]["finished"]
+        call = server.api.ChatStream(pb.ChatStreamRequest(messages=HI), timeout=60)
+        next(call)
+        call.cancel()  # the client goes away: the server closes the stream, the runtime aborts
+        wait_until(lambda: len(aborts()) == 2, "the double to see the cancelled call's abort")
     assert not aborts()[1]["finished"]
 
 
 def test_engine_stats_come_from_the_doubles_iteration_stats(served):
-    server, _, _ = served
-    call = server.api.ChatStream(pb.ChatStreamRequest(messages=HI), timeout=60)
-    next(call)
-    during = server.api.GetEngineStats(pb.GetEngineStatsRequest(), timeout=10)
+    server, _, events = served
+    with holding(events):  # the stream is in flight while the stats are read
+        call = server.api.ChatStream(pb.ChatStreamRequest(messages=HI), timeout=60)
+        next(call)
+        during = server.api.GetEngineStats(pb.GetEngineStatsRequest(), timeout=10)
     assert (during.kv_blocks_total, during.kv_block_size) == (1024, 32)
     assert during.running_requests == 1 and 0 < during.kv_blocks_used < 1024
     assert list(call)[-1].finish_reason == pb.FINISH_REASON_STOP
@@ -285,9 +305,11 @@ def test_the_http_api_streams_the_same_answer(served):
 
 def test_sigterm_drains_the_inflight_stream_then_shuts_the_llm_down(served):
     server, _, events = served
-    call = server.api.ChatStream(pb.ChatStreamRequest(request_id="drained", messages=HI))
-    first = next(call)
-    server.process.send_signal(signal.SIGTERM)
+    with holding(events):  # in flight when the signal comes; let go once the server has it
+        call = server.api.ChatStream(pb.ChatStreamRequest(request_id="drained", messages=HI))
+        first = next(call)
+        server.process.send_signal(signal.SIGTERM)
+        server.wait_for_log(lambda line: line["event"] == "signal_received", "the SIGTERM")
     rest: list = []
     reader = threading.Thread(target=lambda: rest.extend(call), daemon=True)
     reader.start()

@@ -4,11 +4,14 @@ The "model": every prompt is answered with ANSWER, tokenized by the tokenizer di
 `LLM` was given (`tokenizer.json`, as the engine builder copies it there), one token per
 streamed chunk, TOKEN_DELAY_S apart (env TRTLLM_DOUBLE_TOKEN_DELAY_S). It finishes with
 "length" at `max_tokens`, else "stop" after the last token of ANSWER; `abort()` ends it with
-"cancelled" at the next chunk. With `logprobs=k` each position gets k entries
-{token: Logprob}, the chosen token's logprob CHOSEN_LOGPROB. Iteration stats are queued as
-JSON, one per decoding step, with the keys the fixture lists, and handed out by `get_stats` as
-TensorRT-LLM's `IterationResult.get_results` does (read at the fixture's commit): it drains the
-queue, waiting `timeout` once, and then returns nothing until the next `generate_async`.
+"cancelled" at the next chunk. While the file named by env TRTLLM_DOUBLE_HOLD exists, a stream
+that has given its first token gives no more (an abort or shutdown still ends it): a test holds
+a request in flight by creating the file, and lets it finish by removing it. With `logprobs=k`
+each position gets k entries {token: Logprob}, the chosen token's logprob CHOSEN_LOGPROB.
+Iteration stats are queued as JSON, one per decoding step, with the keys the fixture lists, and
+handed out by `get_stats` as TensorRT-LLM's `IterationResult.get_results` does (read at the
+fixture's commit): it drains the queue, waiting `timeout` once, and then returns nothing until
+the next `generate_async`.
 
 What the double saw (the LLM's arguments, each request's sampling params, aborts, shutdown)
 is appended to EVENTS and, as JSON lines, to the file named by env TRTLLM_DOUBLE_EVENTS.
@@ -34,10 +37,18 @@ from typing import Any, ClassVar
 
 from tokenizers import Tokenizer
 
+
+def _held() -> bool:
+    hold = os.environ.get(HOLD_ENV)
+    return bool(hold) and Path(hold).exists()
+
+
 ANSWER = "Hello from the TensorRT-LLM test double."
 CHOSEN_LOGPROB = -0.25
 TOKEN_DELAY_S = float(os.environ.get("TRTLLM_DOUBLE_TOKEN_DELAY_S", "0.02"))
 EVENTS_ENV = "TRTLLM_DOUBLE_EVENTS"
+HOLD_ENV = "TRTLLM_DOUBLE_HOLD"
+HOLD_POLL_S = 0.01
 EVENTS: list[dict[str, Any]] = []
 
 _TESTS = Path(__file__).resolve().parents[3]
@@ -237,6 +248,9 @@ class GenerationResult:
     def aborted(self) -> bool:
         return self._aborted
 
+    def _stopping(self) -> bool:
+        return self._aborted or self._llm._shut_down
+
     def __aiter__(self) -> GenerationResult:
         return self
 
@@ -244,6 +258,8 @@ class GenerationResult:
         if self._done:
             raise StopAsyncIteration
         await asyncio.sleep(TOKEN_DELAY_S)
+        while self._outputs[0].token_ids and _held() and not self._stopping():
+            await asyncio.sleep(HOLD_POLL_S)
         self._step()
         return self
 
