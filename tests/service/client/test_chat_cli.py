@@ -107,8 +107,10 @@ def test_server_error_exits_2_with_the_status_code_and_details(server):
     )
 
 
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+_DEFAULT_SIGINT_THEN_EXEC = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
 
 
 class Terminal:
@@ -117,15 +119,15 @@ class Terminal:
     def __init__(self, *args: str) -> None:
         self.master, replica = pty.openpty()
         self.process = subprocess.Popen(
-            [CHAT, *args],
+            # A shell gives a foreground command Ctrl-C back even where the tests themselves
+            # run as a background job, which inherits SIGINT ignored (and Python then installs
+            # no KeyboardInterrupt handler): do the same, so the test does not depend on it.
+            # A default disposition survives exec; no preexec_fn (unsafe beside gRPC threads).
+            [sys.executable, "-c", _DEFAULT_SIGINT_THEN_EXEC, CHAT, *args],
             stdin=replica,
             stdout=replica,
             stderr=replica,
             env=BASE_ENV,
-            # A shell gives a foreground command Ctrl-C back even where the tests themselves
-            # run as a background job, which inherits SIGINT ignored (and Python then installs
-            # no KeyboardInterrupt handler): do the same, so the test does not depend on it.
-            preexec_fn=_default_sigint,
         )
         os.close(replica)
         self.seen = ""
