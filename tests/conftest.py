@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,18 @@ SMOLLM2_LLAMA_CONFIG = {
     "max_position_embeddings": 8192,
     "tie_word_embeddings": True,
 }
+
+
+@pytest.fixture(autouse=True)
+def _restore_nemotron_logger() -> Iterator[None]:
+    """Undo a CLI's `configure_logging` run in-process: its handler writes to the test's
+    captured stderr, which is closed once the test ends."""
+    logger = logging.getLogger("nemotron")
+    handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+    logger.propagate = propagate
 
 
 @pytest.fixture(scope="session")
