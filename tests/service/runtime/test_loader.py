@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import faulthandler
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -71,6 +74,9 @@ def test_loading_with_the_wrong_number_of_processes_is_refused(synthetic_checkpo
 
 
 def _tp_worker(rank, world, engine_dir, out, rendezvous):
+    # A native crash (gloo aborting, once, in a loaded CI run) leaves every thread's stack here.
+    trace = open(f"{out}.rank{rank}.trace", "w")  # noqa: SIM115 - open until the process exits
+    faulthandler.enable(trace, all_threads=True)
     dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
     try:
         model = load_rank_model(engine_dir, rank, world)
@@ -90,7 +96,15 @@ def run_tensor_parallel(engine_dir, world, tmp_path) -> dict:
     """Load `engine_dir` in `world` gloo processes; rank 0's logits."""
     out = tmp_path / "logits.pt"
     rendezvous = f"file://{tmp_path / 'rendezvous'}"
-    mp.spawn(_tp_worker, args=(world, str(engine_dir), str(out), rendezvous), nprocs=world)
+    try:
+        mp.spawn(_tp_worker, args=(world, str(engine_dir), str(out), rendezvous), nprocs=world)
+    except mp.ProcessExitedException as err:
+        traces = "\n".join(
+            f"--- rank {rank}:\n{Path(f'{out}.rank{rank}.trace').read_text()}"
+            for rank in range(world)
+            if Path(f"{out}.rank{rank}.trace").is_file()
+        )
+        raise AssertionError(f"{err}; the workers' stacks at the crash:\n{traces}") from err
     return torch.load(out)
 
 
