@@ -284,7 +284,8 @@ def _add_engine_commands(sub: argparse._SubParsersAction) -> None:
         "--backend",
         choices=backend_names(),
         default="auto",
-        help="the backend that will serve (auto: TensorRT-LLM on GPUs, torch on cpu)",
+        help="the backend that will serve (auto: the profile's `backend`: a TensorRT-LLM flow "
+        "on GPU profiles, torch on cpu)",
     )
     plan.add_argument("--json", action="store_true", help="print JSON")
     plan.add_argument("--profiles", action="append", default=[], help=profiles_help)
@@ -295,7 +296,10 @@ def _add_engine_commands(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--repo", type=Path, required=True, help="engine repository directory")
     build.add_argument("--precision", help="weights precision (default: the profile's first)")
     build.add_argument("--backend", choices=backend_names(), default="auto")
-    build.add_argument("--calibration-dataset", help="FP8 calibration data (tensorrt-llm only)")
+    build.add_argument(
+        "--calibration-dataset",
+        help="FP8 calibration data (tensorrt-llm and tensorrt-llm-pytorch builds)",
+    )
     build.add_argument(
         "--no-wait",
         action="store_true",
@@ -319,7 +323,7 @@ def _add_engine_commands(sub: argparse._SubParsersAction) -> None:
         "--backend",
         choices=[*(name for name in backend_names() if name != "auto"), "any"],
         default="any",
-        help="only an engine of this backend (the server runs torch engines)",
+        help="only an engine of this backend",
     )
     wait.add_argument(
         "--timeout", type=_seconds, help="give up (exit 2) after this many seconds; default never"

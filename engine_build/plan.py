@@ -52,8 +52,9 @@ class ProfilePlan:
 
 
 def target_backend(profile: Profile) -> str:
-    """The backend a profile's target runs by default: TensorRT-LLM on GPUs, torch on CPUs."""
-    return "tensorrt-llm" if profile.device is DeviceKind.GPU else "torch"
+    """The backend a profile runs by default (its `backend:`; TensorRT-LLM on GPUs, torch on
+    CPUs unless it says otherwise)."""
+    return profile.backend
 
 
 def runtime_dtypes(precision: Precision, backend: str) -> tuple[Dtype, Dtype]:

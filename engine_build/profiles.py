@@ -73,6 +73,7 @@ class Profile:
     precisions: tuple[Precision, ...]
     limits: EngineLimits
     source: str
+    backend: str = "torch"  # what `--backend auto` builds and serves where it is installed
 
     @property
     def default_precision(self) -> Precision:
@@ -210,8 +211,14 @@ _PROFILE_KEYS = {
     "tensor_parallel",
     "precisions",
     "limits",
+    "backend",
 }
-_REQUIRED_KEYS = _PROFILE_KEYS - {"gpu", "description"}
+_REQUIRED_KEYS = _PROFILE_KEYS - {"gpu", "description", "backend"}
+# The backends a profile may prefer (`backend:`), by device; the first is the default.
+PROFILE_BACKENDS = {
+    DeviceKind.GPU: ("tensorrt-llm", "tensorrt-llm-pytorch", "torch"),
+    DeviceKind.CPU: ("torch",),
+}
 _LIMIT_KEYS = {"max_batch_size", "max_seq_len", "max_num_tokens", "kv_cache_free_fraction"}
 
 
@@ -237,7 +244,18 @@ def _parse_profile(name: str, raw: Any, fields: _Fields) -> Profile:
         precisions=_parse_precisions(raw.get("precisions"), capability, fields),
         limits=_parse_limits(raw.get("limits"), fields.child("limits")),
         source=fields.source,
+        backend=_parse_backend(raw.get("backend"), device, fields),
     )
+
+
+def _parse_backend(raw: Any, device: DeviceKind, fields: _Fields) -> str:
+    allowed = PROFILE_BACKENDS[device]
+    if raw is None:
+        return allowed[0]
+    if raw not in allowed:
+        problem = f"{raw!r} is not one of {list(allowed)} on a {device.value} profile"
+        raise fields.fail("backend", problem)
+    return str(raw)
 
 
 def _parse_gpu(

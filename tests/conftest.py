@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -42,6 +45,19 @@ def _restore_nemotron_logger() -> Iterator[None]:
     logger.handlers[:] = handlers
     logger.setLevel(level)
     logger.propagate = propagate
+
+
+@pytest.fixture
+def double(monkeypatch) -> Iterator[ModuleType]:
+    """`import tensorrt_llm` finds the TEST DOUBLE of TensorRT-LLM's LLM API for this test only
+    (tests/doubles/trtllm_site; then it is forgotten again)."""
+    site = REPO_ROOT / "tests" / "doubles" / "trtllm_site"
+    monkeypatch.syspath_prepend(str(site))
+    module = importlib.import_module("tensorrt_llm")
+    assert Path(module.__file__).is_relative_to(site)
+    yield module
+    for name in [n for n in sys.modules if n == "tensorrt_llm" or n.startswith("tensorrt_llm.")]:
+        del sys.modules[name]
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,10 @@ workers started for tp > 1, the KV cache sized from memory); a TensorRT-LLM engi
 from __future__ import annotations
 
 import importlib.util
+import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,7 +25,13 @@ from service.runtime.loader import load_rank_model
 from service.runtime.runner import LocalExecutor, ModelRunner
 from service.runtime.sizing import RuntimeOptions, element_bytes, kv_store_and_config
 from service.runtime.tokenizer import TextTokenizer
-from service.runtime.trtllm_runtime import TensorRTLLMRuntime
+from service.runtime.trtllm_runtime import (
+    PYTORCH_LLM_CLASS,
+    TENSORRT_LLM_CLASS,
+    TensorRTLLMRuntime,
+    llm_kwargs,
+    pytorch_llm_kwargs,
+)
 
 
 def open_engine(
@@ -40,9 +48,9 @@ def open_engine(
             f"engine {entry.name} ({entry.engine_id}) was built by backend "
             f"{entry.key.backend!r}, which this server cannot run; it runs: {sorted(_OPENERS)}"
         )
-    if entry.key.backend == "tensorrt-llm" and not trtllm_installed():
+    if entry.key.backend.startswith("tensorrt-llm") and not trtllm_installed():
         raise EngineError(
-            f"engine {entry.name} ({entry.engine_id}) was built by tensorrt-llm "
+            f"engine {entry.name} ({entry.engine_id}) was built by {entry.key.backend} "
             f"{entry.key.backend_version}, and this server cannot import the tensorrt_llm "
             "package: run it in the gpu image (built on NVIDIA's TensorRT-LLM release image, "
             "same TensorRT-LLM version), or serve a torch engine (--backend torch, "
@@ -93,14 +101,40 @@ def _open_torch(
 def _open_trtllm(
     directory: Path, limits: EngineLimits, options: RuntimeOptions, device: str
 ) -> Engine:
+    kwargs = llm_kwargs(directory, directory, limits.kv_cache_free_fraction)
+    return _trtllm_runtime(directory, limits, options, TENSORRT_LLM_CLASS, kwargs)
+
+
+def _open_trtllm_pytorch(
+    directory: Path, limits: EngineLimits, options: RuntimeOptions, device: str
+) -> Engine:
+    manifest = json.loads((directory / "nemotron-engine.json").read_text())
+    kwargs = pytorch_llm_kwargs(
+        directory,
+        int(manifest["tensor_parallel"]),
+        limits,
+        options.max_seq_len or limits.max_seq_len,
+        str(manifest["precision"]["kv_cache"]),
+    )
+    return _trtllm_runtime(directory, limits, options, PYTORCH_LLM_CLASS, kwargs)
+
+
+def _trtllm_runtime(
+    directory: Path,
+    limits: EngineLimits,
+    options: RuntimeOptions,
+    llm_class: str,
+    llm_arguments: dict[str, Any],
+) -> Engine:
     tokenizer = TextTokenizer(directory)
     max_seq_len = options.max_seq_len or limits.max_seq_len
     request_limits = RequestLimits(tokenizer.vocab_size, max_seq_len, max_seq_len)
-    return TensorRTLLMRuntime(directory, tokenizer, request_limits, limits.kv_cache_free_fraction)
+    return TensorRTLLMRuntime(directory, tokenizer, request_limits, llm_class, llm_arguments)
 
 
 # Backend name in the engine's manifest key -> how to open it.
 _OPENERS: dict[str, Callable[[Path, EngineLimits, RuntimeOptions, str], Engine]] = {
     "torch": _open_torch,
     "tensorrt-llm": _open_trtllm,
+    "tensorrt-llm-pytorch": _open_trtllm_pytorch,
 }

@@ -1,11 +1,17 @@
-"""The `Engine` interface on TensorRT-LLM's LLM API, for engines built by the tensorrt-llm backend.
+"""The `Engine` interface on TensorRT-LLM's LLM API, for engines of both TensorRT-LLM flows.
+
+`tensorrt-llm` engines (TensorRT plans) open with `tensorrt_llm._tensorrt_engine.LLM`;
+`tensorrt-llm-pytorch` engines (a Hugging Face checkpoint, ModelOpt-quantized for FP8) with
+`tensorrt_llm.LLM`, the PyTorch flow. Requests, streamed outputs and stats are the same classes
+in both (`SamplingParams`, `GenerationResult`, the executor's iteration stats).
 
 TensorRT-LLM cannot be installed on our CI machines (PyPI has only a stub that downloads from
-NVIDIA's index, and it needs CUDA), so this adapter has NOT been executed by us. The tests pin
-its translation of our requests into TensorRT-LLM's `SamplingParams` and `generate_async`
-arguments, and of its streamed outputs and iteration stats back into our events and stats,
-against the field names in TensorRT-LLM's source (`llmapi/llm.py`, `sampling_params.py`,
-`executor/result.py`; read at release 1.0). Check them against the version in your image.
+NVIDIA's index, and it needs CUDA), so this adapter has NOT been executed by us against the real
+package. The tests pin its translation of our requests into TensorRT-LLM's `SamplingParams` and
+`generate_async` arguments, of the engine into each flow's `LLM` arguments, and of its streamed
+outputs and iteration stats back into our events and stats, against the signatures and fields
+in TensorRT-LLM's source (tests/data/trtllm_contract.json, tools/trtllm_contract.py); and the
+server runs end to end on a test double of the package checked against the same fixture.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from engine_build.profiles import EngineLimits
 from service.runtime.interface import (
     EngineState,
     EngineStats,
@@ -90,6 +97,11 @@ def generate_kwargs(request: GenerationRequest) -> dict[str, Any]:
     }
 
 
+# Each flow's LLM class, as `module.attribute`.
+TENSORRT_LLM_CLASS = "tensorrt_llm._tensorrt_engine.LLM"
+PYTORCH_LLM_CLASS = "tensorrt_llm.LLM"
+
+
 def llm_kwargs(
     engine_dir: Path, tokenizer_dir: Path, kv_cache_free_fraction: float
 ) -> dict[str, Any]:
@@ -105,6 +117,40 @@ def llm_kwargs(
         "kv_cache_config": {
             "free_gpu_memory_fraction": kv_cache_free_fraction,
             "enable_block_reuse": True,
+        },
+    }
+
+
+def pytorch_llm_kwargs(
+    engine_dir: Path,
+    tensor_parallel: int,
+    limits: EngineLimits,
+    max_seq_len: int,
+    kv_cache_dtype: str,
+) -> dict[str, Any]:
+    """Keyword arguments of the PyTorch-flow `tensorrt_llm.LLM` (kv_cache_config as a dict).
+
+    Nothing is compiled in this flow, so the profile's limits are given here, explicitly:
+    `max_batch_size` unset would become BuildConfig's default, 2048. Chunked prefill, as our
+    own runtime does it: without it a prompt longer than `max_num_tokens` is refused.
+    `trust_remote_code`: TensorRT-LLM reads the Nemotron-NAS config through the checkpoint's
+    configuration_decilm.py. Iteration stats are off in this flow unless asked for.
+    """
+    return {
+        "model": str(engine_dir),
+        "tokenizer": str(engine_dir),
+        "trust_remote_code": True,
+        "tensor_parallel_size": tensor_parallel,
+        "max_batch_size": limits.max_batch_size,
+        "max_num_tokens": limits.max_num_tokens,
+        "max_seq_len": max_seq_len,
+        "enable_chunked_prefill": True,
+        "enable_iter_perf_stats": True,
+        "kv_cache_config": {
+            "free_gpu_memory_fraction": limits.kv_cache_free_fraction,
+            "enable_block_reuse": True,
+            # "fp8" also where the checkpoint carries no KV scales; "auto" follows the checkpoint.
+            "dtype": "fp8" if kv_cache_dtype == "fp8" else "auto",
         },
     }
 
@@ -181,10 +227,11 @@ class TensorRTLLMRuntime:
         engine_dir: Path,
         tokenizer: TextTokenizer,
         limits: RequestLimits,
-        kv_cache_free_fraction: float = 0.9,
+        llm_class: str,
+        llm_arguments: dict[str, Any],
     ) -> None:
         self.engine_dir, self._tokenizer, self._limits = engine_dir, tokenizer, limits
-        self.kv_cache_free_fraction = kv_cache_free_fraction
+        self.llm_class, self.llm_arguments = llm_class, llm_arguments
         self._state = EngineState.STARTING
         self._llm: Any = None
         self._results: dict[str, Any] = {}
@@ -205,18 +252,19 @@ class TensorRTLLMRuntime:
         """What one request may ask for (the engine's build limits)."""
         return self._limits
 
-    async def start(self) -> None:  # pragma: no cover - needs tensorrt_llm and CUDA
-        """Load the engine with the LLM API."""
+    async def start(self) -> None:
+        """Load the engine with its flow's LLM class."""
         if importlib.util.find_spec("tensorrt_llm") is None:
             self._state = EngineState.FAILED
             raise TensorRTLLMUnavailableError(
                 "the tensorrt_llm package is not installed here; serve torch engines instead"
             )
-        llm_module = importlib.import_module("tensorrt_llm._tensorrt_engine")
+        module, name = self.llm_class.rsplit(".", 1)
+        llm_class = getattr(importlib.import_module(module), name)
         llmapi = importlib.import_module("tensorrt_llm.llmapi")
-        kwargs = llm_kwargs(self.engine_dir, self.engine_dir, self.kv_cache_free_fraction)
+        kwargs = dict(self.llm_arguments)
         kwargs["kv_cache_config"] = llmapi.KvCacheConfig(**kwargs["kv_cache_config"])
-        self._llm = await asyncio.to_thread(llm_module.LLM, **kwargs)
+        self._llm = await asyncio.to_thread(llm_class, **kwargs)
         self._state = EngineState.READY
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
@@ -274,7 +322,7 @@ class TensorRTLLMRuntime:
 
     def stats(self) -> EngineStats:
         """The latest iteration stats the executor reported."""
-        if self._llm is not None:  # pragma: no cover - needs tensorrt_llm
+        if self._llm is not None:
             latest = self._llm.get_stats(timeout=0.01)
             if latest:
                 self._last_stats = latest[-1]
@@ -289,6 +337,6 @@ class TensorRTLLMRuntime:
 
     async def shutdown(self) -> None:
         """Stop the executor."""
-        if self._llm is not None:  # pragma: no cover - needs tensorrt_llm
+        if self._llm is not None:
             await asyncio.to_thread(self._llm.shutdown)
         self._state = EngineState.STOPPED

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 SERVE_PRECISIONS = ("bf16", "fp8", "fp32")
 # engine_build.backends.registry.backend_names(), spelled here so parsing flags imports no torch
-SERVE_BACKENDS = ("auto", "torch", "tensorrt-llm")
+SERVE_BACKENDS = ("auto", "torch", "tensorrt-llm", "tensorrt-llm-pytorch")
 DEFAULT_PORT = 50051
 DEFAULT_HTTP_PORT = 8000  # NIM's
 DEFAULT_METRICS_PORT = 8002  # Triton's metrics port; Prometheus text format on /metrics
@@ -127,9 +127,10 @@ SERVE_ARGUMENTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
         {
             "choices": SERVE_BACKENDS,
             "default": "auto",
-            "help": "which engines to serve: auto (as `nemotron-build --backend auto`: "
-            "TensorRT-LLM on GPU profiles where tensorrt_llm is installed, else torch), torch, "
-            "tensorrt-llm",
+            "help": "which engines to serve: auto (as `nemotron-build --backend auto`: the "
+            "profile's TensorRT-LLM flow on GPU profiles where tensorrt_llm is installed, else "
+            "torch), torch, tensorrt-llm (TensorRT engines), tensorrt-llm-pytorch (TensorRT-LLM's "
+            "PyTorch flow)",
         },
     ),
     (

@@ -232,8 +232,8 @@ def profile_problems(profile: Profile, hardware: Hardware) -> list[str]:
 def serving_backend(requested: str, profile: Profile) -> str:
     """The backend whose engines to serve for `profile`.
 
-    `auto` picks as `nemotron-build --backend auto` does: TensorRT-LLM on GPU profiles where the
-    tensorrt_llm package is installed, else torch.
+    `auto` picks as `nemotron-build --backend auto` does: the profile's TensorRT-LLM flow on GPU
+    profiles where the tensorrt_llm package is installed, else torch.
     """
     if requested == "auto":
         return select_backend("auto", profile).name
@@ -241,9 +241,9 @@ def serving_backend(requested: str, profile: Profile) -> str:
         raise EngineSelectionError(
             f"unknown backend {requested!r}; allowed: {', '.join(backend_names())}"
         )
-    if requested == "tensorrt-llm" and profile.device is DeviceKind.CPU:
+    if requested.startswith("tensorrt-llm") and profile.device is DeviceKind.CPU:
         raise EngineSelectionError(
-            f"backend tensorrt-llm has no engines for the {profile.name} profile (TensorRT-LLM "
+            f"backend {requested} has no engines for the {profile.name} profile (TensorRT-LLM "
             "needs NVIDIA GPUs); serve it with backend torch or auto"
         )
     return requested

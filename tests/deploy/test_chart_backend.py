@@ -32,6 +32,7 @@ from tests.deploy.test_chart_profiles import (
 
 TORCH = ["--set", "engine.backend=torch"]
 TRTLLM = ["--set", "engine.backend=tensorrt-llm"]
+PYTORCH_FLOW = ["--set", "engine.backend=tensorrt-llm-pytorch"]
 
 
 def rendered_backends(objects) -> dict[str, str]:
@@ -165,18 +166,47 @@ def test_the_init_container_build_uses_the_backend_too(chart):
         assert ("nvidia.com/gpu" in build["resources"]["limits"]) == (backend == "tensorrt-llm")
 
 
-@pytest.mark.parametrize("backend", ["", "torch", "tensorrt-llm"])
+@pytest.mark.parametrize("name", GPU_PROFILES)
+def test_the_pytorch_flow_renders_everywhere_with_its_own_key(chart, name):
+    objects = chart.objects(*profile_args(name, PYTORCH_FLOW))
+    backends = dict.fromkeys(("server", "build", "wait"), "tensorrt-llm-pytorch")
+    assert rendered_backends(objects) == backends
+    assert f"/tensorrt-llm-pytorch-{trtllm_version()}/" in repo(objects)
+    assert repo(objects) != repo(chart.objects(*profile_args(name)))  # not the TensorRT flow's
+
+
+def test_the_pytorch_flow_builds_fp8_on_gpus_and_bf16_on_cpus(chart):
+    calibration = ["--set", "engine.build.calibrationDataset=/models/calibration"]
+    fp8 = pod_spec(
+        one(chart.objects(*profile_args("h100x2", [*PYTORCH_FLOW, *calibration])), "Job")
+    )
+    build = container(fp8, "build-engine")
+    assert build["resources"]["limits"]["nvidia.com/gpu"] == "2"  # ModelOpt calibration
+    assert build["command"][build["command"].index("--calibration-dataset") + 1] == (
+        "/models/calibration"
+    )
+    assert "affinity" in fp8
+    bf16 = pod_spec(one(chart.objects(*profile_args("a100x4", PYTORCH_FLOW)), "Job"))
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    # The checkpoint placed as it is: a CPU job.
+    assert container(bf16, "build-engine")["resources"] == values["engine"]["build"]["resources"]
+    assert "affinity" not in bf16 and "tolerations" not in bf16
+
+
+@pytest.mark.parametrize("backend", ["", "torch", "tensorrt-llm", "tensorrt-llm-pytorch"])
 @pytest.mark.parametrize("name", PROFILES)
 def test_every_backend_validates_strictly(chart, name, backend):
-    if name == "cpu" and backend == "tensorrt-llm":
+    if name == "cpu" and backend.startswith("tensorrt-llm"):
         return  # refused, below
     objects = chart.objects(*profile_args(name, ["--set", f"engine.backend={backend}"]))
     assert validation_errors(objects, "1.30.0") == []
 
 
-def test_tensorrt_llm_on_cpu_is_refused_naming_the_allowed_backends(any_helm_chart):
-    message = refusal(any_helm_chart, *profile_args("cpu", TRTLLM))
-    assert 'engine.backend "tensorrt-llm" is not allowed by profile cpu' in message
+@pytest.mark.parametrize("flow", [TRTLLM, PYTORCH_FLOW])
+def test_tensorrt_llm_on_cpu_is_refused_naming_the_allowed_backends(any_helm_chart, flow):
+    message = refusal(any_helm_chart, *profile_args("cpu", flow))
+    backend = flow[1].split("=")[1]
+    assert f'engine.backend "{backend}" is not allowed by profile cpu' in message
     assert "allowed: torch" in message and "NVIDIA GPUs" in message
 
 
@@ -184,7 +214,7 @@ def test_tensorrt_llm_on_cpu_is_refused_naming_the_allowed_backends(any_helm_cha
 def test_an_unknown_backend_is_refused_with_the_allowed_values(any_helm_chart, name):
     message = refusal(any_helm_chart, *profile_args(name, ["--set", "engine.backend=trtllm"]))
     assert "backend" in message
-    for allowed in ("tensorrt-llm", "torch"):
+    for allowed in ("tensorrt-llm", "tensorrt-llm-pytorch", "torch"):
         assert allowed in message
 
 

@@ -10,7 +10,10 @@ reads only `config.json`, checks the rank files exist, and tokenizes with `token
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from engine_build.backends.trtllm import ENGINE_FORMAT, build_config_kwargs
@@ -22,6 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # Put on a server subprocess's PYTHONPATH, `import tensorrt_llm` finds the test double.
 DOUBLE_SITE = REPO_ROOT / "tests" / "doubles" / "trtllm_site"
 EOS_ID = 0
+TOKEN_DELAY_S = "0.05"  # the double's delay per streamed token: 2 s for its whole answer
 
 
 def commit_trtllm_engine(
@@ -69,3 +73,59 @@ def commit_trtllm_engine(
     }
     (staging / "nemotron-engine.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return repository.commit(key, staging)
+
+
+def double_env(events: Path) -> dict[str, str]:
+    """The environment of a server subprocess that imports the double as tensorrt_llm."""
+    return {
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(DOUBLE_SITE)]),
+        "TRTLLM_DOUBLE_EVENTS": str(events),
+        "TRTLLM_DOUBLE_TOKEN_DELAY_S": TOKEN_DELAY_S,
+        "TRTLLM_DOUBLE_HOLD": str(_hold_file(events)),
+    }
+
+
+def _hold_file(events: Path) -> Path:
+    """While it exists, the double's streams stop after their first token (see _double.py)."""
+    return events.with_name("hold")
+
+
+@contextlib.contextmanager
+def holding(events: Path) -> Iterator[None]:
+    """Keep the double's streams in flight after their first token until the block ends."""
+    _hold_file(events).touch()
+    try:
+        yield
+    finally:
+        _hold_file(events).unlink(missing_ok=True)
+
+
+def seen_events(events: Path) -> list[dict]:
+    """What the double recorded so far."""
+    return [json.loads(line) for line in events.read_text().splitlines()] if events.exists() else []
+
+
+# Stand-ins for the remote-code files NVIDIA's Nemotron-NAS checkpoints carry (config.json
+# auto_map names them). Only their presence and their relative imports matter here: TensorRT-LLM's
+# PyTorch flow runs them through transformers' AutoConfig, which nothing in our tests does.
+REMOTE_CONFIG_FILES = {
+    "configuration_decilm.py": (
+        "from .block_config import BlockConfig\n\n\nclass DeciLMConfig:\n"
+        "    block_config_class = BlockConfig\n"
+    ),
+    "block_config.py": "class BlockConfig:\n    pass\n",
+}
+
+
+def publish_like_nvidia(checkpoint: Path) -> Path:
+    """Give a synthetic checkpoint the auto_map and remote-code files of NVIDIA's releases."""
+    config_file = checkpoint / "config.json"
+    config = json.loads(config_file.read_text())
+    config["auto_map"] = {
+        "AutoConfig": "configuration_decilm.DeciLMConfig",
+        "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM",
+    }
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for name, text in REMOTE_CONFIG_FILES.items():
+        (checkpoint / name).write_text(text)
+    return checkpoint

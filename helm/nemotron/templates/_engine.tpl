@@ -61,7 +61,7 @@ server pods' init containers (engine.build.mode=initContainer).
     # The backend the server runs: engine.backend, else the profile's default (nemotron.backend).
     - --backend
     - {{ include "nemotron.backend" . }}
-    {{- if eq (include "nemotron.backend" .) "tensorrt-llm" }}
+    {{- if hasPrefix "tensorrt-llm" (include "nemotron.backend" .) }}
     {{- with .Values.engine.build.calibrationDataset }}
     - --calibration-dataset
     - {{ . | quote }}
@@ -100,8 +100,8 @@ securityContext:
 nodeSelector:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- /* TensorRT-LLM builds on the profile's GPUs: its engines are specific to the GPU that builds them. */}}
-{{- $onGpus := eq (include "nemotron.backend" .) "tensorrt-llm" -}}
+{{- /* TensorRT-LLM engines are compiled for the GPU that builds them; ModelOpt's FP8 calibration runs the model: both build on the profile's GPUs. */}}
+{{- $onGpus := eq (include "nemotron.buildsOnGpus" .) "true" -}}
 {{- if .Values.engine.build.affinity }}
 affinity:
   {{- toYaml .Values.engine.build.affinity | nindent 2 }}

@@ -107,7 +107,7 @@ smollm2-135m-instruct
 {{/* nemotron.backend: the engine backend built and served: engine.backend, else the profile's default (tensorrt-llm on GPU profiles, torch on cpu). */}}
 {{- define "nemotron.backend" -}}
 {{- $isGpu := eq (include "nemotron.isGpu" .) "true" -}}
-{{- $allowed := ternary (list "tensorrt-llm" "torch") (list "torch") $isGpu -}}
+{{- $allowed := ternary (list "tensorrt-llm" "tensorrt-llm-pytorch" "torch") (list "torch") $isGpu -}}
 {{- $backend := .Values.engine.backend | default (first $allowed) -}}
 {{- if not (has $backend $allowed) -}}
 {{- fail (printf "engine.backend %q is not allowed by profile %s (TensorRT-LLM needs NVIDIA GPUs); allowed: %s, or \"\" for the profile's default (%s)" $backend .Values.profile (join ", " $allowed) (first $allowed)) -}}
@@ -115,10 +115,10 @@ smollm2-135m-instruct
 {{- $backend -}}
 {{- end -}}
 
-{{/* nemotron.backendSlug: the backend part of the cache key: torch, or tensorrt-llm-<engine.tensorrtLlmVersion> (TensorRT-LLM engines run only with the release that built them). */}}
+{{/* nemotron.backendSlug: the backend part of the cache key: torch, or <backend>-<engine.tensorrtLlmVersion> for both TensorRT-LLM flows (their engines are keyed on the release that built them). */}}
 {{- define "nemotron.backendSlug" -}}
 {{- $backend := include "nemotron.backend" . -}}
-{{- if eq $backend "tensorrt-llm" -}}
+{{- if hasPrefix "tensorrt-llm" $backend -}}
 {{- printf "%s-%s" $backend .Values.engine.tensorrtLlmVersion -}}
 {{- else -}}
 {{- $backend -}}
@@ -238,9 +238,15 @@ exec:
 {{- toYaml $resources -}}
 {{- end -}}
 
-{{/* nemotron.buildResources: the builder's resources: engine.build.resources for torch (a CPU job); for tensorrt-llm the profile's (the server's node class) overridden by engine.build.gpuResources, plus nvidia.com/gpu = tp. */}}
+{{/* nemotron.buildsOnGpus: "true" where the build Job needs the profile's GPUs: tensorrt-llm (engines are compiled for the GPU that builds them) and tensorrt-llm-pytorch fp8 (ModelOpt calibration runs the model); a torch build or a tensorrt-llm-pytorch bf16 one (the checkpoint placed as it is) runs on CPUs. */}}
+{{- define "nemotron.buildsOnGpus" -}}
+{{- $backend := include "nemotron.backend" . -}}
+{{- or (eq $backend "tensorrt-llm") (and (eq $backend "tensorrt-llm-pytorch") (eq (include "nemotron.precision" .) "fp8")) -}}
+{{- end -}}
+
+{{/* nemotron.buildResources: the builder's resources: engine.build.resources for a CPU build; for one on GPUs (nemotron.buildsOnGpus) the profile's (the server's node class) overridden by engine.build.gpuResources, plus nvidia.com/gpu = tp. */}}
 {{- define "nemotron.buildResources" -}}
-{{- if eq (include "nemotron.backend" .) "tensorrt-llm" -}}
+{{- if eq (include "nemotron.buildsOnGpus" .) "true" -}}
 {{- $profile := include "nemotron.profile" . | fromYaml -}}
 {{- $resources := mergeOverwrite (deepCopy ($profile.resources | default dict)) (deepCopy .Values.engine.build.gpuResources) -}}
 {{- $limits := $resources.limits | default dict -}}

@@ -11,15 +11,12 @@ what the real package does with them (CUDA, the engine plans, MPI for tp=2) has 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import importlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -33,27 +30,22 @@ from service.runtime.interface import FinishReason, GenerationRequest
 from service.runtime.options import RequestOptions
 from service.runtime.trtllm_runtime import TensorRTLLMRuntime
 from tests.service.server_process import start_server, stop_server, wait_ready, wait_until
-from tests.service.trtllm_engine import DOUBLE_SITE, REPO_ROOT, commit_trtllm_engine
+from tests.service.trtllm_engine import (
+    DOUBLE_SITE,
+    REPO_ROOT,
+    commit_trtllm_engine,
+    double_env,
+    holding,
+    seen_events,
+)
 
 # The double's fixed answer (tests/doubles/trtllm_site/tensorrt_llm/_double.py: ANSWER); its
 # byte tokenizer makes one token per character.
 ANSWER = "Hello from the TensorRT-LLM test double."
 HI = [pb.ChatMessage(role=pb.ROLE_USER, content="Hi")]
-TOKEN_DELAY_S = "0.05"  # per streamed token: 2 s for the whole answer
 
 
 # -- the double on its own ------------------------------------------------------------------
-
-
-@pytest.fixture
-def double(monkeypatch):
-    """`import tensorrt_llm` finds the double for this test only (then forgets it again)."""
-    monkeypatch.syspath_prepend(str(DOUBLE_SITE))
-    module = importlib.import_module("tensorrt_llm")
-    assert Path(module.__file__).is_relative_to(DOUBLE_SITE)
-    yield module
-    for name in [n for n in sys.modules if n == "tensorrt_llm" or n.startswith("tensorrt_llm.")]:
-        del sys.modules[name]
 
 
 def test_the_double_refuses_what_tensorrt_llm_would_refuse(double, tmp_path):
@@ -153,34 +145,6 @@ def test_the_runtime_streams_cuts_at_max_tokens_gives_logprobs_and_aborts(double
 # -- the real server ------------------------------------------------------------------------
 
 
-def _double_env(events: Path) -> dict[str, str]:
-    return {
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(DOUBLE_SITE)]),
-        "TRTLLM_DOUBLE_EVENTS": str(events),
-        "TRTLLM_DOUBLE_TOKEN_DELAY_S": TOKEN_DELAY_S,
-        "TRTLLM_DOUBLE_HOLD": str(_hold_file(events)),
-    }
-
-
-def _hold_file(events: Path) -> Path:
-    """While it exists, the double's streams stop after their first token (see _double.py)."""
-    return events.with_name("hold")
-
-
-@contextlib.contextmanager
-def holding(events: Path) -> Iterator[None]:
-    """Keep the double's streams in flight after their first token until the block ends."""
-    _hold_file(events).touch()
-    try:
-        yield
-    finally:
-        _hold_file(events).unlink(missing_ok=True)
-
-
-def _seen(events: Path) -> list[dict]:
-    return [json.loads(line) for line in events.read_text().splitlines()] if events.exists() else []
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A `nemotron-serve` on a directory holding one tensorrt-llm h100x2 engine, the double
@@ -188,7 +152,7 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("trtllm-serving")
     entry = commit_trtllm_engine(root / "repo")
     events = root / "double-events.jsonl"
-    env = _double_env(events)
+    env = double_env(events)
     # The subprocess runs this checkout's code and the double (not an installed copy of either).
     probe = "import service, tensorrt_llm; print(service.__file__); print(tensorrt_llm.__file__)"
     where = subprocess.run(
@@ -222,7 +186,7 @@ def test_startup_selects_the_tensorrt_llm_engine_and_model_info_reports_it(serve
     assert (info.backend, info.profile, info.tensor_parallel) == ("tensorrt-llm", "h100x2", 2)
     assert (info.engine_id, info.precision) == (entry.engine_id, "fp8")
     assert info.versions["tensorrt-llm"] == "1.2.1"
-    (llm,) = [e for e in _seen(events) if e["event"] == "llm"]
+    (llm,) = [e for e in seen_events(events) if e["event"] == "llm"]
     limits = load_profiles().get("h100x2").limits
     assert llm["kwargs"]["model"] == llm["kwargs"]["tokenizer"] == str(entry.directory)
     assert llm["kwargs"]["gather_generation_logits"] is True
@@ -243,14 +207,14 @@ def test_a_streamed_chat_returns_the_doubles_answer_and_usage(served):
     assert stream[-1].finish_reason == pb.FINISH_REASON_STOP
     assert stream[-1].usage.completion_tokens == len(ANSWER)
     assert stream[-1].usage.prompt_tokens == len("<user>Hi\n<assistant>")  # byte tokenizer
-    (sent,) = [e for e in _seen(events) if e["event"] == "generate_async"]
+    (sent,) = [e for e in seen_events(events) if e["event"] == "generate_async"]
     assert sent["streaming"] is True and sent["prompt_tokens"] == stream[-1].usage.prompt_tokens
 
 
 def test_the_abort_rpc_and_a_cancelled_call_both_abort_the_tensorrt_llm_request(served):
     server, _, events = served
     request = pb.ChatStreamRequest(request_id="abort-me", messages=HI)
-    aborts = lambda: [e for e in _seen(events) if e["event"] == "abort"]  # noqa: E731
+    aborts = lambda: [e for e in seen_events(events) if e["event"] == "abort"]  # noqa: E731
     with holding(events):  # each stream is in flight, whatever the machine's speed
         call = server.api.ChatStream(request, timeout=60)
         first = next(call)
@@ -317,7 +281,7 @@ def test_sigterm_drains_the_inflight_stream_then_shuts_the_llm_down(served):
     assert first.content + "".join(m.content for m in rest) == ANSWER
     assert rest[-1].finish_reason == pb.FINISH_REASON_STOP
     assert server.process.wait(timeout=60) == 0
-    seen = [e["event"] for e in _seen(events)]
+    seen = [e["event"] for e in seen_events(events)]
     assert seen[-1] == "shutdown"
     with pytest.raises(grpc.RpcError):
         server.api.GetModelInfo(pb.GetModelInfoRequest(), timeout=2)

@@ -57,6 +57,8 @@ CONTRACT: dict[str, Any] = json.loads(FIXTURE.read_text())
 
 LLM_NAME = "tensorrt_llm._tensorrt_engine.LLM"
 LLM_ARGS = "tensorrt_llm.llmapi.llm_args.TrtLlmArgs"
+TORCH_LLM_NAME = "tensorrt_llm.llmapi.llm.LLM"
+TORCH_LLM_ARGS = "tensorrt_llm.llmapi.llm_args.TorchLlmArgs"
 COMPLETION_OUTPUT = "tensorrt_llm.executor.result.CompletionOutput"
 GENERATION_RESULT = "tensorrt_llm.executor.result.GenerationResult"
 LOGPROB = "tensorrt_llm.executor.result.Logprob"
@@ -90,12 +92,21 @@ def check_fields(cls: str, kwargs: dict[str, Any]) -> None:
 
 
 def check_call(
-    function: str, args: tuple, kwargs: dict[str, Any], kwargs_fields: str | None = None
+    function: str,
+    args: tuple,
+    kwargs: dict[str, Any],
+    kwargs_fields: str | None = None,
+    llm: str = "llm",
 ) -> dict[str, Any]:
     """All arguments by name, after checking them against the real signature, or TypeError."""
     _refuse(
         _RULES.check_call(
-            CONTRACT, function, set(kwargs), n_positional=len(args), kwargs_fields=kwargs_fields
+            CONTRACT,
+            function,
+            set(kwargs),
+            n_positional=len(args),
+            kwargs_fields=kwargs_fields,
+            llm=llm,
         )
     )
     positional = CONTRACT["functions"][_RULES.canonical(CONTRACT, function)]["positional"]
@@ -300,8 +311,15 @@ class GenerationResult:
 class LLM:
     """`tensorrt_llm._tensorrt_engine.LLM` (TensorRT-LLM's `_TrtLLM`) over an engine directory."""
 
+    _name, _args, _section = LLM_NAME, LLM_ARGS, "llm"
+    # `_check_arguments`: on the TensorRT backend, logprobs need gather_generation_logits.
+    _logprobs_need_gathered_logits = True
+    _stats_need = ""  # an LLM argument without which get_stats returns nothing
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        arguments = check_call(LLM_NAME + ".__init__", args, kwargs, kwargs_fields=LLM_ARGS)
+        arguments = check_call(
+            self._name + ".__init__", args, kwargs, kwargs_fields=self._args, llm=self._section
+        )
         kv = arguments.get("kv_cache_config")
         if kv is not None and not isinstance(kv, KvCacheConfig | dict):
             raise TypeError(f"kv_cache_config must be a KvCacheConfig, got {type(kv).__name__}")
@@ -340,11 +358,12 @@ class LLM:
         """Submit one request; returns its streamed result."""
         if self._shut_down:
             raise RuntimeError("the LLM is shut down")
-        arguments = check_call(LLM_NAME + ".generate_async", args, kwargs)
+        arguments = check_call(self._name + ".generate_async", args, kwargs)
         params = arguments.get("sampling_params") or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(params)}")
-        if params.logprobs and not self.args.get("gather_generation_logits"):
+        needs_gathered = self._logprobs_need_gathered_logits
+        if params.logprobs and needs_gathered and not self.args.get("gather_generation_logits"):
             raise ValueError(  # TensorRT-LLM's LLM._check_arguments
                 f"`sampling_params.logprobs={params.logprobs}` requires "
                 "gather_generation_logits=True to be passed explicitly to the LLM() constructor"
@@ -409,8 +428,10 @@ class LLM:
 
     def get_stats(self, *args: Any, **kwargs: Any) -> list[dict]:
         """The iteration stats queued since the last call (IterationResult.get_results)."""
-        timeout = check_call(LLM_NAME + ".get_stats", args, kwargs).get("timeout", 2)
+        timeout = check_call(self._name + ".get_stats", args, kwargs).get("timeout", 2)
         with self._lock:
+            if self._stats_need and not self.args.get(self._stats_need):
+                return []  # the PyTorch executor keeps no iteration stats unless asked
             if self._stats_done:
                 return []
             queued, self._stats = self._stats, []
@@ -420,6 +441,32 @@ class LLM:
 
     def shutdown(self, *args: Any, **kwargs: Any) -> None:
         """Stop the executor; results still streaming are cut off."""
-        check_call(LLM_NAME + ".shutdown", args, kwargs)
+        check_call(self._name + ".shutdown", args, kwargs)
         self._shut_down = True
         record("shutdown", active=len(self._active))
+
+
+class TorchLLM(LLM):
+    """`tensorrt_llm.LLM`, the PyTorch flow, over a Hugging Face checkpoint directory."""
+
+    _name, _args, _section = TORCH_LLM_NAME, TORCH_LLM_ARGS, "llm_pytorch"
+    _logprobs_need_gathered_logits = False  # `_check_arguments` returns early for pytorch
+    _stats_need = "enable_iter_perf_stats"  # PyExecutor.get_latest_iteration_stats
+
+    def _check_engine_dir(self) -> None:
+        """What the PyTorch flow reads first: config.json (architecture, the remote-code
+        config module under trust_remote_code) and safetensors weights."""
+        config_file = self.engine_dir / "config.json"
+        if not config_file.is_file():
+            raise ValueError(f"{self.engine_dir} has no config.json: not a checkpoint")
+        config = json.loads(config_file.read_text())
+        if "DeciLMForCausalLM" not in config.get("architectures", []):
+            raise ValueError(f"{self.engine_dir}: not a DeciLMForCausalLM checkpoint")
+        module = config.get("auto_map", {}).get("AutoConfig", "").rsplit(".", 1)[0]
+        if not self.args.get("trust_remote_code"):
+            raise ValueError("the Nemotron-NAS config needs trust_remote_code=True")
+        if not (self.engine_dir / f"{module}.py").is_file():
+            raise FileNotFoundError(f"{self.engine_dir / f'{module}.py'} is missing")
+        if not list(self.engine_dir.glob("*.safetensors")):
+            raise FileNotFoundError(f"{self.engine_dir} holds no safetensors weights")
+        self.world_size = int(self.args.get("tensor_parallel_size", 1))
