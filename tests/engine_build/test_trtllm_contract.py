@@ -29,7 +29,17 @@ from service.runtime.trtllm_runtime import (
     llm_kwargs,
     sampling_kwargs,
 )
-from tools.trtllm_contract import FILES, build_contract, check_attributes, check_call, check_fields
+from tools.trtllm_contract import (
+    FILES,
+    MODELOPT_FILES,
+    ContractError,
+    build_contract,
+    check_attributes,
+    check_call,
+    check_constants,
+    check_fields,
+    root_version,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE = REPO / "tests" / "data" / "trtllm_contract.json"
@@ -323,6 +333,19 @@ class BaseLLM:
     def shutdown(self): ...
 class _TrtLLM(BaseLLM):
     def __init__(self, model, tokenizer=None, **kwargs): ...
+class _TorchLLM(BaseLLM):
+    def __init__(self, model, tokenizer=None, **kwargs):
+        backend = kwargs.pop("backend", "pytorch")
+        self._validate_args_for_torch_backend(kwargs)
+        super().__init__(model, tokenizer, backend=backend, **kwargs)
+    def _validate_args_for_torch_backend(self, kwargs):
+        trtllm_fields = set(TrtLlmArgs.model_fields.keys())
+        torchllm_fields = set(TorchLlmArgs.model_fields.keys())
+        trtllm_specific_fields = trtllm_fields - torchllm_fields
+        if [key for key in kwargs if key in trtllm_specific_fields]:
+            raise ValueError("specific to TensorRT backend")
+class LLM(_TorchLLM):
+    def __init__(self, model, tokenizer=None, **kwargs): ...
 """,
     "tensorrt_llm/llmapi/llm_args.py": """
 from pydantic import BaseModel, PrivateAttr
@@ -337,6 +360,13 @@ class BaseLlmArgs(StrictBaseModel):
     _private: int = PrivateAttr(default=0)
 class TrtLlmArgs(BaseLlmArgs):
     build_config: object = Field(default=None)
+    quant_config: object = Field(default=None)
+class TorchLlmArgs(BaseLlmArgs):
+    build_config: object = Field(default=None)
+    cuda_graph_config: object = Field(default=None)
+    _quant_config: object = PrivateAttr(default=None)
+    @property
+    def quant_config(self): ...
 """,
     "tensorrt_llm/sampling_params.py": """
 @dataclass(slots=True, kw_only=True)
@@ -400,13 +430,64 @@ class Mapping:
 }
 
 
+METADATA = "nvidia_modelopt-8.8.8.dist-info/METADATA"
+# A made-up miniature of the ModelOpt files (an unpacked wheel: no commit, a .dist-info).
+MODELOPT_MINIATURE = {
+    METADATA: "Metadata-Version: 2.4\nName: nvidia-modelopt\nVersion: 8.8.8\n\nVersion: 0\n",
+    "modelopt/torch/quantization/__init__.py": """
+from . import mode, utils
+from .compress import *
+from .config import *
+from .model_quant import *
+""",
+    "modelopt/torch/quantization/model_quant.py": """
+import modelopt.torch.quantization as mtq
+from .config import QuantizeConfig
+__all__ = ["calibrate", "quantize"]
+def calibrate(model, algorithm="max", forward_loop=None): ...
+def quantize(model, config, forward_loop=None): ...
+def _helper(): ...
+""",
+    "modelopt/torch/quantization/config.py": """
+from pydantic import Field
+_default_disabled_quantizer_cfg = {"default": {"enable": False}}
+FP8_DEFAULT_CFG = {"quant_cfg": {**_default_disabled_quantizer_cfg}, "algorithm": "max"}
+choices: set[str] = set()
+QuantizeQuantCfgType = dict
+FP8_KV_CFG: dict = {"quant_cfg": {}, "algorithm": "max"}
+class QuantizeConfig: ...
+""",
+    "modelopt/torch/export/__init__.py": (
+        "from .model_config import *\nfrom .unified_export_hf import *\n"
+    ),
+    "modelopt/torch/export/unified_export_hf.py": """
+__all__ = ["export_hf_checkpoint"]
+def export_hf_checkpoint(model, dtype=None, export_dir="/tmp", save_modelopt_state=False): ...
+""",
+}
+TORCH_ARGS = "tensorrt_llm.llmapi.llm_args.TorchLlmArgs"
+
+
+def write_sources(tmp_path: Path, trtllm: dict, modelopt: dict) -> list[Path]:
+    """The two miniatures as source roots: one named by a commit, one like an unpacked wheel."""
+    roots = {tmp_path / ("0" * 40): trtllm, tmp_path / "modelopt-8.8.8": modelopt}
+    for root, files in roots.items():
+        for rel, text in files.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_text(text)
+    return list(roots)
+
+
+def _edited(files: dict, rel: str, old: str, new: str) -> dict:
+    assert old in files[rel], old
+    return {**files, rel: files[rel].replace(old, new)}
+
+
 def test_the_tool_extracts_signatures_fields_reasons_and_stats(tmp_path):
     assert set(MINIATURE) == set(FILES)
+    assert set(MODELOPT_MINIATURE) == {*MODELOPT_FILES, METADATA}
     commit = "0" * 40
-    for rel, text in MINIATURE.items():
-        (tmp_path / commit / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / commit / rel).write_text(text)
-    made = build_contract([tmp_path / commit], "9.9.9")
+    made = build_contract(write_sources(tmp_path, MINIATURE, MODELOPT_MINIATURE), "9.9.9")
     assert made["source"]["tensorrt_llm/builder.py"] == {
         "commit": commit,
         "version": "9.9.9",
@@ -440,7 +521,7 @@ def test_the_tool_extracts_signatures_fields_reasons_and_stats(tmp_path):
     )
     args = made["classes"][LLM_ARGS]
     assert (args["fields"], args["required"], args["extra"]) == (
-        ["model", "mpi_session", "build_config"],
+        ["model", "mpi_session", "build_config", "quant_config"],
         ["model"],
         "forbid",
     )
@@ -458,3 +539,241 @@ def test_the_tool_extracts_signatures_fields_reasons_and_stats(tmp_path):
         "IterationStats": ["iter", "kvCacheStats"],
         "KvCacheStats": ["maxNumBlocks"],
     }
+
+
+def test_the_tool_records_the_pytorch_llm_its_kwargs_and_what_it_refuses(tmp_path):
+    made = build_contract(write_sources(tmp_path, MINIATURE, MODELOPT_MINIATURE), "9.9.9")
+    assert made["exports"]["tensorrt_llm.LLM"] == "tensorrt_llm.llmapi.llm.LLM"
+    init = made["functions"]["tensorrt_llm.llmapi.llm.LLM.__init__"]
+    assert (init["defined_in"], init["params"], init["var_keyword"]) == (
+        "tensorrt_llm.llmapi.llm.LLM.__init__",
+        ["model", "tokenizer"],
+        True,
+    )
+    assert made["functions"]["tensorrt_llm.llmapi.llm.LLM.get_stats"]["defined_in"] == (
+        "tensorrt_llm.llmapi.llm.BaseLLM.get_stats"
+    )
+    # quant_config: a TrtLlmArgs field, only a property (PrivateAttr) of TorchLlmArgs
+    torch_args = made["classes"][TORCH_ARGS]
+    assert torch_args["fields"] == ["model", "mpi_session", "build_config", "cuda_graph_config"]
+    assert torch_args["properties"] == ["quant_config"]
+    assert made["llm_pytorch"] == {
+        "class": "tensorrt_llm.llmapi.llm.LLM",
+        "kwargs_checked_against": TORCH_ARGS,
+        "extra_kwargs": ["_mpi_session"],
+        "refused_by": "tensorrt_llm.llmapi.llm._TorchLLM._validate_args_for_torch_backend",
+        "refused_kwargs_from": {"fields_of": LLM_ARGS, "minus_fields_of": TORCH_ARGS},
+        "refused_kwargs": ["quant_config"],
+    }
+    # the TensorRT-engine LLM's section is as before: nothing refused
+    assert made["llm"] == {
+        "class": "tensorrt_llm.llmapi.llm._TrtLLM",
+        "kwargs_checked_against": LLM_ARGS,
+        "extra_kwargs": ["_mpi_session"],
+    }
+
+
+def test_check_call_reports_keywords_the_pytorch_llm_refuses_or_does_not_know(tmp_path):
+    made = build_contract(write_sources(tmp_path, MINIATURE, MODELOPT_MINIATURE), "9.9.9")
+    init = "tensorrt_llm.LLM.__init__"
+    ok = {"tokenizer", "cuda_graph_config", "build_config", "_mpi_session", "model"}
+    assert check_call(made, init, ok, kwargs_fields=TORCH_ARGS, llm="llm_pytorch") == []
+    problems = check_call(
+        made,
+        init,
+        ok | {"quant_config", "no_such_arg"},
+        kwargs_fields=TORCH_ARGS,
+        llm="llm_pytorch",
+    )
+    assert problems == [
+        "tensorrt_llm.llmapi.llm.LLM.__init__: unknown keyword 'no_such_arg'",
+        "tensorrt_llm.llmapi.llm.LLM.__init__: keyword 'quant_config' refused by the PyTorch "
+        f"backend (a {LLM_ARGS} field that "
+        "tensorrt_llm.llmapi.llm._TorchLLM._validate_args_for_torch_backend rejects)",
+    ]
+    # the TensorRT-engine LLM takes quant_config, and knows no cuda_graph_config
+    assert (
+        check_call(made, LLM + ".__init__", {"model", "quant_config"}, kwargs_fields=LLM_ARGS) == []
+    )
+    assert check_call(
+        made, LLM + ".__init__", {"model", "cuda_graph_config"}, kwargs_fields=LLM_ARGS
+    ) == [f"{LLM}.__init__: unknown keyword 'cuda_graph_config'"]
+    # the section and the fields class must agree; an unknown section is a problem, not a crash
+    assert check_call(made, init, {"model"}, kwargs_fields=LLM_ARGS, llm="llm_pytorch") == [
+        f"tensorrt_llm.llmapi.llm.LLM.__init__: llm_pytorch checks **kwargs against {TORCH_ARGS}, "
+        f"not {LLM_ARGS}"
+    ]
+    assert check_call(made, init, {"model"}, kwargs_fields=TORCH_ARGS, llm="llm_jax") == [
+        "tensorrt_llm.llmapi.llm.LLM.__init__: no LLM section 'llm_jax' in the contract"
+    ]
+    # without kwargs_fields a **kwargs takes nothing beyond the named parameters
+    assert check_call(made, init, {"model", "cuda_graph_config"}) == [
+        "tensorrt_llm.llmapi.llm.LLM.__init__: unknown keyword 'cuda_graph_config'"
+    ]
+
+
+LLM_PY = "tensorrt_llm/llmapi/llm.py"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("def _validate_args_for_torch_backend(", "def _check(", "no method"),
+        ("self._validate_args_for_torch_backend(kwargs)", "pass", "calls self."),
+        ('raise ValueError("specific to TensorRT backend")', "pass", "raises nothing"),
+        ("trtllm_fields - torchllm_fields", "trtllm_fields", "expected one"),
+        ("set(TorchLlmArgs.model_fields.keys())", "set(NoSuchArgs.model_fields)", "NoSuchArgs"),
+    ],
+)
+def test_the_tool_fails_when_the_pytorch_llms_refusal_is_not_as_read(tmp_path, old, new, message):
+    edited = _edited(MINIATURE, LLM_PY, old, new)
+    with pytest.raises(ContractError, match=message):
+        build_contract(write_sources(tmp_path, edited, MODELOPT_MINIATURE), "9.9.9")
+
+
+@pytest.mark.parametrize(
+    "difference",
+    [
+        "set(TrtLlmArgs.model_fields) - set(TorchLlmArgs.model_fields)",
+        "set(trtllm_fields) - set(torchllm_fields)",
+    ],
+)
+def test_the_refusal_may_subtract_the_model_fields_directly_or_wrapped(tmp_path, difference):
+    edited = _edited(MINIATURE, LLM_PY, "trtllm_fields - torchllm_fields", difference)
+    made = build_contract(write_sources(tmp_path, edited, MODELOPT_MINIATURE), "9.9.9")
+    assert made["llm_pytorch"]["refused_kwargs"] == ["quant_config"]
+
+
+def test_the_tool_records_modelopts_functions_exports_constants_and_version(tmp_path):
+    made = build_contract(write_sources(tmp_path, MINIATURE, MODELOPT_MINIATURE), "9.9.9")
+    modelopt = made["modelopt"]
+    assert modelopt["version"] == "8.8.8"
+    assert set(modelopt["source"]) == set(MODELOPT_FILES)
+    assert modelopt["source"]["modelopt/torch/quantization/config.py"] == {
+        "commit": None,
+        "root": "modelopt-8.8.8",
+        "version": "8.8.8",
+        "excerpt": False,
+    }
+    assert not set(MODELOPT_FILES) & set(made["source"])  # TensorRT-LLM's files only there
+    assert modelopt["exports"] == {
+        "modelopt.torch.quantization.quantize": "modelopt.torch.quantization.model_quant.quantize",
+        "modelopt.torch.export.export_hf_checkpoint": (
+            "modelopt.torch.export.unified_export_hf.export_hf_checkpoint"
+        ),
+    }
+    quantize = modelopt["functions"]["modelopt.torch.quantization.model_quant.quantize"]
+    assert (quantize["params"], quantize["required"]) == (
+        ["model", "config", "forward_loop"],
+        ["model", "config"],
+    )
+    assert modelopt["constants"] == {
+        "modelopt.torch.quantization": {
+            "defined_in": "modelopt.torch.quantization.config",
+            "names": ["FP8_DEFAULT_CFG", "FP8_KV_CFG"],
+        }
+    }
+    assert modelopt["optional"] == {
+        "modelopt.torch.quantization.update_quant_cfg_with_kv_cache_quant": None
+    }
+    # the checks, by the public names the build uses
+    assert check_call(made, "modelopt.torch.quantization.quantize", (), n_positional=3) == []
+    export = "modelopt.torch.export.export_hf_checkpoint"
+    assert check_call(made, export, {"export_dir"}, n_positional=1) == []
+    assert check_call(made, export, {"export_dir", "components"}, n_positional=1) == [
+        "modelopt.torch.export.unified_export_hf.export_hf_checkpoint: unknown keyword 'components'"
+    ]
+    assert check_call(made, "modelopt.torch.quantization.quantize", {"model"}) == [
+        "modelopt.torch.quantization.model_quant.quantize: required parameter 'config' missing"
+    ]
+    assert check_call(
+        made, "modelopt.torch.quantization.update_quant_cfg_with_kv_cache_quant", ()
+    ) == ["modelopt.torch.quantization.update_quant_cfg_with_kv_cache_quant: not in the contract"]
+    quantization = "modelopt.torch.quantization"
+    assert check_constants(made, quantization, {"FP8_DEFAULT_CFG", "FP8_KV_CFG"}) == []
+    assert check_constants(made, quantization + ".config", {"FP8_KV_CFG"}) == []
+    assert check_constants(made, quantization, {"FP8_KV_CFG", "NVFP4_DEFAULT_CFG"}) == [
+        "modelopt.torch.quantization: no constant 'NVFP4_DEFAULT_CFG'"
+    ]
+    assert check_constants(made, "modelopt.torch.export", {"X"}) == [
+        "modelopt.torch.export: not in the contract"
+    ]
+
+
+QUANT_INIT = "modelopt/torch/quantization/__init__.py"
+MODEL_QUANT = "modelopt/torch/quantization/model_quant.py"
+
+
+def test_an_optional_modelopt_name_is_recorded_where_the_package_has_it(tmp_path):
+    defined = _edited(
+        _edited(MODELOPT_MINIATURE, MODEL_QUANT, '"quantize"]', '"quantize", "update_quant_cfg"]'),
+        MODEL_QUANT,
+        "def _helper(): ...",
+        "def update_quant_cfg(quant_cfg, kv_cache_quant_cfg): ...",
+    )
+    imported = _edited(
+        defined,
+        QUANT_INIT,
+        "from .model_quant import *",
+        "from .model_quant import *\n"
+        "try:\n"
+        "    from .model_quant import update_quant_cfg as update_quant_cfg_with_kv_cache_quant\n"
+        "except ImportError:\n"
+        "    pass\n",
+    )
+    made = build_contract(write_sources(tmp_path, MINIATURE, imported), "9.9.9")
+    public = "modelopt.torch.quantization.update_quant_cfg_with_kv_cache_quant"
+    target = "modelopt.torch.quantization.model_quant.update_quant_cfg"
+    assert made["modelopt"]["optional"] == {public: target}
+    assert made["modelopt"]["exports"][public] == target
+    assert check_call(made, public, (), n_positional=2) == []
+
+
+def test_an_optional_modelopt_name_from_a_file_not_read_fails_the_tool(tmp_path):
+    # as in later ModelOpt: `from .utils import update_quant_cfg_with_kv_cache_quant`
+    edited = _edited(
+        MODELOPT_MINIATURE,
+        QUANT_INIT,
+        "from .model_quant import *",
+        "from .model_quant import *\nfrom .utils import update_quant_cfg_with_kv_cache_quant",
+    )
+    with pytest.raises(ContractError, match="add its file to MODELOPT_FILES"):
+        build_contract(write_sources(tmp_path, MINIATURE, edited), "9.9.9")
+
+
+@pytest.mark.parametrize(
+    ("rel", "old", "new", "message"),
+    [
+        # the package no longer re-exports quantize from model_quant
+        (QUANT_INIT, "from .model_quant import *", "", "binds it to None"),
+        (MODEL_QUANT, '"calibrate", "quantize"', '"calibrate"', "binds it to None"),
+        # a later explicit import rebinds it
+        (QUANT_INIT, "from .model_quant import *", "from .model_quant import *\n"
+         "from .compress import quantize", "binds it to modelopt.torch.quantization.compress"),
+        # the constants are no longer re-exported by the package
+        (QUANT_INIT, "from .config import *", "", "re-exports no constant"),
+        ("modelopt/torch/quantization/config.py", "class QuantizeConfig",
+         "__all__ = ['QuantizeConfig']\nclass QuantizeConfig", "re-exports no constant"),
+        (METADATA, "Version: 8.8.8", "Summary: -", "no single known version"),
+    ],
+)  # fmt: skip
+def test_the_tool_fails_when_modelopts_exports_are_not_as_recorded(
+    tmp_path, rel, old, new, message
+):
+    edited = _edited(MODELOPT_MINIATURE, rel, old, new)
+    with pytest.raises(ContractError, match=message):
+        build_contract(write_sources(tmp_path, MINIATURE, edited), "9.9.9")
+
+
+def test_a_roots_version_comes_from_version_py_metadata_or_modelopts_init(tmp_path):
+    (tmp_path / "trt" / "tensorrt_llm").mkdir(parents=True)
+    (tmp_path / "trt" / "tensorrt_llm" / "version.py").write_text('__version__ = "1.2.1"\n')
+    (tmp_path / "init" / "modelopt").mkdir(parents=True)
+    (tmp_path / "init" / "modelopt" / "__init__.py").write_text('__version__ = "0.37.0"\n')
+    (tmp_path / "neither" / "modelopt").mkdir(parents=True)
+    (tmp_path / "neither" / "modelopt" / "__init__.py").write_text(
+        '__version__ = _version("nvidia-modelopt")\n'
+    )
+    assert root_version(tmp_path / "trt") == "1.2.1"
+    assert root_version(tmp_path / "init") == "0.37.0"
+    assert root_version(tmp_path / "neither") is None
