@@ -18,6 +18,7 @@ import pytest
 
 from engine_build.backends.base import BuildJob
 from engine_build.backends.trtllm import build_config_kwargs, plan_calls, plugin_settings
+from engine_build.backends.trtllm_pytorch import fp8_calls
 from engine_build.checkpoint import Checkpoint
 from engine_build.profiles import DeviceKind, load_profiles
 from service.runtime import trtllm_runtime
@@ -25,8 +26,10 @@ from service.runtime.interface import GenerationRequest
 from service.runtime.options import RequestOptions, SamplingParams
 from service.runtime.trtllm_runtime import (
     FINISH_REASONS,
+    PYTORCH_LLM_CLASS,
     generate_kwargs,
     llm_kwargs,
+    pytorch_llm_kwargs,
     sampling_kwargs,
 )
 from tools.trtllm_contract import (
@@ -148,6 +151,55 @@ def test_the_llm_is_made_with_arguments_it_accepts(contract):
     assert contract["llm"]["kwargs_checked_against"] == LLM_ARGS
     assert contract["classes"][LLM_ARGS]["extra"] == "forbid"
     assert contract["classes"]["tensorrt_llm.llmapi.llm_args.KvCacheConfig"]["extra"] == "forbid"
+
+
+TORCH_LLM_ARGS = "tensorrt_llm.llmapi.llm_args.TorchLlmArgs"
+KV_CACHE_CONFIG = "tensorrt_llm.llmapi.KvCacheConfig"
+
+
+@pytest.mark.parametrize("kv_cache", ["bf16", "fp8"])
+def test_the_pytorch_flow_llm_is_made_with_arguments_it_accepts(contract, kv_cache):
+    limits = load_profiles().get("h100x2").limits
+    kwargs = pytorch_llm_kwargs(Path("/engines/x"), 2, limits, limits.max_seq_len, kv_cache)
+    problems = check_call(
+        contract, PYTORCH_LLM_CLASS + ".__init__", set(kwargs),
+        kwargs_fields=TORCH_LLM_ARGS, llm="llm_pytorch",
+    )  # fmt: skip
+    assert problems == []
+    assert check_fields(contract, KV_CACHE_CONFIG, kwargs["kv_cache_config"]) == []
+    assert contract["llm_pytorch"]["kwargs_checked_against"] == TORCH_LLM_ARGS
+    # Not the TensorRT flow's: the PyTorch LLM refuses TensorRT-only arguments.
+    trt_only = set(llm_kwargs(Path("/e"), Path("/e"), 0.9)) - set(kwargs)
+    assert trt_only == {"gather_generation_logits"}
+    refused = check_call(
+        contract, PYTORCH_LLM_CLASS + ".__init__", {"model", "quant_config"},
+        kwargs_fields=TORCH_LLM_ARGS, llm="llm_pytorch",
+    )  # fmt: skip
+    assert len(refused) == 1 and "refused by the PyTorch backend" in refused[0]
+
+
+def test_removing_a_pytorch_flow_keyword_fails_the_check(contract):
+    edited = copy.deepcopy(contract)
+    edited["classes"][TORCH_LLM_ARGS]["fields"].remove("enable_iter_perf_stats")
+    limits = load_profiles().get("h100x2").limits
+    kwargs = pytorch_llm_kwargs(Path("/engines/x"), 2, limits, limits.max_seq_len, "fp8")
+    problems = check_call(
+        edited, PYTORCH_LLM_CLASS + ".__init__", set(kwargs),
+        kwargs_fields=TORCH_LLM_ARGS, llm="llm_pytorch",
+    )  # fmt: skip
+    defined = "tensorrt_llm.llmapi.llm.LLM"  # where tensorrt_llm.LLM is defined
+    assert problems == [f"{defined}.__init__: unknown keyword 'enable_iter_perf_stats'"]
+
+
+def test_the_pytorch_flow_fp8_build_calls_modelopt_as_it_is_defined(contract, checkpoint):
+    profile = load_profiles().get("h100x2")
+    job = BuildJob(checkpoint, profile, profile.precision("fp8"), "/data/calibration")
+    _, quantize, export = fp8_calls(job, ENGINE_OUT)
+    for call in (quantize, export):
+        assert check_call(contract, call.function, set(call.kwargs)) == [], call.function
+    names = set(quantize.kwargs["config"])
+    assert check_constants(contract, "modelopt.torch.quantization", names) == []
+    assert contract["modelopt"]["version"] == "0.37.0"
 
 
 REQUESTS = {
