@@ -82,6 +82,8 @@ def plan_profile(
     tp = profile.tensor_parallel
     alignment = GPU_ALIGNMENT if profile.device is DeviceKind.GPU else 1
     reasons = tp_issues(graph, tp, alignment)
+    if backend.startswith("tensorrt-llm") and profile.device is DeviceKind.CPU:
+        reasons.append(f"backend {backend} needs NVIDIA GPUs; a cpu profile is served by torch")
     memory = int(profile.memory_gb * GB)
     reserve = int(profile.reserve_gb * GB)
     if reasons:  # no shard exists; report the reasons with whole-model figures

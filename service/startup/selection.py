@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine_build.backends.base import BackendError
 from engine_build.backends.registry import backend_names, select_backend
 from engine_build.build import BuildRequest, build_engine
 from engine_build.embedded import ensure_embedded_checkpoint
@@ -249,6 +250,18 @@ def serving_backend(requested: str, profile: Profile) -> str:
     return requested
 
 
+def installed_version(backend: str, profile: Profile) -> str | None:
+    """The installed TensorRT-LLM's version where `backend` is one of its flows (their engines
+    run only with the release that built them), else None (torch engines, or no package here:
+    opening the engine then refuses, naming what to install)."""
+    if not backend.startswith("tensorrt-llm"):
+        return None
+    try:
+        return select_backend(backend, profile).version()
+    except BackendError:
+        return None
+
+
 def ensure_engine(
     repository: EngineRepository,
     profile: Profile,
@@ -297,8 +310,9 @@ def _gpu_engine(
     decision.preferred.precision(options.precision)  # refuse a precision the profile lacks
     backend = serving_backend(options.backend, decision.preferred)
     fingerprint = checkpoint_fingerprint(options.checkpoint) if options.checkpoint else None
+    version = installed_version(backend, decision.preferred)
     needs = [
-        EngineRequirement(p.name, p.target, options.precision, fingerprint, backend)
+        EngineRequirement(p.name, p.target, options.precision, fingerprint, backend, version)
         for p in decision.candidates
         if options.precision is None or options.precision in p.precision_names
     ]

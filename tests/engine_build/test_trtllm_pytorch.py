@@ -189,3 +189,14 @@ def test_calibration_text_comes_from_jsonl_txt_or_a_directory(tmp_path):
         calibration_texts(tmp_path / "c.csv")
     with pytest.raises(BackendError, match="not found"):
         calibration_texts(tmp_path / "missing")
+
+
+def test_nemotron_build_plan_accepts_the_pytorch_flow_for_gpu_profiles(reference_config, capsys):
+    assert main(["plan", str(reference_config), "--backend", "tensorrt-llm-pytorch", "--json"]) == 0
+    plans = {plan["profile"]: plan for plan in json.loads(capsys.readouterr().out)}
+    for name in ("a100x4", "a100x8", "h100x2"):
+        assert plans[name]["backend"] == "tensorrt-llm-pytorch" and plans[name]["feasible"]
+    # TensorRT-LLM keeps FP8 weights as FP8 (torch dequantizes them): half the bytes.
+    assert plans["h100x2"]["precision"] == "fp8"
+    assert plans["h100x2"]["weight_bytes_per_device"] < 30e9
+    assert "needs NVIDIA GPUs" in " ".join(plans["cpu"]["reasons"])

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from service.cli import main
-from tests.service.trtllm_engine import commit_trtllm_engine
+from tests.service.trtllm_engine import commit_trtllm_engine, double_env
 
 
 def _exe() -> str:
@@ -198,6 +198,25 @@ def test_serve_refuses_a_tensorrt_llm_engine_without_the_package_naming_the_way_
     )
     assert "cannot import the tensorrt_llm package" in result.stderr
     assert "--backend torch" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_refuses_an_engine_of_another_tensorrt_llm_release(tmp_path):
+    entry = commit_trtllm_engine(tmp_path / "repo", version="1.2.0")  # the double is 1.2.1
+    result = subprocess.run(
+        [
+            _exe(), "--profile", "h100x2", "--backend", "tensorrt-llm",
+            "--engine-repo", str(tmp_path / "repo"), "--cache-dir", str(tmp_path), "--port", "0",
+            "--metrics-port", "0", "--http-port", "off", "--log-format", "json",
+        ],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, **double_env(tmp_path / "events.jsonl")},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert entry.engine_id in result.stderr
+    assert "built with 1.2.0; this runtime has 1.2.1" in result.stderr
+    assert "nemotron-build build --profile h100x2" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "events.jsonl").exists()  # refused before the LLM was made
 
 
 def test_serve_with_backend_auto_here_serves_torch_engines_not_tensorrt_llm_ones(tmp_path):
