@@ -15,11 +15,13 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from engine_build.backends.trtllm import ENGINE_FORMAT, build_config_kwargs
 from engine_build.profiles import load_profiles
 from engine_build.repository import EngineEntry, EngineKey, EngineRepository
 from engine_build.synthetic import write_byte_tokenizer
+from tests.service.server_process import start_server, stop_server, wait_ready
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Put on a server subprocess's PYTHONPATH, `import tensorrt_llm` finds the test double.
@@ -129,3 +131,21 @@ def publish_like_nvidia(checkpoint: Path) -> Path:
     for name, text in REMOTE_CONFIG_FILES.items():
         (checkpoint / name).write_text(text)
     return checkpoint
+
+
+@contextlib.contextmanager
+def serving_with_double(root: Path, backend: str, repo: Path, events: Path) -> Iterator[Any]:
+    """A ready `nemotron-serve --profile h100x2 --backend BACKEND` on `repo`, the double as
+    tensorrt_llm; stopped (exit code 0) afterwards unless a test stopped it itself."""
+    server = start_server(
+        root, "--profile", "h100x2", "--backend", backend, "--engine-repo", str(repo),
+        env=double_env(events),
+    )  # fmt: skip
+    try:
+        wait_ready(server, timeout_s=120)
+    except AssertionError:
+        server.process.kill()
+        raise AssertionError(server.log_path.read_text()) from None
+    yield server
+    if server.process.poll() is None:
+        assert stop_server(server) == 0

@@ -25,8 +25,13 @@ from service.runtime.factory import open_engine
 from service.runtime.interface import FinishReason, GenerationRequest
 from service.runtime.options import RequestOptions
 from service.runtime.trtllm_runtime import PYTORCH_LLM_CLASS, TensorRTLLMRuntime
-from tests.service.server_process import start_server, stop_server, wait_ready
-from tests.service.trtllm_engine import double_env, holding, publish_like_nvidia, seen_events
+from tests.service.trtllm_engine import (
+    double_env,
+    holding,
+    publish_like_nvidia,
+    seen_events,
+    serving_with_double,
+)
 
 ANSWER = "Hello from the TensorRT-LLM test double."  # the double's (see _double.py)
 HI = [pb.ChatMessage(role=pb.ROLE_USER, content="Hi")]
@@ -52,18 +57,8 @@ def served(tmp_path_factory):
     env = double_env(events)
     repo = _build_engine(root, env)
     (entry,) = EngineRepository(repo).entries()
-    server = start_server(
-        root, "--profile", "h100x2", "--backend", "tensorrt-llm-pytorch",
-        "--engine-repo", str(repo), env=env,
-    )  # fmt: skip
-    try:
-        wait_ready(server, timeout_s=120)
-    except AssertionError:
-        server.process.kill()
-        raise AssertionError(server.log_path.read_text()) from None
-    yield server, entry, events
-    if server.process.poll() is None:
-        assert stop_server(server) == 0
+    with serving_with_double(root, "tensorrt-llm-pytorch", repo, events) as server:
+        yield server, entry, events
 
 
 def test_the_server_opens_the_pytorch_flow_engine_with_the_profiles_limits(served):

@@ -29,7 +29,7 @@ from service.runtime.factory import open_engine
 from service.runtime.interface import FinishReason, GenerationRequest
 from service.runtime.options import RequestOptions
 from service.runtime.trtllm_runtime import TensorRTLLMRuntime
-from tests.service.server_process import start_server, stop_server, wait_ready, wait_until
+from tests.service.server_process import wait_until
 from tests.service.trtllm_engine import (
     DOUBLE_SITE,
     REPO_ROOT,
@@ -37,6 +37,7 @@ from tests.service.trtllm_engine import (
     double_env,
     holding,
     seen_events,
+    serving_with_double,
 )
 
 # The double's fixed answer (tests/doubles/trtllm_site/tensorrt_llm/_double.py: ANSWER); its
@@ -165,19 +166,8 @@ def served(tmp_path_factory):
     ).stdout.split()
     assert Path(where[0]).is_relative_to(REPO_ROOT / "service"), where
     assert Path(where[1]).is_relative_to(DOUBLE_SITE), where
-    server = start_server(
-        root,
-        "--profile", "h100x2", "--backend", "tensorrt-llm", "--engine-repo", str(root / "repo"),
-        env=env,
-    )  # fmt: skip
-    try:
-        wait_ready(server, timeout_s=120)
-    except AssertionError:
-        server.process.kill()
-        raise AssertionError(server.log_path.read_text()) from None
-    yield server, entry, events
-    if server.process.poll() is None:
-        assert stop_server(server) == 0
+    with serving_with_double(root, "tensorrt-llm", root / "repo", events) as server:
+        yield server, entry, events
 
 
 def test_startup_selects_the_tensorrt_llm_engine_and_model_info_reports_it(served):
