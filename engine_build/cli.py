@@ -298,7 +298,9 @@ def _add_engine_commands(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--backend", choices=backend_names(), default="auto")
     build.add_argument(
         "--calibration-dataset",
-        help="FP8 calibration data (tensorrt-llm and tensorrt-llm-pytorch builds)",
+        help="FP8 calibration data: a dataset directory TensorRT-LLM's loader reads "
+        "(tensorrt-llm), or .jsonl ('text' per line) / .txt files or a directory of them "
+        "(tensorrt-llm-pytorch)",
     )
     build.add_argument(
         "--no-wait",

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from engine_build.graph import ModelGraph
-from engine_build.profiles import DeviceKind, Dtype, Precision, Profile
+from engine_build.profiles import TENSORRT_LLM_BACKENDS, DeviceKind, Dtype, Precision, Profile
 from engine_build.sharding import GPU_ALIGNMENT, kv_layout, rank_graph, shard_shapes, tp_issues
 from engine_build.summary import kv_bytes_per_token, tensor_bytes
 from engine_build.weights import role_of
@@ -82,7 +82,7 @@ def plan_profile(
     tp = profile.tensor_parallel
     alignment = GPU_ALIGNMENT if profile.device is DeviceKind.GPU else 1
     reasons = tp_issues(graph, tp, alignment)
-    if backend.startswith("tensorrt-llm") and profile.device is DeviceKind.CPU:
+    if backend in TENSORRT_LLM_BACKENDS and profile.device is DeviceKind.CPU:
         reasons.append(f"backend {backend} needs NVIDIA GPUs; a cpu profile is served by torch")
     memory = int(profile.memory_gb * GB)
     reserve = int(profile.reserve_gb * GB)

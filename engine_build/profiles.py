@@ -214,9 +214,12 @@ _PROFILE_KEYS = {
     "backend",
 }
 _REQUIRED_KEYS = _PROFILE_KEYS - {"gpu", "description", "backend"}
+# TensorRT-LLM's two flows: TensorRT engines, and its PyTorch flow. Both need NVIDIA GPUs and
+# the tensorrt_llm package, and their engines run only with the release that built them.
+TENSORRT_LLM_BACKENDS = ("tensorrt-llm", "tensorrt-llm-pytorch")
 # The backends a profile may prefer (`backend:`), by device; the first is the default.
 PROFILE_BACKENDS = {
-    DeviceKind.GPU: ("tensorrt-llm", "tensorrt-llm-pytorch", "torch"),
+    DeviceKind.GPU: (*TENSORRT_LLM_BACKENDS, "torch"),
     DeviceKind.CPU: ("torch",),
 }
 _LIMIT_KEYS = {"max_batch_size", "max_seq_len", "max_num_tokens", "kv_cache_free_fraction"}

@@ -297,10 +297,11 @@ class EngineRepository:
             rejected.append(f"  {entry.name} ({entry.engine_id}): " + "; ".join(reasons))
         listing = "\n".join(rejected) if rejected else "  (the repository has no engines)"
         precision = f" --precision {best.precision}" if best.precision else ""
+        backend = f" --backend {best.backend}" if best.backend else ""
         return (
             f"no engine in {self.root} fits profile {wanted} on {describe_target(best.target)}:"
             f"\n{listing}\nBuild one with: nemotron-build build --profile {best.profile}"
-            f"{precision} --checkpoint CHECKPOINT --repo {self.root}"
+            f"{precision}{backend} --checkpoint CHECKPOINT --repo {self.root}"
         )
 
     @contextlib.contextmanager

@@ -20,7 +20,9 @@ tokenizer files and `generation_config.json` (TensorRT-LLM's `LLM` reads its EOS
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import shutil
@@ -144,6 +146,66 @@ def plan_calls(job: BuildJob, scratch: Path, out_dir: Path) -> list[Call]:
     return conversion_calls(job, scratch / CHECKPOINT) + engine_calls(job, scratch, out_dir)
 
 
+def remote_code_files(checkpoint_dir: Path, precision: Precision) -> list[str]:
+    """The checkpoint's remote-code files TensorRT-LLM runs, checked present; BackendError
+    naming the first one missing.
+
+    Both flows read a Nemotron-NAS config through transformers' AutoConfig with
+    trust_remote_code, and FP8 calibration loads the whole model with AutoModelForCausalLM: the
+    modules config.json's `auto_map` names for those and, transitively, the sibling modules they
+    import (`from .x import y`).
+    """
+    config = json.loads((checkpoint_dir / "config.json").read_text())
+    auto_map = config.get("auto_map") or {}
+    needed_by = ["AutoConfig"] + (
+        ["AutoModelForCausalLM"] if precision.weights is Dtype.FP8 else []
+    )
+    files: list[str] = []
+    for auto_class in needed_by:
+        target = auto_map.get(auto_class)
+        if not isinstance(target, str) or "." not in target:
+            raise BackendError(
+                f"{checkpoint_dir}: config.json has no auto_map.{auto_class}; TensorRT-LLM reads "
+                "a Nemotron-NAS checkpoint through its remote code (trust_remote_code; NVIDIA's "
+                "checkpoints name configuration_decilm.DeciLMConfig and "
+                "modeling_decilm.DeciLMForCausalLM): use the published checkpoint's files, or "
+                "--backend torch"
+            )
+        todo = [target.rsplit(".", 1)[0]]
+        while todo:
+            name = f"{todo.pop()}.py"
+            if name in files:
+                continue
+            if not (checkpoint_dir / name).is_file():
+                raise BackendError(
+                    f"{checkpoint_dir}: {name} is missing (needed by config.json "
+                    f"auto_map.{auto_class}; TensorRT-LLM loads it with trust_remote_code)"
+                )
+            files.append(name)
+            todo += _relative_imports(checkpoint_dir / name)
+    return files
+
+
+def _relative_imports(path: Path) -> list[str]:
+    """Modules a file imports with `from .x import y` (sibling files)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    return [
+        node.module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module
+    ]
+
+
+def require_modelopt(precision: Precision) -> None:
+    """FP8 builds quantize with NVIDIA ModelOpt: refuse before any work where it is missing."""
+    if precision.weights is Dtype.FP8 and importlib.util.find_spec("modelopt") is None:
+        raise BackendError(
+            "FP8 builds with TensorRT-LLM quantize with NVIDIA ModelOpt (the modelopt package, "
+            "nvidia-modelopt), which is not installed here: build inside NVIDIA's TensorRT-LLM "
+            "release image, which ships it, or build bf16"
+        )
+
+
 def copy_engine_dir_files(checkpoint_dir: Path, out_dir: Path) -> list[str]:
     """Copy the checkpoint's files the runtime reads into the engine directory; their names."""
     copied = []
@@ -164,20 +226,30 @@ class TensorRTLLMBackend:
         return importlib.util.find_spec("tensorrt_llm") is not None
 
     def version(self) -> str:
-        """`tensorrt_llm.__version__` (engines only run with the version that built them)."""
+        """The installed tensorrt_llm's version (engines only run with the release that built
+        them), from its package metadata: importing tensorrt_llm needs libcuda, which a build
+        without GPUs (a tensorrt-llm-pytorch bf16 one) does not have."""
         if not self.is_available():
             raise BackendError("tensorrt_llm is not installed")
-        return str(importlib.import_module("tensorrt_llm").__version__)
+        try:
+            return importlib.metadata.version("tensorrt_llm")
+        except importlib.metadata.PackageNotFoundError:
+            return str(importlib.import_module("tensorrt_llm").__version__)
 
     def check(
         self, profile: Profile, precision: Precision, calibration_dataset: str | None
     ) -> None:
-        """FP8 needs calibration data (DeciLM has no direct FP8 conversion)."""
+        """FP8 needs calibration data and ModelOpt (DeciLM has no direct FP8 conversion)."""
         if precision.weights is Dtype.FP8 and not calibration_dataset:
             raise BackendError(FP8_NEEDS_CALIBRATION)
+        require_modelopt(precision)
 
-    def build(self, job: BuildJob, out_dir: Path) -> None:  # pragma: no cover - needs CUDA
+    def build(self, job: BuildJob, out_dir: Path) -> None:
         """Run the planned calls; intermediate files live in a temporary scratch directory."""
+        remote_code_files(job.checkpoint.directory, job.precision)  # refuse before any work
+        self._run(job, out_dir)
+
+    def _run(self, job: BuildJob, out_dir: Path) -> None:  # pragma: no cover - needs CUDA
         with tempfile.TemporaryDirectory(prefix="trtllm-build-") as scratch:
             for call in plan_calls(job, Path(scratch), out_dir):
                 _execute(call)

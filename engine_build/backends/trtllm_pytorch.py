@@ -7,8 +7,7 @@ transformers' AutoConfig with trust_remote_code, so the checkpoint's `configurat
 and the modules it imports must be there). So "building" an engine for this flow means:
 
   bf16  check the checkpoint (tensors against its graph, as every build does; the remote-code
-        config module and its imports present) and place its files in the engine directory:
-        hard links where the repository shares the checkpoint's filesystem, else copies.
+        config module and its imports present) and copy its files into the engine directory.
   fp8   ModelOpt post-training quantization, run once at build time (`fp8_calls`):
         `AutoModelForCausalLM.from_pretrained(dir, torch_dtype=bfloat16,
         trust_remote_code=True, device_map="auto")`, `mtq.quantize(model, FP8_DEFAULT_CFG
@@ -26,16 +25,19 @@ checkpoint's remote code inside NVIDIA's container.
 
 from __future__ import annotations
 
-import ast
 import copy
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from engine_build.backends.base import BackendError, BuildJob
-from engine_build.backends.trtllm import Call, TensorRTLLMBackend
+from engine_build.backends.trtllm import (
+    Call,
+    TensorRTLLMBackend,
+    remote_code_files,
+    require_modelopt,
+)
 from engine_build.profiles import Dtype, Precision, Profile
 
 ENGINE_FORMAT = "tensorrt-llm-pytorch-checkpoint"
@@ -56,44 +58,6 @@ EXPORT_WRITES = ("config.json", "hf_quant_config.json", "model.safetensors.index
 MODEL, CALIBRATION_LOOP = "<the loaded model>", "<forward over the calibration samples>"
 
 
-def remote_config_files(checkpoint_dir: Path) -> list[str]:
-    """The remote-code files AutoConfig(trust_remote_code=True) runs: `auto_map.AutoConfig`'s
-    module and, transitively, the modules it imports relatively; BackendError if any is missing."""
-    config = json.loads((checkpoint_dir / "config.json").read_text())
-    target = (config.get("auto_map") or {}).get("AutoConfig")
-    if not isinstance(target, str) or "." not in target:
-        raise BackendError(
-            f"{checkpoint_dir}: config.json has no auto_map.AutoConfig; TensorRT-LLM's PyTorch "
-            "flow reads a Nemotron-NAS config through transformers' AutoConfig with "
-            "trust_remote_code (NVIDIA's checkpoints name configuration_decilm.DeciLMConfig): use "
-            "the published checkpoint's files, or --backend tensorrt-llm / torch"
-        )
-    needed, todo = [], [target.rsplit(".", 1)[0]]
-    while todo:
-        name = f"{todo.pop()}.py"
-        if name in needed:
-            continue
-        path = checkpoint_dir / name
-        if not path.is_file():
-            raise BackendError(
-                f"{checkpoint_dir}: {name} is missing (config.json auto_map.AutoConfig needs it; "
-                "TensorRT-LLM's PyTorch flow loads the config with trust_remote_code)"
-            )
-        needed.append(name)
-        todo += _relative_imports(path)
-    return needed
-
-
-def _relative_imports(path: Path) -> list[str]:
-    """Modules a file imports with `from .x import y` (sibling files)."""
-    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
-    return [
-        node.module
-        for node in ast.walk(tree)
-        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module
-    ]
-
-
 def placed_files(checkpoint_dir: Path, beside: Path | None = None) -> list[str]:
     """The checkpoint's files an engine directory gets (top level, by suffix), sorted; with
     `beside` (an FP8 export), none of its weights and nothing the export wrote."""
@@ -111,13 +75,11 @@ def placed_files(checkpoint_dir: Path, beside: Path | None = None) -> list[str]:
 
 
 def place_files(checkpoint_dir: Path, names: list[str], out_dir: Path) -> None:
-    """Hard-link (same filesystem) or copy each named file into `out_dir`."""
+    """Copy each named file into `out_dir`: copies, not links, so that the engine is the
+    repository's own (its files' modes are the repository's; an edit of the checkpoint later
+    cannot change it)."""
     for name in names:
-        source, target = checkpoint_dir / name, out_dir / name
-        try:
-            os.link(source, target)
-        except OSError:
-            shutil.copyfile(source, target)
+        shutil.copyfile(checkpoint_dir / name, out_dir / name)
 
 
 def calibration_texts(path: Path, limit: int = CALIBRATION_SAMPLES) -> list[str]:
@@ -234,18 +196,19 @@ class TensorRTLLMPyTorchBackend(TensorRTLLMBackend):
     def check(
         self, profile: Profile, precision: Precision, calibration_dataset: str | None
     ) -> None:
-        """bf16 or fp8 weights; FP8 needs calibration data."""
+        """bf16 or fp8 weights; FP8 needs calibration data and ModelOpt."""
         if precision.weights not in (Dtype.BF16, Dtype.FP8):
             raise BackendError(
                 f"backend {self.name} builds bf16 or fp8 engines, not {precision.name}"
             )
         if precision.weights is Dtype.FP8 and not calibration_dataset:
             raise BackendError(FP8_NEEDS_CALIBRATION)
+        require_modelopt(precision)
 
     def build(self, job: BuildJob, out_dir: Path) -> None:
         """Place (bf16) or quantize (fp8) the checkpoint into `out_dir`, then the manifest."""
         directory = job.checkpoint.directory
-        remote_config_files(directory)  # refuse before any work
+        remote_code_files(directory, job.precision)  # refuse before any work
         if job.precision.weights is Dtype.FP8:
             calibration_texts(Path(str(job.calibration_dataset)), 1)  # readable, not empty
             _quantize_fp8(job, out_dir)
@@ -283,6 +246,10 @@ def _quantize_fp8(job: BuildJob, out_dir: Path) -> None:  # pragma: no cover - n
                 ).input_ids
                 module(ids.to(module.device))
 
-    model = mtq.quantize(model, merged_quant_config(mtq, quantize["config"]), forward_loop)
+    config = merged_quant_config(mtq, quantize["config"])
+    # The planned keywords (checked against ModelOpt's signatures), the placeholders filled in.
+    model = mtq.quantize(
+        **{**quantize, "model": model, "config": config, "forward_loop": forward_loop}
+    )
     with torch.inference_mode():
-        export_hf_checkpoint(model, export_dir=export["export_dir"])
+        export_hf_checkpoint(**{**export, "model": model})

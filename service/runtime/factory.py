@@ -8,7 +8,6 @@ workers started for tp > 1, the KV cache sized from memory); a TensorRT-LLM engi
 from __future__ import annotations
 
 import importlib.util
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import torch
 
 from engine_build.backends.torch_engine import TorchEngine
-from engine_build.profiles import EngineLimits
+from engine_build.profiles import TENSORRT_LLM_BACKENDS, EngineLimits
 from engine_build.repository import EngineEntry
 from service.runtime.core import Booted
 from service.runtime.frontend import TorchRuntime
@@ -48,7 +47,7 @@ def open_engine(
             f"engine {entry.name} ({entry.engine_id}) was built by backend "
             f"{entry.key.backend!r}, which this server cannot run; it runs: {sorted(_OPENERS)}"
         )
-    if entry.key.backend.startswith("tensorrt-llm") and not trtllm_installed():
+    if entry.key.backend in TENSORRT_LLM_BACKENDS and not trtllm_installed():
         raise EngineError(
             f"engine {entry.name} ({entry.engine_id}) was built by {entry.key.backend} "
             f"{entry.key.backend_version}, and this server cannot import the tensorrt_llm "
@@ -56,7 +55,7 @@ def open_engine(
             "same TensorRT-LLM version), or serve a torch engine (--backend torch, "
             "NEMOTRON_BACKEND=torch; chart value engine.backend=torch)"
         )
-    return opener(entry.directory, limits, options, device)
+    return opener(entry, limits, options, device)
 
 
 def trtllm_installed() -> bool:
@@ -93,30 +92,28 @@ def assemble_runtime(
 
 
 def _open_torch(
-    directory: Path, limits: EngineLimits, options: RuntimeOptions, device: str
+    entry: EngineEntry, limits: EngineLimits, options: RuntimeOptions, device: str
 ) -> Engine:
-    return open_runtime(directory, options, device)
+    return open_runtime(entry.directory, options, device)
 
 
 def _open_trtllm(
-    directory: Path, limits: EngineLimits, options: RuntimeOptions, device: str
+    entry: EngineEntry, limits: EngineLimits, options: RuntimeOptions, device: str
 ) -> Engine:
+    directory = entry.directory
     kwargs = llm_kwargs(directory, directory, limits.kv_cache_free_fraction)
     return _trtllm_runtime(directory, limits, options, TENSORRT_LLM_CLASS, kwargs)
 
 
 def _open_trtllm_pytorch(
-    directory: Path, limits: EngineLimits, options: RuntimeOptions, device: str
+    entry: EngineEntry, limits: EngineLimits, options: RuntimeOptions, device: str
 ) -> Engine:
-    manifest = json.loads((directory / "nemotron-engine.json").read_text())
+    key = entry.key
+    max_seq_len = options.max_seq_len or limits.max_seq_len
     kwargs = pytorch_llm_kwargs(
-        directory,
-        int(manifest["tensor_parallel"]),
-        limits,
-        options.max_seq_len or limits.max_seq_len,
-        str(manifest["precision"]["kv_cache"]),
+        entry.directory, key.tensor_parallel, limits, max_seq_len, key.kv_cache_dtype
     )
-    return _trtllm_runtime(directory, limits, options, PYTORCH_LLM_CLASS, kwargs)
+    return _trtllm_runtime(entry.directory, limits, options, PYTORCH_LLM_CLASS, kwargs)
 
 
 def _trtllm_runtime(
@@ -133,7 +130,7 @@ def _trtllm_runtime(
 
 
 # Backend name in the engine's manifest key -> how to open it.
-_OPENERS: dict[str, Callable[[Path, EngineLimits, RuntimeOptions, str], Engine]] = {
+_OPENERS: dict[str, Callable[[EngineEntry, EngineLimits, RuntimeOptions, str], Engine]] = {
     "torch": _open_torch,
     "tensorrt-llm": _open_trtllm,
     "tensorrt-llm-pytorch": _open_trtllm_pytorch,

@@ -144,6 +144,7 @@ def pytorch_llm_kwargs(
         "max_batch_size": limits.max_batch_size,
         "max_num_tokens": limits.max_num_tokens,
         "max_seq_len": max_seq_len,
+        "max_input_len": max_seq_len,  # unset it would become BuildConfig's 1024
         "enable_chunked_prefill": True,
         "enable_iter_perf_stats": True,
         "kv_cache_config": {

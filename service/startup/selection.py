@@ -22,7 +22,14 @@ from engine_build.backends.registry import backend_names, select_backend
 from engine_build.build import BuildRequest, build_engine
 from engine_build.embedded import ensure_embedded_checkpoint
 from engine_build.events import log_event
-from engine_build.profiles import DeviceKind, Profile, ProfileError, ProfileSet, load_profiles
+from engine_build.profiles import (
+    TENSORRT_LLM_BACKENDS,
+    DeviceKind,
+    Profile,
+    ProfileError,
+    ProfileSet,
+    load_profiles,
+)
 from engine_build.repository import (
     EngineEntry,
     EngineMismatchError,
@@ -242,7 +249,7 @@ def serving_backend(requested: str, profile: Profile) -> str:
         raise EngineSelectionError(
             f"unknown backend {requested!r}; allowed: {', '.join(backend_names())}"
         )
-    if requested.startswith("tensorrt-llm") and profile.device is DeviceKind.CPU:
+    if requested in TENSORRT_LLM_BACKENDS and profile.device is DeviceKind.CPU:
         raise EngineSelectionError(
             f"backend {requested} has no engines for the {profile.name} profile (TensorRT-LLM "
             "needs NVIDIA GPUs); serve it with backend torch or auto"
@@ -254,7 +261,7 @@ def installed_version(backend: str, profile: Profile) -> str | None:
     """The installed TensorRT-LLM's version where `backend` is one of its flows (their engines
     run only with the release that built them), else None (torch engines, or no package here:
     opening the engine then refuses, naming what to install)."""
-    if not backend.startswith("tensorrt-llm"):
+    if backend not in TENSORRT_LLM_BACKENDS:
         return None
     try:
         return select_backend(backend, profile).version()

@@ -106,7 +106,7 @@ def test_auto_selects_torch_where_tensorrt_llm_is_not_installed():
 
 
 def test_an_unknown_backend_lists_the_allowed_ones():
-    assert backend_names() == ["auto", "torch", "tensorrt-llm"]
+    assert backend_names() == ["auto", "torch", "tensorrt-llm", "tensorrt-llm-pytorch"]
     with pytest.raises(BackendError, match=r"unknown backend 'onnx'; allowed: \['auto', 'torch'"):
         select_backend("onnx", load_profiles().get("cpu"))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +17,7 @@ import pytest
 
 from engine_build.backends.base import BackendError, BuildJob
 from engine_build.backends.registry import select_backend
+from engine_build.backends.trtllm import remote_code_files
 from engine_build.backends.trtllm_pytorch import (
     CALIBRATION_LOOP,
     ENGINE_FORMAT,
@@ -24,7 +26,6 @@ from engine_build.backends.trtllm_pytorch import (
     fp8_calls,
     merged_quant_config,
     placed_files,
-    remote_config_files,
 )
 from engine_build.checkpoint import Checkpoint
 from engine_build.cli import main
@@ -49,6 +50,8 @@ def _build(*extra: str, checkpoint: Path, repo: Path) -> int:
 def test_nemotron_build_places_the_checkpoint_as_the_pytorch_flow_loads_it(
     double, published, tmp_path, capsys
 ):
+    for path in published.iterdir():
+        path.chmod(0o400)  # a read-only checkpoint (a model volume mounted read-only)
     assert _build("--precision", "bf16", checkpoint=published, repo=tmp_path / "repo") == 0
     assert "tensorrt-llm-pytorch" in capsys.readouterr().out
     (entry,) = EngineRepository(tmp_path / "repo").entries()
@@ -62,8 +65,9 @@ def test_nemotron_build_places_the_checkpoint_as_the_pytorch_flow_loads_it(
     for name in expected:
         placed = entry.directory / name
         assert placed.read_bytes() == (published / name).read_bytes()
-        # Same filesystem here: hard links, no second copy of the weights.
-        assert os.stat(placed).st_ino == os.stat(published / name).st_ino
+        # Copies, not links: the repository's own files; the checkpoint's are left as they were.
+        assert os.stat(placed).st_ino != os.stat(published / name).st_ino
+        assert stat.S_IMODE(os.stat(published / name).st_mode) == 0o400
     manifest = json.loads((entry.directory / "nemotron-engine.json").read_text())
     assert manifest == {
         "format": ENGINE_FORMAT,
@@ -92,11 +96,28 @@ def test_a_checkpoint_without_its_remote_config_code_is_refused_before_any_work(
     err = capsys.readouterr().err
     assert "block_config.py is missing" in err and "trust_remote_code" in err
     assert not list(EngineRepository(tmp_path / "repo").entries())
+    # The TensorRT flow reads the config the same way, and refuses the same way.
+    main(["build", "--profile", "h100x2", "--precision", "bf16", "--backend", "tensorrt-llm",
+          "--checkpoint", str(published), "--repo", str(tmp_path / "repo")])  # fmt: skip
+    assert "block_config.py is missing" in capsys.readouterr().err
     bare = write_synthetic_checkpoint(tmp_path / "bare")  # our own imports carry no auto_map
+    bf16, fp8 = (load_profiles().get("h100x2").precision(name) for name in ("bf16", "fp8"))
     with pytest.raises(BackendError, match="no auto_map.AutoConfig"):
-        remote_config_files(bare)
+        remote_code_files(bare, bf16)
     (published / "block_config.py").write_text(REMOTE_CONFIG_FILES["block_config.py"])
-    assert remote_config_files(published) == ["configuration_decilm.py", "block_config.py"]
+    assert remote_code_files(published, bf16) == ["configuration_decilm.py", "block_config.py"]
+    # FP8 calibration loads the whole model: its modeling code must be there too.
+    with pytest.raises(BackendError, match=r"modeling_decilm.py is missing \(needed by config"):
+        remote_code_files(published, fp8)
+
+
+def test_fp8_builds_are_refused_without_modelopt_before_any_work(double, published, tmp_path):
+    profile = load_profiles().get("h100x2")
+    for name in ("tensorrt-llm", "tensorrt-llm-pytorch"):
+        backend = select_backend(name, profile)
+        with pytest.raises(BackendError, match="NVIDIA ModelOpt .* not installed here"):
+            backend.check(profile, profile.precision("fp8"), "/data/calibration")
+        backend.check(profile, profile.precision("bf16"), None)  # bf16 needs no ModelOpt
 
 
 def test_fp8_needs_calibration_data_and_fp32_is_refused(double, published, tmp_path, capsys):
@@ -200,3 +221,37 @@ def test_nemotron_build_plan_accepts_the_pytorch_flow_for_gpu_profiles(reference
     assert plans["h100x2"]["precision"] == "fp8"
     assert plans["h100x2"]["weight_bytes_per_device"] < 30e9
     assert "needs NVIDIA GPUs" in " ".join(plans["cpu"]["reasons"])
+
+
+def test_an_fp8_build_keeps_the_export_and_adds_the_checkpoints_other_files(
+    double, published, tmp_path, monkeypatch
+):
+    """The FP8 branch of `build`, ModelOpt's part replaced by a stand-in that writes what
+    `export_hf_checkpoint` writes (its run needs CUDA: not here)."""
+    from engine_build.backends import trtllm, trtllm_pytorch
+
+    def export(job, out_dir):
+        (out_dir / "config.json").write_text('{"quantization_config": {"quant_method": "fp8"}}')
+        (out_dir / "hf_quant_config.json").write_text('{"quantization": {"quant_algo": "FP8"}}')
+        (out_dir / "model.safetensors").write_bytes(b"fp8 weights")
+
+    (published / "modeling_decilm.py").write_text("from .block_config import BlockConfig\n")
+    monkeypatch.setattr(trtllm, "require_modelopt", lambda precision: None)
+    monkeypatch.setattr(trtllm_pytorch, "require_modelopt", lambda precision: None)
+    monkeypatch.setattr(trtllm_pytorch, "_quantize_fp8", export)
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text("The capital of France is Paris.\n")
+    code = _build(
+        "--precision", "fp8", "--calibration-dataset", str(calibration),
+        checkpoint=published, repo=tmp_path / "repo",
+    )  # fmt: skip
+    assert code == 0
+    (entry,) = EngineRepository(tmp_path / "repo").entries()
+    files = {p.name: p for p in entry.directory.iterdir()}
+    assert files["model.safetensors"].read_bytes() == b"fp8 weights"  # the export's, not bf16
+    assert "quantization_config" in files["config.json"].read_text()
+    assert "hf_quant_config.json" in files
+    for name in ("tokenizer.json", "configuration_decilm.py", "modeling_decilm.py"):
+        assert files[name].read_bytes() == (published / name).read_bytes()
+    manifest = json.loads(files["nemotron-engine.json"].read_text())
+    assert manifest["precision"] == {"weights": "fp8", "kv_cache": "fp8"}

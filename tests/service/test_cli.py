@@ -174,9 +174,8 @@ def test_serve_refuses_to_start_listing_engines_and_the_build_command(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2
     assert "no engine in" in result.stderr and "fits profile a100x8" in result.stderr
-    assert f"nemotron-build build --profile a100x8 --checkpoint CHECKPOINT --repo {tmp_path}" in (
-        result.stderr
-    )
+    command = "nemotron-build build --profile a100x8 --backend torch --checkpoint CHECKPOINT"
+    assert f"{command} --repo {tmp_path}" in result.stderr
     assert '"event": "startup_refused"' in result.stderr and "Traceback" not in result.stderr
 
 

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from engine_build.synthetic import write_byte_tokenizer
 from service.runtime.interface import (
     EngineState,
     FinishReason,
@@ -17,7 +18,9 @@ from service.runtime.interface import (
     RequestLimits,
 )
 from service.runtime.options import RequestOptions, SamplingParams
+from service.runtime.tokenizer import TextTokenizer
 from service.runtime.trtllm_runtime import (
+    TENSORRT_LLM_CLASS,
     TensorRTLLMRuntime,
     TensorRTLLMUnavailableError,
     event_from_output,
@@ -146,8 +149,14 @@ def test_iteration_stats_become_engine_stats():
     assert stats.prefix_cache_hit_rate == 0.25
 
 
-def test_starting_without_tensorrt_llm_is_a_clear_error():
-    runtime = TensorRTLLMRuntime(Path("/engines/x"), Path("/models/m"), LIMITS)
+def _runtime(engine: Path) -> TensorRTLLMRuntime:
+    write_byte_tokenizer(engine, eos_id=0)
+    arguments = llm_kwargs(engine, engine, 0.9)
+    return TensorRTLLMRuntime(engine, TextTokenizer(engine), LIMITS, TENSORRT_LLM_CLASS, arguments)
+
+
+def test_starting_without_tensorrt_llm_is_a_clear_error(tmp_path):
+    runtime = _runtime(tmp_path)
     with pytest.raises(TensorRTLLMUnavailableError, match="tensorrt_llm package is not installed"):
         asyncio.run(runtime.start())
     assert runtime.state is EngineState.FAILED
@@ -155,8 +164,8 @@ def test_starting_without_tensorrt_llm_is_a_clear_error():
         runtime.generate(GenerationRequest("r", (1,)))
 
 
-def test_requests_are_validated_before_they_reach_tensorrt_llm():
-    runtime = TensorRTLLMRuntime(Path("/engines/x"), Path("/models/m"), LIMITS)
+def test_requests_are_validated_before_they_reach_tensorrt_llm(tmp_path):
+    runtime = _runtime(tmp_path)
     runtime._state = EngineState.READY  # as after a successful start
     with pytest.raises(RequestError, match=r"top_p 7.0 is outside"):
         runtime.generate(GenerationRequest("r", (1,), RequestOptions(SamplingParams(top_p=7.0))))

@@ -78,6 +78,7 @@ def test_the_server_opens_the_pytorch_flow_engine_with_the_profiles_limits(serve
     assert (kwargs["max_batch_size"], kwargs["max_num_tokens"], kwargs["max_seq_len"]) == (
         limits.max_batch_size, limits.max_num_tokens, limits.max_seq_len
     )  # fmt: skip
+    assert kwargs["max_input_len"] == limits.max_seq_len
     assert kwargs["enable_chunked_prefill"] is True and kwargs["enable_iter_perf_stats"] is True
     assert "gather_generation_logits" not in kwargs  # TensorRT-engine only
     assert kwargs["kv_cache_config"] == {

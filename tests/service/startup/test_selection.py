@@ -201,7 +201,8 @@ def test_a100x8_labels_with_only_other_hardware_engines_refuse_listing_each_engi
         "cpu; this device has compute capability 8.0" in message
     )
     assert (
-        f"Build one with: nemotron-build build --profile a100x8 --checkpoint CHECKPOINT --repo "
+        f"Build one with: nemotron-build build --profile a100x8 --backend torch "
+        f"--checkpoint CHECKPOINT --repo "
         f"{other_hardware_repo}" in message
     )
     assert "--checkpoint CHECKPOINT --build-if-missing" in message
@@ -433,7 +434,10 @@ def test_an_engine_of_another_checkpoint_is_not_served(full_repo, tmp_path):
     options = _options(tmp_path, full_repo, profile="h100x2", checkpoint=other)
     with pytest.raises(EngineSelectionError, match="built from a different checkpoint") as error:
         resolve_engine(options, {})
-    assert f"nemotron-build build --profile h100x2 --checkpoint {other} --repo" in str(error.value)
+    assert (
+        f"nemotron-build build --profile h100x2 --backend torch --checkpoint {other} --repo"
+        in str(error.value)
+    )
 
 
 def test_a_precision_the_profile_does_not_allow_is_refused(full_repo, tmp_path):
