@@ -20,7 +20,7 @@ import asyncio
 import importlib
 import importlib.util
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -220,6 +220,46 @@ def stats_from_iteration(stats: dict[str, Any], state: EngineState) -> EngineSta
     )
 
 
+class ResultStream:
+    """The async iterator `generate` returns: one TensorRT-LLM request's events.
+
+    As our own runtime's stream does: a consumer that stops early, by closing it or dropping
+    it, even before the first event (an async generator never started runs no `finally`),
+    aborts the request, so TensorRT-LLM frees its KV cache.
+    """
+
+    def __init__(self, events: AsyncGenerator[TokenEvent, None], drop: Callable[[], None]) -> None:
+        self._events, self._drop, self._done = events, drop, False
+
+    def __aiter__(self) -> ResultStream:
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        try:
+            event = await anext(self._events)
+        except StopAsyncIteration:
+            self._done = True
+            raise
+        except BaseException:  # cancelled, or failed: the request goes too
+            self._close()
+            raise
+        self._done = event.finish_reason is not None
+        return event
+
+    async def aclose(self) -> None:
+        """Stop consuming; the request is aborted unless it already finished."""
+        await self._events.aclose()
+        self._close()
+
+    def _close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._drop()
+
+    def __del__(self) -> None:
+        self._close()
+
+
 class TensorRTLLMRuntime:
     """The `Engine` on TensorRT-LLM's LLM API (optional import; needs NVIDIA's container)."""
 
@@ -282,11 +322,17 @@ class TensorRTLLMRuntime:
         arrival = time.monotonic()
         result = self._llm.generate_async(**kwargs)  # submitted now: a refusal raises here
         self._results[request.request_id] = result
-        return self._stream(request, result, arrival)
+
+        def drop() -> None:
+            self._results.pop(request.request_id, None)
+            if not result.finished:
+                result.abort()
+
+        return ResultStream(self._stream(request, result, arrival), drop)
 
     async def _stream(
         self, request: GenerationRequest, result: Any, arrival: float
-    ) -> AsyncIterator[TokenEvent]:
+    ) -> AsyncGenerator[TokenEvent, None]:
         first_token_at = None
         try:
             async for chunk in result:

@@ -11,6 +11,7 @@ what the real package does with them (CUDA, the engine plans, MPI for tp=2) has 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -141,6 +142,30 @@ def test_the_runtime_streams_cuts_at_max_tokens_gives_logprobs_and_aborts(double
     assert sampling[0]["top_k"] == 1 and "temperature" not in sampling[0]  # greedy: top_k=1
     assert sampling[1] == sampling[1] | {"max_tokens": 5, "logprobs": 1}
     assert any(e["event"] == "abort" and not e["finished"] for e in events)
+
+
+def test_a_stream_dropped_before_its_first_event_aborts_the_request(double, tmp_path):
+    from tensorrt_llm import _double
+
+    entry = commit_trtllm_engine(tmp_path / "repo")
+    engine = open_engine(entry, load_profiles().get("h100x2").limits)
+
+    async def scenario():
+        await engine.start()
+        stream = engine.generate(_request("dropped", max_new_tokens=100))
+        del stream  # the client went away between admission and the first token
+        gc.collect()
+        closed = engine.generate(_request("closed", max_new_tokens=100))
+        await closed.aclose()
+        again = await _collect(engine, _request("dropped", max_new_tokens=3))  # id free again
+        await engine.shutdown()
+        return again
+
+    again = asyncio.run(scenario())
+    assert "".join(e.text for e in again) == ANSWER[:3]
+    aborted = [e["request_id"] for e in _double.EVENTS if e["event"] == "abort"]
+    submitted = [e["request_id"] for e in _double.EVENTS if e["event"] == "generate_async"]
+    assert aborted[:2] == submitted[:2]  # both abandoned requests were aborted in TensorRT-LLM
 
 
 # -- the real server ------------------------------------------------------------------------
