@@ -220,6 +220,7 @@ class TensorRTLLMBackend:
     """Builds TensorRT engines with TensorRT-LLM, where its package is importable."""
 
     name = "tensorrt-llm"
+    fp8_needs_calibration = FP8_NEEDS_CALIBRATION  # what a refusal says the data must be
 
     def is_available(self) -> bool:
         """Whether `tensorrt_llm` can be imported (only in NVIDIA's container)."""
@@ -241,7 +242,7 @@ class TensorRTLLMBackend:
     ) -> None:
         """FP8 needs calibration data and ModelOpt (DeciLM has no direct FP8 conversion)."""
         if precision.weights is Dtype.FP8 and not calibration_dataset:
-            raise BackendError(FP8_NEEDS_CALIBRATION)
+            raise BackendError(self.fp8_needs_calibration)
         require_modelopt(precision)
 
     def build(self, job: BuildJob, out_dir: Path) -> None:

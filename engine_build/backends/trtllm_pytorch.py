@@ -36,7 +36,6 @@ from engine_build.backends.trtllm import (
     Call,
     TensorRTLLMBackend,
     remote_code_files,
-    require_modelopt,
 )
 from engine_build.profiles import Dtype, Precision, Profile
 
@@ -192,18 +191,17 @@ class TensorRTLLMPyTorchBackend(TensorRTLLMBackend):
     ModelOpt quantizes it (fp8), where the tensorrt_llm package is importable."""
 
     name = "tensorrt-llm-pytorch"
+    fp8_needs_calibration = FP8_NEEDS_CALIBRATION
 
     def check(
         self, profile: Profile, precision: Precision, calibration_dataset: str | None
     ) -> None:
-        """bf16 or fp8 weights; FP8 needs calibration data and ModelOpt."""
+        """bf16 or fp8 weights; then as the TensorRT flow (FP8: calibration data, ModelOpt)."""
         if precision.weights not in (Dtype.BF16, Dtype.FP8):
             raise BackendError(
                 f"backend {self.name} builds bf16 or fp8 engines, not {precision.name}"
             )
-        if precision.weights is Dtype.FP8 and not calibration_dataset:
-            raise BackendError(FP8_NEEDS_CALIBRATION)
-        require_modelopt(precision)
+        super().check(profile, precision, calibration_dataset)
 
     def build(self, job: BuildJob, out_dir: Path) -> None:
         """Place (bf16) or quantize (fp8) the checkpoint into `out_dir`, then the manifest."""

@@ -237,7 +237,6 @@ def test_an_fp8_build_keeps_the_export_and_adds_the_checkpoints_other_files(
 
     (published / "modeling_decilm.py").write_text("from .block_config import BlockConfig\n")
     monkeypatch.setattr(trtllm, "require_modelopt", lambda precision: None)
-    monkeypatch.setattr(trtllm_pytorch, "require_modelopt", lambda precision: None)
     monkeypatch.setattr(trtllm_pytorch, "_quantize_fp8", export)
     calibration = tmp_path / "calibration.txt"
     calibration.write_text("The capital of France is Paris.\n")
