@@ -323,9 +323,8 @@ class TensorRTLLMRuntime:
         result = self._llm.generate_async(**kwargs)  # submitted now: a refusal raises here
         self._results[request.request_id] = result
 
-        def drop() -> None:
-            self._results.pop(request.request_id, None)
-            if not result.finished:
+        def drop() -> None:  # once: the stream's own `finally` may have aborted it already
+            if self._results.pop(request.request_id, None) is not None and not result.finished:
                 result.abort()
 
         return ResultStream(self._stream(request, result, arrival), drop)
