@@ -7,6 +7,7 @@ text and tool calls (`<TOOLCALL>[...]</TOOLCALL>`), holding back only what could
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from enum import StrEnum
 from importlib import resources
 from typing import Any
 
+import jsonschema
 import yaml
 
 from service.runtime.interface import RequestError
@@ -108,6 +110,32 @@ def validate_tools(tools: Sequence[ToolSpec]) -> None:
         properties = tool.parameters.get("properties", {})
         if not isinstance(properties, dict):
             raise RequestError(f"tools[{index}].parameters.properties must be an object")
+        _check_schema(f"tools[{index}].parameters", tool.parameters)
+
+
+_METASCHEMA = jsonschema.Draft7Validator(jsonschema.Draft7Validator.META_SCHEMA)
+
+
+def _check_schema(field: str, schema: dict[str, Any]) -> None:
+    """Refuse a parameters object that is not a valid JSON schema (draft 7), naming where."""
+    problem = _schema_problem(json.dumps(schema, sort_keys=True))
+    if problem is not None:
+        raise RequestError(f"{field}{problem}")
+
+
+@functools.lru_cache(maxsize=1024)  # clients send the same tools with every turn
+def _schema_problem(text: str) -> str | None:
+    error = jsonschema.exceptions.best_match(_METASCHEMA.iter_errors(json.loads(text)))
+    if error is None:
+        return None
+    where = "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in error.path)
+    return f"{where} is not a valid JSON schema: {error.message}"
+
+
+def require_messages(messages: Sequence[ChatMessage]) -> None:
+    """A conversation to render must hold a message (Chat, Tokenize, both APIs)."""
+    if not messages:
+        raise RequestError("messages must not be empty")
 
 
 def prepare_messages(
@@ -117,8 +145,7 @@ def prepare_messages(
     tools: Sequence[ToolSpec],
 ) -> list[ChatMessage]:
     """The conversation as the template should see it: reasoning switch and tools applied."""
-    if not messages:
-        raise RequestError("messages must not be empty")
+    require_messages(messages)
     if reasoning is not Reasoning.DEFAULT and not family.supports_reasoning:
         raise RequestError(
             f"model family {family.name!r} has no reasoning switch; "

@@ -9,6 +9,7 @@ far (prefix caching makes the second prefill cheap).
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -90,6 +91,11 @@ class ChatContext:
 def render_prompt(context: ChatContext, turn: ChatTurn) -> list[int]:
     """Token ids of the turn's prompt (reasoning switch and tools applied)."""
     validate_tools(turn.tools)
+    if turn.tools and not offers_tools(context):
+        raise RequestError(
+            f"tools: this model (chat format {context.family.name!r}) has no way to be offered "
+            "tools: its chat template does not render them; send the request without tools"
+        )
     messages = prepare_messages(turn.messages, context.family, turn.reasoning, turn.tools)
     tools = [
         {
@@ -99,6 +105,12 @@ def render_prompt(context: ChatContext, turn: ChatTurn) -> list[int]:
         for t in turn.tools
     ]
     return context.tokenizer.render_chat(messages, **({"tools": tools} if tools else {}))
+
+
+def offers_tools(context: ChatContext) -> bool:
+    """Whether tools reach the prompt: the family lists them, or the chat template renders them."""
+    source = context.tokenizer.chat_template_source or ""
+    return context.family.tools_in_system or re.search(r"\btools\b", source) is not None
 
 
 def start_chat_turn(context: ChatContext, turn: ChatTurn) -> AsyncIterator[ChatDelta]:

@@ -47,6 +47,12 @@ def open_engine(
             f"engine {entry.name} ({entry.engine_id}) was built by backend "
             f"{entry.key.backend!r}, which this server cannot run; it runs: {sorted(_OPENERS)}"
         )
+    if entry.key.backend in TENSORRT_LLM_BACKENDS and options.kv_cache_bytes is not None:
+        raise EngineError(
+            f"--kv-cache-memory (NEMOTRON_KV_CACHE_MEMORY) sizes a torch engine's KV cache; "
+            f"engine {entry.name} is a {entry.key.backend} engine, whose KV cache TensorRT-LLM "
+            "sizes as the profile's kv_cache_free_fraction of free GPU memory: set that instead"
+        )
     if entry.key.backend in TENSORRT_LLM_BACKENDS and not trtllm_installed():
         raise EngineError(
             f"engine {entry.name} ({entry.engine_id}) was built by {entry.key.backend} "

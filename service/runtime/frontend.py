@@ -23,6 +23,7 @@ from engine_build.graph import ModelGraph
 from service.runtime.compute import reserve_cores_for_compute_threads
 from service.runtime.core import Booted, EngineCore, RuntimeConfig
 from service.runtime.interface import (
+    IN_FLIGHT,
     EngineError,
     EngineState,
     EngineStats,
@@ -85,7 +86,7 @@ class Mailbox:
             if self._closed is not None:
                 raise NotReadyError(self._closed)
             if request_id in self._in_use:
-                raise RequestError(f"request_id {request_id!r} is already in use")
+                raise RequestError(IN_FLIGHT)
             waiting += len(self._new)
             if waiting >= max_waiting:
                 raise OverloadedError(

@@ -44,6 +44,9 @@ class EngineError(RuntimeError):
     """Base of the runtime's typed errors."""
 
 
+IN_FLIGHT = "request_id: a request of yours with this id is still in flight; use another id"
+
+
 class RequestError(EngineError, ValueError):
     """A request the engine refuses; the message names the field and the allowed range."""
 

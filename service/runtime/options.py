@@ -61,7 +61,8 @@ class SamplingParams:
     frequency_penalty: float = _option(0.0, Range(-2.0, 2.0))
     presence_penalty: float = _option(0.0, Range(-2.0, 2.0))
     seed: int | None = _option(
-        None, Range(0, 2**63, integer=True, high_open=True, high_text="2**63")
+        None,
+        Range(0, 2**64, integer=True, high_open=True, high_text="2**64"),  # proto: uint64
     )
 
     @property

@@ -6,17 +6,18 @@ same cache; kept apart from both so that neither imports the other.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from engine_build.backends.torch_engine import TorchEngine
+from engine_build.events import log_event
 from engine_build.sharding import rank_graph
 from service.runtime.core import RuntimeConfig
+from service.runtime.interface import EngineError
 from service.runtime.kv_pages import PagedKVStore
-
-MEMINFO = Path("/proc/meminfo")
+from service.runtime.memory import MemoryBudget, host_budget
 
 
 @dataclass(frozen=True)
@@ -34,15 +35,16 @@ class RuntimeOptions:
     threads: int | None = None  # compute threads of the engine thread (default: all cores)
 
 
-def free_memory_bytes(device: torch.device) -> int:
-    """Memory the KV cache may take from: free GPU memory, or MemAvailable on the host."""
+class MemoryBudgetError(EngineError):
+    """The memory left after loading the weights cannot hold the smallest useful KV cache."""
+
+
+def memory_budget(device: torch.device) -> MemoryBudget:
+    """Memory the KV cache may take from: free GPU memory, or the host's under its cgroup."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    for line in MEMINFO.read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{MEMINFO} has no MemAvailable line")
+        free, total = torch.cuda.mem_get_info(device)
+        return MemoryBudget(int(free), f"torch.cuda.mem_get_info({device})", int(total))
+    return host_budget()
 
 
 def kv_store_and_config(
@@ -52,21 +54,42 @@ def kv_store_and_config(
     local = rank_graph(engine.graph, engine.tensor_parallel)
     limits = engine.limits
     block_bytes = PagedKVStore.bytes_per_block(local, options.block_size, dtype)
-    budget = options.kv_cache_bytes
-    if budget is None:
-        free = free_memory_bytes(device)
+    max_seq_len = min(
+        options.max_seq_len or limits.max_seq_len, engine.graph.max_position_embeddings
+    )
+    if options.kv_cache_bytes is not None:
+        budget, source = options.kv_cache_bytes, "--kv-cache-memory"
+    else:
+        memory = memory_budget(device)
+        available = memory.available
         if device.type == "cpu":  # every rank of a CPU engine takes from the same host memory
-            free //= engine.tensor_parallel
-        budget = int(limits.kv_cache_free_fraction * free)
+            available //= engine.tensor_parallel
+        budget = int(limits.kv_cache_free_fraction * available)
+        source = f"{limits.kv_cache_free_fraction} x {available} bytes free ({memory.source})"
+        needed = -(-max_seq_len // options.block_size) * block_bytes
+        if budget < needed:
+            raise MemoryBudgetError(
+                f"the KV cache can have {budget} bytes ({source}), and one sequence of the "
+                f"engine's max_seq_len {max_seq_len} needs {needed}: raise the memory limit, "
+                "lower the profile's max_seq_len, or set the cache size with --kv-cache-memory "
+                "(NEMOTRON_KV_CACHE_MEMORY)"
+            )
     num_blocks = max(1, budget // block_bytes) if block_bytes else 1
+    log_event(
+        "kv_cache_sized",
+        logging.INFO,
+        bytes=budget,
+        blocks=num_blocks,
+        block_size=options.block_size,
+        tokens=num_blocks * options.block_size,
+        source=source,
+    )
     max_num_tokens = options.max_num_tokens or limits.max_num_tokens
     config = RuntimeConfig(
         # A step gives every running sequence at least one token: never more of them than tokens.
         max_batch_size=min(options.max_batch_size or limits.max_batch_size, max_num_tokens),
         max_num_tokens=max_num_tokens,
-        max_seq_len=min(
-            options.max_seq_len or limits.max_seq_len, engine.graph.max_position_embeddings
-        ),
+        max_seq_len=max_seq_len,
         num_blocks=num_blocks,
         block_size=options.block_size,
         max_waiting=options.max_waiting,

@@ -27,6 +27,7 @@ from typing import Any
 
 from engine_build.profiles import EngineLimits
 from service.runtime.interface import (
+    IN_FLIGHT,
     EngineState,
     EngineStats,
     FinishReason,
@@ -314,7 +315,7 @@ class TensorRTLLMRuntime:
             raise NotReadyError(f"engine is {self._state.value}")
         max_new_tokens = validate_request(request, self._limits)
         if request.request_id in self._results:
-            raise RequestError(f"request_id {request.request_id!r} is already in use")
+            raise RequestError(IN_FLIGHT)
         request = replace(request, options=replace(request.options, max_new_tokens=max_new_tokens))
         tensorrt_llm = importlib.import_module("tensorrt_llm")
         kwargs = generate_kwargs(request)

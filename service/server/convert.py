@@ -99,6 +99,14 @@ def messages_from_pb(messages: Any) -> tuple[ChatMessage, ...]:
     return tuple(_message_from_pb(f"messages[{i}]", m) for i, m in enumerate(messages))
 
 
+def _reasoning_from_pb(value: int) -> Reasoning:
+    """The reasoning switch; a value the API does not define is refused, as a bad role is."""
+    if value not in _REASONING:
+        allowed = ", ".join(pb.ReasoningMode.Name(v) for v in _REASONING)
+        raise RequestError(f"reasoning: {value} is not allowed; use {allowed}")
+    return _REASONING[value]
+
+
 def _message_from_pb(field: str, message: pb.ChatMessage) -> ChatMessage:
     if message.role not in _ROLES:
         name = pb.Role.Name(message.role) if message.role in pb.Role.values() else message.role
@@ -171,7 +179,7 @@ def chat_from_pb(
     return ChatTurn(
         request_id=request_id,
         messages=messages_from_pb(request.messages),
-        reasoning=_REASONING.get(request.reasoning, Reasoning.DEFAULT),
+        reasoning=_reasoning_from_pb(request.reasoning),
         reasoning_budget_tokens=request.reasoning_budget_tokens
         if request.HasField("reasoning_budget_tokens")
         else None,
@@ -223,10 +231,10 @@ def logprobs_to_pb(logprobs: tuple[TokenLogprob, ...]) -> list[pb.TokenLogprob]:
     ]
 
 
-def stream_event_to_pb(event: TokenEvent) -> pb.GenerateStreamResponse:
-    """One engine event as a stream message."""
+def stream_event_to_pb(request_id: str, event: TokenEvent) -> pb.GenerateStreamResponse:
+    """One engine event as a stream message (under the client's request id)."""
     return pb.GenerateStreamResponse(
-        request_id=event.request_id,
+        request_id=request_id,
         text=event.text,
         token_ids=list(event.token_ids),
         finish_reason=finish_to_pb(event.finish_reason),
@@ -236,11 +244,11 @@ def stream_event_to_pb(event: TokenEvent) -> pb.GenerateStreamResponse:
     )
 
 
-def generate_response_to_pb(events: list[TokenEvent]) -> pb.GenerateResponse:
-    """All events of a request folded into one response."""
+def generate_response_to_pb(request_id: str, events: list[TokenEvent]) -> pb.GenerateResponse:
+    """All events of a request folded into one response (under the client's request id)."""
     last = events[-1]
     return pb.GenerateResponse(
-        request_id=last.request_id,
+        request_id=request_id,
         text="".join(e.text for e in events),
         token_ids=[t for e in events for t in e.token_ids],
         finish_reason=finish_to_pb(last.finish_reason),
@@ -287,6 +295,7 @@ def chat_delta_to_pb(request_id: str, delta: ChatDelta) -> pb.ChatStreamResponse
         finish_reason=finish_to_pb(delta.finish_reason),
         usage=_chat_usage_to_pb(delta),
         timings=timings_to_pb(delta.timings),
+        logprobs=logprobs_to_pb(delta.logprobs),
     )
 
 
@@ -301,6 +310,7 @@ def chat_response_to_pb(request_id: str, deltas: list[ChatDelta]) -> pb.ChatResp
         finish_reason=finish_to_pb(last.finish_reason),
         usage=_chat_usage_to_pb(last),
         timings=timings_to_pb(last.timings),
+        logprobs=logprobs_to_pb(tuple(lp for d in deltas for lp in d.logprobs)),
     )
 
 

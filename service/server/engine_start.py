@@ -54,12 +54,17 @@ async def start_engine(
     except USER_ERRORS as error:
         log_event("startup_refused", logging.ERROR, reason=str(error))
         raise
-    options = RuntimeOptions(threads=config.compute_threads)
+    options = RuntimeOptions(threads=config.compute_threads, kv_cache_bytes=config.kv_cache_memory)
     engine = open_engine(choice.entry, choice.profile.limits, options, device=choice.device)
     starting = asyncio.create_task(engine.start())
     if not await first_of(starting, stop):
         outcome["abandoned"] = 1
         return None
+    try:
+        starting.result()  # a load that failed raises here (a refused memory budget, say)
+    except USER_ERRORS as error:
+        log_event("startup_refused", logging.ERROR, reason=str(error))
+        raise
     family = family_of(engine.tokenizer.chat_template_source, load_families())
     servicer.attach(ChatContext(engine, family), model_info(choice.entry, engine, family.name))
     log_event(

@@ -59,6 +59,31 @@ def model_names(text: str) -> tuple[str, ...]:
 model_names.__name__ = "comma-separated list of model names"
 
 
+SIZE_UNITS = {
+    "": 1,
+    "k": 10**3, "kb": 10**3, "ki": 2**10, "kib": 2**10,
+    "m": 10**6, "mb": 10**6, "mi": 2**20, "mib": 2**20,
+    "g": 10**9, "gb": 10**9, "gi": 2**30, "gib": 2**30,
+    "t": 10**12, "tb": 10**12, "ti": 2**40, "tib": 2**40,
+}  # fmt: skip
+
+
+def byte_size(text: str) -> int:
+    """Bytes from `4GiB`, `4Gi`, `512MB`, `2e9` or a plain number."""
+    stripped = text.strip()
+    number = stripped.rstrip("KMGTBikmgtb ")
+    unit = stripped[len(number) :].strip().lower()
+    if unit not in SIZE_UNITS:
+        raise ValueError(f"unknown unit {unit!r}")
+    value = float(number) * SIZE_UNITS[unit]
+    if not (math.isfinite(value) and value >= 1):
+        raise ValueError("not a positive size")
+    return int(value)
+
+
+byte_size.__name__ = "size in bytes (e.g. 4GiB, 4Gi, 512MB)"
+
+
 # (flag, environment variable, argparse options). The variable, when set, is the default.
 SERVE_ARGUMENTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--host", "NEMOTRON_HOST", {"default": "0.0.0.0", "help": "address to listen on"}),
@@ -176,6 +201,17 @@ SERVE_ARGUMENTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
             "default": None,
             "help": "CPU threads of the engine's tensor work (default: all cores; fewer leaves "
             "cores for the network path on a CPU deployment)",
+        },
+    ),
+    (
+        "--kv-cache-memory",
+        "NEMOTRON_KV_CACHE_MEMORY",
+        {
+            "type": byte_size,
+            "default": None,
+            "help": "bytes of KV cache per device of a torch engine (e.g. 2GiB; default: the "
+            "profile's kv_cache_free_fraction of the memory left after loading, within the "
+            "container's cgroup memory limit on a CPU, of free GPU memory on a GPU)",
         },
     ),
     (
@@ -347,6 +383,7 @@ def parse_serve_config(argv: Sequence[str], environ: Mapping[str, str]) -> Serve
             profile_files=tuple(args.profiles),
         ),
         compute_threads=args.compute_threads,
+        kv_cache_memory=args.kv_cache_memory,
         grace_s=args.grace_s,
         max_message_bytes=args.max_message_bytes,
         max_concurrent_streams=args.max_concurrent_streams,

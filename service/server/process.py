@@ -16,7 +16,7 @@ import signal
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from nemotron.v1 import generation_pb2_grpc as pb_grpc
+from nemotron.v1 import generation_pb2 as pb
 
 from engine_build.events import log_event
 from service.observability.calls import Observability
@@ -25,12 +25,14 @@ from service.observability.tracing import Tracing
 from service.runtime.compute import reserve_cores_for_compute_threads
 from service.runtime.interface import Engine
 from service.server.auth import ApiKeys, AuthInterceptor
+from service.server.callers import Callers
 from service.server.config import ServerConfig
 from service.server.engine_start import server_version, start_engine
 from service.server.health import HEALTH_SERVICE, Health, watch_engine
 from service.server.http_server import HttpServer
 from service.server.openai.app import HttpApi, HttpApiSettings
 from service.server.operations import ModelInfo
+from service.server.rpc import add_servicer
 from service.server.servicer import SERVICE_NAME, GenerationServicer
 
 
@@ -48,8 +50,9 @@ async def serve(config: ServerConfig) -> int:
     server = grpc.aio.server(options=config.grpc_options(), interceptors=interceptors)
     health = Health(SERVICE_NAME)
     await health.starting()
-    servicer = GenerationServicer(observability)
-    pb_grpc.add_GenerationServiceServicer_to_server(servicer, server)
+    servicer = GenerationServicer(observability, callers=Callers(api_keys is not None))
+    servicer.max_response_bytes = config.max_message_bytes
+    add_servicer(servicer, server, pb.DESCRIPTOR.services_by_name["GenerationService"])
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME), server

@@ -21,8 +21,11 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
+from google.protobuf.message_factory import GetMessageClass
 
 from service.observability.calls import Call, Observability
+from service.runtime.interface import RequestError
+from service.server.callers import request_id_problem
 from service.server.status import abort_with
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -37,10 +40,22 @@ class _GrpcCall(Call):
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
-        request_id = _ensure_request_id(request)
+        if isinstance(request, Undecodable):
+            request_id, self.id_problem = f"req-{uuid.uuid4().hex[:16]}", request.problem
+        else:
+            request_id, self.id_problem = _ensure_request_id(request)
         super().__init__(obs, method, request_id, metadata, f"{API_PREFIX[1:]}{method}", deadline)
         self.context = context
-        self.request_body = json_format.MessageToDict(request) if obs.log_prompts else None
+        self.request_body = (
+            json_format.MessageToDict(request)
+            if obs.log_prompts and not isinstance(request, Undecodable)
+            else None
+        )
+
+    def check_id(self) -> None:
+        """Refuse the call when its request could not be decoded or its id cannot be used."""
+        if self.id_problem is not None:
+            raise RequestError(self.id_problem)
 
     def keep_message(self, message: Message) -> None:
         """Keep a response's text for the log (only with --log-prompts)."""
@@ -70,14 +85,83 @@ class _GrpcCall(Call):
         self.end(code, message, attributes)
 
 
-def _ensure_request_id(request: Message) -> str:
-    """The client's request id, or a new one written into the request for the handler."""
+class Undecodable:
+    """What a call carried that is not its method's message (the call wrappers refuse it).
+
+    gRPC's own handling of a deserializer that raises answers UNKNOWN with the exception's text
+    and skips the call's record; this way the refusal is INVALID_ARGUMENT, logged and counted.
+    """
+
+    def __init__(self, message_name: str) -> None:
+        self.problem = (
+            f"the request is not a valid {message_name} message (a corrupt protobuf encoding, "
+            "or a string field that is not valid UTF-8)"
+        )
+
+
+def _decoder(message_class: type[Message]) -> Callable[[bytes], Message | Undecodable]:
+    name = message_class.DESCRIPTOR.full_name
+
+    def decode(data: bytes) -> Message | Undecodable:
+        try:
+            return message_class.FromString(data)
+        except Exception:  # DecodeError, or an encoding error on invalid UTF-8
+            return Undecodable(name)
+
+    return decode
+
+
+def add_servicer(servicer: Any, server: grpc.aio.Server, descriptor: ServiceDescriptor) -> None:
+    """Register `servicer`'s RPCs with request decoding that never fails the call unrecorded."""
+    handlers = {}
+    for method in descriptor.methods:
+        request_class = GetMessageClass(method.input_type)
+        response_class = GetMessageClass(method.output_type)
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=_decoder(request_class),
+            response_serializer=response_class.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(descriptor.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(descriptor.full_name, handlers)
+
+
+def _ensure_request_id(request: Message) -> tuple[str, str | None]:
+    """The call's request id, and what is wrong with the client's (None: nothing).
+
+    An empty id gets a generated one, written into the request for the handler. An unusable one
+    (too long, odd characters) is not logged: the call is named by a generated id and refused.
+    """
     fields = request.DESCRIPTOR.fields_by_name
-    if "request_id" in fields:
-        if not request.request_id:  # type: ignore[attr-defined]
-            request.request_id = f"req-{uuid.uuid4().hex[:16]}"  # type: ignore[attr-defined]
-        return str(request.request_id)  # type: ignore[attr-defined]
-    return f"rpc-{uuid.uuid4().hex[:16]}"
+    if "request_id" not in fields:
+        return f"rpc-{uuid.uuid4().hex[:16]}", None
+    if not request.request_id:  # type: ignore[attr-defined]
+        request.request_id = f"req-{uuid.uuid4().hex[:16]}"  # type: ignore[attr-defined]
+    problem = request_id_problem(request.request_id)  # type: ignore[attr-defined]
+    if problem is not None:
+        return f"req-{uuid.uuid4().hex[:16]}", problem
+    return str(request.request_id), None  # type: ignore[attr-defined]
+
+
+def _check_size(response: Message, limit: int | None) -> None:
+    """Refuse a response over the send limit: gRPC would fail it with RESOURCE_EXHAUSTED, which
+    the API documents as "overloaded, retry later", after the call was recorded as OK."""
+    if limit is None:
+        return
+    size = response.ByteSize()
+    if size > limit:
+        raise RequestError(
+            f"the response would be {size} bytes, over the server's message limit of {limit} "
+            "bytes (--max-message-bytes): ask for less (a shorter text, fewer tokens or "
+            "log-probabilities), or use the streaming RPC"
+        )
 
 
 def unary(handler: F) -> F:
@@ -90,7 +174,9 @@ def unary(handler: F) -> F:
         call = _GrpcCall(self.observability, method, request, context)
         with call.active(call.request_body):
             try:
+                call.check_id()
                 response = await handler(self, request, context)
+                _check_size(response, getattr(self, "max_response_bytes", None))
             except BaseException as error:
                 await call.fail(error)
                 raise
@@ -113,6 +199,7 @@ def streaming(handler: F) -> F:
         call = _GrpcCall(self.observability, method, request, context)
         with call.active(call.request_body):
             try:
+                call.check_id()
                 async for message in handler(self, request, context):
                     call.keep_message(message)
                     yield message

@@ -13,12 +13,14 @@ from google.protobuf import json_format
 from nemotron.v1 import generation_pb2 as pb
 from nemotron.v1 import generation_pb2_grpc as pb_grpc
 
+from service.chat.formats import require_messages
 from service.chat.turns import ChatContext
 from service.observability.calls import Observability
 from service.observability.tracing import phase
 from service.runtime.interface import TokenEvent
 from service.runtime.tokenizer import ChatMessage
 from service.server import convert, operations
+from service.server.callers import Callers, engine_request_id
 from service.server.operations import ModelInfo, Serving
 from service.server.rpc import rpc_service
 
@@ -29,9 +31,23 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
     """Serves the API from a started engine (UNAVAILABLE until it is attached)."""
 
-    def __init__(self, observability: Observability | None = None, serving: Serving | None = None):
+    def __init__(
+        self,
+        observability: Observability | None = None,
+        serving: Serving | None = None,
+        callers: Callers | None = None,
+    ):
         self.observability = observability or Observability()
         self.serving = serving or Serving()
+        self.callers = callers or Callers(keys_checked=False)
+        self.max_response_bytes: int | None = None  # the server's send limit, once serving
+
+    def _engine_id(self, request_id: str, context: grpc.aio.ServicerContext) -> str:
+        """The engine's id of the caller's request (namespaced by who the caller is)."""
+        tag = self.callers.grpc_tag(
+            dict(context.invocation_metadata() or ()), context.auth_context()
+        )
+        return engine_request_id(tag, request_id)
 
     def attach(self, context: ChatContext, info: ModelInfo) -> None:
         """Start serving with a ready engine."""
@@ -48,14 +64,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     ) -> pb.GenerateResponse:
         """The whole completion of a prompt."""
         events = [e async for e in self._generate(request, context)]
-        return convert.generate_response_to_pb(events)
+        return convert.generate_response_to_pb(request.request_id, events)
 
     async def GenerateStream(
         self, request: pb.GenerateStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         """A streamed completion of a prompt."""
         async for event in self._generate(request, context):
-            yield convert.stream_event_to_pb(event)
+            yield convert.stream_event_to_pb(request.request_id, event)
 
     async def _generate(
         self,
@@ -66,7 +82,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         with phase("tokenize"):
             domain = convert.generation_from_pb(
                 request,
-                request.request_id,
+                self._engine_id(request.request_id, context),
                 chat.tokenizer,
                 convert.deadline_from(context.time_remaining()),
             )
@@ -78,7 +94,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     ) -> pb.ChatResponse:
         """The assistant's whole turn."""
         turn = convert.chat_from_pb(
-            request, request.request_id, convert.deadline_from(context.time_remaining())
+            request,
+            self._engine_id(request.request_id, context),
+            convert.deadline_from(context.time_remaining()),
         )
         deltas = [d async for d in operations.chat(self.serving.ready(), turn)]
         return convert.chat_response_to_pb(request.request_id, deltas)
@@ -88,7 +106,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     ) -> AsyncIterator[pb.ChatStreamResponse]:
         """The assistant's turn, streamed."""
         turn = convert.chat_from_pb(
-            request, request.request_id, convert.deadline_from(context.time_remaining())
+            request,
+            self._engine_id(request.request_id, context),
+            convert.deadline_from(context.time_remaining()),
         )
         async for delta in operations.chat(self.serving.ready(), turn):
             yield convert.chat_delta_to_pb(request.request_id, delta)
@@ -100,6 +120,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         chat = self.serving.ready()
         if request.WhichOneof("input") == "chat":
             messages: list[ChatMessage] = list(convert.messages_from_pb(request.chat.messages))
+            require_messages(messages)
             ids = chat.tokenizer.render_chat(messages)
         else:
             ids = chat.tokenizer.encode(request.text)
@@ -117,8 +138,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def Abort(
         self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
     ) -> pb.AbortResponse:
-        """Stop a request by id."""
-        return pb.AbortResponse(aborted=self.serving.ready().engine.abort(request.request_id))
+        """Stop one of the caller's own requests by its id."""
+        engine_id = self._engine_id(request.request_id, context)
+        return pb.AbortResponse(aborted=self.serving.ready().engine.abort(engine_id))
 
     async def GetEngineStats(
         self, request: pb.GetEngineStatsRequest, context: grpc.aio.ServicerContext

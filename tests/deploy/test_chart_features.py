@@ -80,6 +80,9 @@ def test_the_server_environment_is_what_nemotron_serve_reads(chart, name, values
         assert config.tls is not None and config.tls.client_ca_file is not None
         assert config.api_keys_file == Path("/etc/nemotron/api-keys/api-keys")
         assert config.keepalive_time_s == 20 and config.max_connection_age_s == 300
+        assert config.kv_cache_memory == 3 * 2**30
+    else:
+        assert config.kv_cache_memory is None  # sized from the pod's memory limit
 
 
 @pytest.mark.parametrize("name", PROFILES)

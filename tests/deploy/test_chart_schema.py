@@ -58,6 +58,11 @@ def test_a_wrong_type_is_refused_with_the_expected_one(any_helm_chart):
     assert "replicaCount" in message and "integer" in message
 
 
+def test_a_kv_cache_size_that_is_not_a_quantity_is_refused(any_helm_chart):
+    message = refusal(any_helm_chart, "--set", "server.kvCacheMemory=lots")
+    assert "kvCacheMemory" in message and "pattern" in message.lower()
+
+
 IMPOSSIBLE = [
     pytest.param(
         "profile=a100x4,model.source=embedded", "model", ["pvc", "download"], id="embedded-gpu"

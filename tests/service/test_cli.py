@@ -94,6 +94,19 @@ def test_serve_flags_default_to_their_environment_variables(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("text", "size"),
+    [("2Gi", 2 * 2**30), ("2GiB", 2 * 2**30), ("512MB", 512 * 10**6), ("1.5G", 1_500_000_000),
+     ("123456", 123456)],
+)  # fmt: skip
+def test_kv_cache_memory_takes_kubernetes_and_plain_sizes(tmp_path, text, size):
+    from service.server.flags import parse_serve_config
+
+    config = parse_serve_config(["--cache-dir", str(tmp_path)], {"NEMOTRON_KV_CACHE_MEMORY": text})
+    assert config.kv_cache_memory == size
+    assert parse_serve_config(["--cache-dir", str(tmp_path)], {}).kv_cache_memory is None
+
+
+@pytest.mark.parametrize(
     ("argv", "environ", "message"),
     [
         ([], {"NEMOTRON_PORT": "http"}, "NEMOTRON_PORT='http' is not a valid int"),
@@ -109,6 +122,12 @@ def test_serve_flags_default_to_their_environment_variables(tmp_path):
         (["--tls-cert-file", "c.pem"], {}, "TLS needs both --tls-cert-file and --tls-key-file"),
         (["--tls-client-ca-file", "ca.pem"], {}, "mutual TLS) needs --tls-cert-file"),
         (["--keepalive-time-s", "0"], {}, "--keepalive-time-s 0.0 (flag or NEMOTRON_KEEPALIVE_T"),
+        (["--kv-cache-memory", "lots"], {}, "invalid size in bytes (e.g. 4GiB, 4Gi, 512MB) value"),
+        (
+            [],
+            {"NEMOTRON_KV_CACHE_MEMORY": "-1Gi"},
+            "NEMOTRON_KV_CACHE_MEMORY='-1Gi' is not a valid",
+        ),
     ],
 )
 def test_bad_serve_settings_are_usage_errors_naming_the_flag(argv, environ, message, capsys):
@@ -124,7 +143,7 @@ def test_a_seed_out_of_range_is_a_cli_error(synthetic_checkpoint, tmp_path, caps
     args = ["--checkpoint", str(synthetic_checkpoint), "--cache-dir", str(tmp_path)]
     code = main(["chat", *args, "--seed", str(10**23), "--prompt", "x"])
     assert code == 2
-    assert "seed 100000000000000000000000 is outside [0, 2**63)" in capsys.readouterr().err
+    assert "seed 100000000000000000000000 is outside [0, 2**64)" in capsys.readouterr().err
 
 
 def test_a_cache_dir_that_is_a_file_is_a_cli_error(tmp_path, capsys):
@@ -243,3 +262,18 @@ def test_the_cpu_profile_has_no_tensorrt_llm_engines(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2
     assert "backend tensorrt-llm has no engines for the cpu profile" in result.stderr
+
+
+def test_kv_cache_memory_is_refused_for_a_tensorrt_llm_engine_naming_what_sizes_it(tmp_path):
+    entry = commit_trtllm_engine(tmp_path / "repo")
+    result = subprocess.run(
+        [
+            _exe(), "--profile", "h100x2", "--backend", "tensorrt-llm", "--engine-repo",
+            str(tmp_path / "repo"), "--cache-dir", str(tmp_path), "--port", "0",
+            "--metrics-port", "0", "--http-port", "off", "--kv-cache-memory", "8Gi",
+        ],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert f"engine {entry.name} is a tensorrt-llm engine" in result.stderr
+    assert "kv_cache_free_fraction" in result.stderr and "Traceback" not in result.stderr

@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from engine_build.events import log_event
+from service.chat.formats import require_messages
 from service.chat.turns import ChatContext
 from service.observability.calls import Call, Observability
 from service.observability.tracing import current_record, phase
@@ -45,6 +46,7 @@ from service.runtime.interface import (
 from service.runtime.tokenizer import ChatMessage
 from service.server import operations
 from service.server.api_keys import ApiKeys, UnauthenticatedError
+from service.server.callers import request_id_problem
 from service.server.health import Health
 from service.server.openai import convert
 from service.server.openai import protocol as api
@@ -60,7 +62,6 @@ from service.server.status import (
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 OK = Status(grpc.StatusCode.OK, 200, "")
-MAX_REQUEST_ID_CHARS = 128
 MAX_PROMPTS = 256  # prompts in one completions request
 API_VERSION = "1.0.0"
 # The RPCs a route stands for, for API keys limited to some methods (streaming one second).
@@ -105,7 +106,10 @@ class _HttpCall(Call):
         # The client's X-Request-Id names the call in logs, spans and the response header; the
         # engine gets an id of the server's own (a retry that reuses the header while the first
         # try is still being aborted must not collide with it).
-        given = request.headers.get("x-request-id", "")[:MAX_REQUEST_ID_CHARS]
+        given = request.headers.get("x-request-id", "")
+        self.id_problem = request_id_problem(given, "X-Request-Id") if given else None
+        if self.id_problem is not None:
+            given = ""  # an unusable id is not logged; the call is refused
         self.engine_id = uuid.uuid4().hex
         name = f"{request.method} {route}"
         super().__init__(obs, route, given or self.engine_id, request.headers, name)
@@ -388,6 +392,8 @@ class HttpApi:
                     if not self.health.live:
                         raise NotReadyError("the server is draining; retry on another replica")
                     self._authenticate(request, route)
+                    if call.id_problem is not None:
+                        raise InvalidBodyError(call.id_problem)
                     body = await read_body(request, self.settings.max_body_bytes)
                     response = await unless_disconnected(request, handler(call, request, body))
                 except (ClientGoneError, ClientDisconnect):  # nobody reads the answer
@@ -771,6 +777,7 @@ class HttpApi:
             messages: list[ChatMessage] = [
                 convert.message(i, m) for i, m in enumerate(asked.messages)
             ]
+            require_messages(messages)
             text = context.tokenizer.chat_prompt(
                 messages, add_generation_prompt=asked.add_generation_prompt
             )

@@ -11,6 +11,7 @@ import pytest
 
 from engine_build.graph import ModelGraph
 from service.runtime.interface import (
+    IN_FLIGHT,
     FinishReason,
     GenerationRequest,
     OverloadedError,
@@ -187,7 +188,7 @@ def test_beyond_the_queue_bound_requests_get_the_overload_error(synthetic_engine
         ({"stop_token_ids": (99999,)}, r"stop token id 99999 is outside \[0, 256\)"),
         ({"sampling": SamplingParams(temperature=-1)}, r"temperature -1 is outside \[0.0, 100.0\]"),
         ({"sampling": SamplingParams(top_k=-3)}, r"top_k -3 is outside \[0, 256\]"),
-        ({"sampling": SamplingParams(seed=-1)}, r"seed -1 is outside \[0, 2\*\*63\)"),
+        ({"sampling": SamplingParams(seed=-1)}, r"seed -1 is outside \[0, 2\*\*64\)"),
         ({"logprobs": 50}, r"logprobs 50 is outside \[0, 20\]"),
     ],
 )
@@ -423,7 +424,7 @@ def test_a_dropped_stream_frees_its_request_even_if_never_read(synthetic_engine)
 def test_a_duplicate_request_id_is_refused_while_the_first_runs(synthetic_engine):
     async def body(runtime):
         first = runtime.generate(GenerationRequest("same", (3,), RequestOptions(max_new_tokens=50)))
-        with pytest.raises(RequestError, match="request_id 'same' is already in use"):
+        with pytest.raises(RequestError, match=IN_FLIGHT):
             runtime.generate(GenerationRequest("same", (4,), RequestOptions(max_new_tokens=5)))
         await first.aclose()
 

@@ -54,16 +54,18 @@ def test_a_limit_set_beyond_the_kv_cache_is_refused_not_shortened():
         ("top_p", "(0.0, 1.0]"),
         ("top_k", "[0, 256]"),
         ("repetition_penalty", "(0.0, 10.0]"),
-        ("seed", "[0, 2**63)"),
+        ("seed", "[0, 2**64)"),
     ],
 )
 def test_each_option_states_its_range(name, text):
     assert SamplingParams.ranges()[name].describe(vocab_size=256) == text
 
 
-def test_the_seed_range_is_exact_at_its_upper_bound():
-    ok = GenerationRequest("r", (1,), RequestOptions(SamplingParams(seed=2**63 - 1)))
-    assert validate_request(ok, LIMITS) == DEFAULT_MAX_NEW_TOKENS
-    bad = GenerationRequest("r", (1,), RequestOptions(SamplingParams(seed=2**63)))
-    with pytest.raises(RequestError, match=r"seed 9223372036854775808 is outside \[0, 2\*\*63\)"):
+def test_the_seed_range_is_the_apis_uint64_exactly():
+    """The proto's seed is uint64: every value it can carry is accepted (2**63 was refused)."""
+    for seed in (2**63, 2**64 - 1):
+        ok = GenerationRequest("r", (1,), RequestOptions(SamplingParams(seed=seed)))
+        assert validate_request(ok, LIMITS) == DEFAULT_MAX_NEW_TOKENS
+    bad = GenerationRequest("r", (1,), RequestOptions(SamplingParams(seed=2**64)))
+    with pytest.raises(RequestError, match=r"seed 18446744073709551616 is outside \[0, 2\*\*64\)"):
         validate_request(bad, LIMITS)

@@ -19,6 +19,7 @@ from tests.service.scripted_engine import Reply, ScriptedEngine
 
 # A generic ChatML template that writes an assistant turn's calls and a tool turn's call id.
 TOOL_TEMPLATE = (
+    "{% if tools %}<tools>{{ tools | tojson }}</tools>\n{% endif %}"
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
     "{% if m.tool_call_id is defined %}(answers {{ m.tool_call_id }}) {% endif %}"
     "{{ m['content'] }}"
@@ -85,6 +86,8 @@ def test_a_returned_call_id_comes_back_into_the_prompt_of_the_next_turn(engine):
     )
     prompt = engine.tokenizer.decode(engine.requests[1].prompt_ids)
     assert prompt == (
+        '<tools>[{"type": "function", "function": {"name": "forecast", "description": '
+        '"Weather for a city.", "parameters": {}}}]</tools>\n'
         "<|im_start|>user\nWeather in Paris?<|im_end|>\n"
         f'<|im_start|>assistant\n<call id={call.id}>forecast {{"city": "Paris", "days": 2}}'
         "</call><|im_end|>\n"
