@@ -1,6 +1,8 @@
 """Chat over a running engine: prepare the conversation, generate, split reasoning and tools.
 
-`start_chat_turn` submits one assistant turn and streams its `ChatDelta`s (the APIs);
+`prepare_chat_turn` checks a turn and renders its prompt (the CPU-heavy part, which the APIs run
+off their event loop for large turns), `submit_chat_turn` submits it and streams its
+`ChatDelta`s, `start_chat_turn` does both;
 `run_chat_turn` does both when first iterated (the terminal chat). A reasoning budget runs the
 turn in two generations when the first reaches it: the thinking, cut at the budget and closed
 (or already closed within it), then the rest of the answer from the prompt plus what came so
@@ -113,26 +115,45 @@ def offers_tools(context: ChatContext) -> bool:
     return context.family.tools_in_system or re.search(r"\btools\b", source) is not None
 
 
-def start_chat_turn(context: ChatContext, turn: ChatTurn) -> AsyncIterator[ChatDelta]:
-    """Check, render and submit the turn now (a refusal raises here); its deltas stream after.
+@dataclass(frozen=True)
+class PreparedTurn:
+    """A checked turn with its prompt rendered: ready to submit."""
 
-    A front end can so answer a refused turn with an error status and start streaming an
-    admitted one before its first token exists.
-    """
+    turn: ChatTurn
+    prompt: list[int]
+
+
+def prepare_chat_turn(context: ChatContext, turn: ChatTurn) -> PreparedTurn:
+    """Check the turn and render its prompt: the CPU-heavy part, safe to run on any thread."""
     if turn.reasoning_budget_tokens is not None and turn.reasoning_budget_tokens < 1:
         raise RequestError(f"reasoning_budget_tokens {turn.reasoning_budget_tokens} must be >= 1")
     mode, messages = asked_reasoning(turn.messages, context.family, turn.reasoning)
     turn = replace(turn, messages=messages, reasoning=mode)
-    with phase("tokenize"):
-        prompt = render_prompt(context, turn)
+    return PreparedTurn(turn, render_prompt(context, turn))
+
+
+def submit_chat_turn(context: ChatContext, prepared: PreparedTurn) -> AsyncIterator[ChatDelta]:
+    """Submit a prepared turn now (a refusal raises here); its deltas stream after.
+
+    A front end can so answer a refused turn with an error status and start streaming an
+    admitted one before its first token exists.
+    """
+    turn, prompt = prepared.turn, prepared.prompt
     wanted = max_new_tokens_for(
         turn.options.max_new_tokens, context.engine.limits.room(len(prompt))
     )
-    thinking = context.family.reasoning_enabled(mode)
+    thinking = context.family.reasoning_enabled(turn.reasoning)
     budget = turn.reasoning_budget_tokens if thinking else None
     first = _request(turn, prompt, min(wanted, budget) if budget else wanted, turn.request_id)
     stream = context.engine.generate(first)
     return _run_turn(context, turn, prompt, stream, wanted, budget, thinking)
+
+
+def start_chat_turn(context: ChatContext, turn: ChatTurn) -> AsyncIterator[ChatDelta]:
+    """Prepare and submit the turn now, on this thread (a refusal raises here)."""
+    with phase("tokenize"):
+        prepared = prepare_chat_turn(context, turn)
+    return submit_chat_turn(context, prepared)
 
 
 async def run_chat_turn(context: ChatContext, turn: ChatTurn) -> AsyncIterator[ChatDelta]:

@@ -20,6 +20,8 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftex
 # tokenizer_config.json keys passed to chat templates, as transformers does.
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
+LONG_DECODE = 4096  # ids; shorter lists decode faster without the batch call's setup
+
 
 class TokenizerError(ValueError):
     """Missing tokenizer files, a bad chat message, or a template that failed to render."""
@@ -124,11 +126,18 @@ class TextTokenizer:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; special-token strings in it map to their ids, nothing is added."""
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
+        """Token ids of `text`; special-token strings in it map to their ids, nothing is added.
+
+        The batch encoder releases the GIL while it works (the single-text one holds it for the
+        whole text, seconds for megabytes), so a large text tokenized on a worker thread leaves
+        the serving loop running.
+        """
+        return self._tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        """Text of `ids`."""
+        """Text of `ids` (long lists through the batch decoder, which releases the GIL)."""
+        if len(ids) > LONG_DECODE:
+            return self._tokenizer.decode_batch([list(ids)], skip_special_tokens)[0]
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def token_id(self, token: str) -> int | None:

@@ -43,7 +43,7 @@ class ServerConfig:
     kv_cache_memory: int | None = None  # KV cache bytes per device (None: from free memory)
     grace_s: float = 30.0
     max_message_bytes: int = 4 * 1024 * 1024
-    max_concurrent_streams: int = 256
+    max_concurrent_streams: int = 4096  # above the engine's queue bound (flags)
     keepalive_time_s: float = 30.0
     keepalive_timeout_s: float = 10.0
     max_connection_age_s: float = 0.0  # 0: connections live until the client closes them
@@ -61,6 +61,11 @@ class ServerConfig:
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.max_concurrent_streams", self.max_concurrent_streams),
+            # Calls that arrived but that the server has not handed to a handler yet: beyond
+            # gRPC's defaults (1,000 soft, 3,000 hard) a burst is cancelled before any handler
+            # sees it; these follow the stream limit, so the engine's queue bound decides.
+            ("grpc.server.max_pending_requests", self.max_concurrent_streams),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * self.max_concurrent_streams),
             ("grpc.keepalive_time_ms", int(self.keepalive_time_s * 1000)),
             ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_s * 1000)),
             ("grpc.keepalive_permit_without_calls", 1),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
@@ -21,7 +22,7 @@ from service.runtime.interface import (
     Usage,
 )
 from service.runtime.options import RequestOptions, SamplingParams
-from service.runtime.tokenizer import ChatMessage, TextTokenizer
+from service.runtime.tokenizer import ChatMessage
 
 _ROLES = {
     pb.ROLE_SYSTEM: "system",
@@ -70,27 +71,22 @@ def deadline_from(time_remaining: float | None) -> float | None:
     return None if time_remaining is None else time.monotonic() + time_remaining
 
 
-def prompt_ids(prompt: pb.Prompt, tokenizer: TextTokenizer) -> tuple[int, ...]:
-    """Token ids of a prompt given as text or as ids."""
-    kind = prompt.WhichOneof("input")
-    if kind is None:
+def prompt_ids(prompt: pb.Prompt) -> tuple[int, ...]:
+    """Token ids of a prompt given as ids (text prompts are tokenized by the caller)."""
+    if prompt.WhichOneof("input") is None:
         raise RequestError("prompt: set text or token_ids")
-    return (
-        tuple(prompt.token_ids.ids) if kind == "token_ids" else tuple(tokenizer.encode(prompt.text))
-    )
+    return tuple(prompt.token_ids.ids)
 
 
 def generation_from_pb(
     request: pb.GenerateRequest | pb.GenerateStreamRequest,
     request_id: str,
-    tokenizer: TextTokenizer,
+    prompt: Sequence[int],
     deadline: float | None,
 ) -> GenerationRequest:
-    """The engine request of a Generate or GenerateStream call."""
+    """The engine request of a Generate or GenerateStream call, with its prompt's ids."""
     return GenerationRequest(
-        request_id,
-        prompt_ids(request.prompt, tokenizer),
-        options_from_pb(request.sampling, request.limits, deadline),
+        request_id, tuple(prompt), options_from_pb(request.sampling, request.limits, deadline)
     )
 
 

@@ -24,6 +24,7 @@ SERVE_BACKENDS = ("auto", "torch", "tensorrt-llm", "tensorrt-llm-pytorch")
 DEFAULT_PORT = 50051
 DEFAULT_HTTP_PORT = 8000  # NIM's
 DEFAULT_METRICS_PORT = 8002  # Triton's metrics port; Prometheus text format on /metrics
+DEFAULT_MAX_CONCURRENT_STREAMS = 4096  # above the queue bound (1,024 waiting) plus a batch
 
 DESCRIPTION = """\
 Serve the gRPC API: nemotron.v1.GenerationService, grpc.health.v1 (service names "",
@@ -270,7 +271,13 @@ SERVE_ARGUMENTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     (
         "--max-concurrent-streams",
         "NEMOTRON_MAX_CONCURRENT_STREAMS",
-        {"type": int, "default": 256, "help": "concurrent calls per HTTP/2 connection"},
+        {
+            "type": int,
+            "default": DEFAULT_MAX_CONCURRENT_STREAMS,
+            "help": "concurrent calls per HTTP/2 connection; keep it above the engine's queue "
+            "(1,024 waiting) plus its batch, so that one connection's overload is refused with "
+            "RESOURCE_EXHAUSTED and a retry hint, not with a bare REFUSED_STREAM",
+        },
     ),
     (
         "--keepalive-time-s",

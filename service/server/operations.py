@@ -12,8 +12,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from service.chat.turns import ChatContext, ChatDelta, ChatTurn, start_chat_turn
-from service.observability.tracing import RequestRecord, current_record
+from service.chat.turns import (
+    ChatContext,
+    ChatDelta,
+    ChatTurn,
+    prepare_chat_turn,
+    submit_chat_turn,
+)
+from service.observability.tracing import RequestRecord, current_record, phase
 from service.runtime.interface import (
     FinishReason,
     GenerationRequest,
@@ -22,6 +28,7 @@ from service.runtime.interface import (
     failure_of,
 )
 from service.runtime.options import RequestOptions
+from service.server.offload import Offload
 
 
 @dataclass(frozen=True)
@@ -43,9 +50,10 @@ class ModelInfo:
 class Serving:
     """The engine the front ends serve from, once it is started."""
 
-    def __init__(self) -> None:
+    def __init__(self, offload: Offload | None = None) -> None:
         self._context: ChatContext | None = None
         self._info: ModelInfo | None = None
+        self.offload = offload or Offload()  # large request preparation, off the event loop
 
     def attach(self, context: ChatContext, info: ModelInfo) -> None:
         """Start serving with a ready engine."""
@@ -100,10 +108,26 @@ async def _counted(
         await stream.aclose()  # a client that went away aborts its request
 
 
-def chat(context: ChatContext, turn: ChatTurn) -> AsyncIterator[ChatDelta]:
-    """Submit a chat turn now (a refusal raises here); stream its deltas, noting the outcome."""
+async def chat(context: ChatContext, turn: ChatTurn, offload: Offload) -> AsyncIterator[ChatDelta]:
+    """Prepare the turn (off the loop when it is large) and submit it; a refusal raises here.
+    The returned iterator streams its deltas, noting the outcome."""
     note_request("chat", turn.options)
-    return _noted(start_chat_turn(context, turn))
+    with phase("tokenize"):
+        prepared = await offload.run(lambda: prepare_chat_turn(context, turn), turn_size(turn))
+    return _noted(submit_chat_turn(context, prepared))
+
+
+def turn_size(turn: ChatTurn) -> int:
+    """About how much work preparing `turn` is, in characters (what `Offload` decides by)."""
+    return sum(len(m.content) + 64 for m in turn.messages) + sum(
+        len(str(t.parameters)) + len(t.description) + 64 for t in turn.tools
+    )
+
+
+async def encode(context: ChatContext, text: str, offload: Offload) -> list[int]:
+    """Token ids of a prompt text (off the loop when it is large)."""
+    with phase("tokenize"):
+        return await offload.run(lambda: context.tokenizer.encode(text), len(text))
 
 
 async def _noted(deltas: AsyncIterator[ChatDelta]) -> AsyncIterator[ChatDelta]:

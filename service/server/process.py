@@ -99,6 +99,7 @@ async def serve(config: ServerConfig) -> int:
         )
         if engine is not None:
             await engine.shutdown()
+        servicer.serving.offload.shutdown()
         observability.tracing.shutdown()  # flush the last spans
         log_event("server_stopped", exit_code=outcome["exit_code"])
         if outcome.get("abandoned"):  # a build or load thread is still running: do not wait

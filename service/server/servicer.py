@@ -16,7 +16,6 @@ from nemotron.v1 import generation_pb2_grpc as pb_grpc
 from service.chat.formats import require_messages
 from service.chat.turns import ChatContext
 from service.observability.calls import Observability
-from service.observability.tracing import phase
 from service.runtime.interface import TokenEvent
 from service.runtime.tokenizer import ChatMessage
 from service.server import convert, operations
@@ -79,13 +78,17 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[TokenEvent]:
         chat = self.serving.ready()
-        with phase("tokenize"):
-            domain = convert.generation_from_pb(
-                request,
-                self._engine_id(request.request_id, context),
-                chat.tokenizer,
-                convert.deadline_from(context.time_remaining()),
-            )
+        prompt = request.prompt
+        if prompt.WhichOneof("input") == "text":
+            ids = await operations.encode(chat, prompt.text, self.serving.offload)
+        else:
+            ids = convert.prompt_ids(prompt)
+        domain = convert.generation_from_pb(
+            request,
+            self._engine_id(request.request_id, context),
+            ids,
+            convert.deadline_from(context.time_remaining()),
+        )
         async for event in operations.generate(chat, domain):
             yield event
 
@@ -98,7 +101,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             self._engine_id(request.request_id, context),
             convert.deadline_from(context.time_remaining()),
         )
-        deltas = [d async for d in operations.chat(self.serving.ready(), turn)]
+        chat = await operations.chat(self.serving.ready(), turn, self.serving.offload)
+        deltas = [d async for d in chat]
         return convert.chat_response_to_pb(request.request_id, deltas)
 
     async def ChatStream(
@@ -110,7 +114,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             self._engine_id(request.request_id, context),
             convert.deadline_from(context.time_remaining()),
         )
-        async for delta in operations.chat(self.serving.ready(), turn):
+        deltas = await operations.chat(self.serving.ready(), turn, self.serving.offload)
+        async for delta in deltas:
             yield convert.chat_delta_to_pb(request.request_id, delta)
 
     async def Tokenize(
@@ -121,9 +126,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         if request.WhichOneof("input") == "chat":
             messages: list[ChatMessage] = list(convert.messages_from_pb(request.chat.messages))
             require_messages(messages)
-            ids = chat.tokenizer.render_chat(messages)
+            size = sum(len(m.content) for m in messages)
+            ids = await self.serving.offload.run(lambda: chat.tokenizer.render_chat(messages), size)
         else:
-            ids = chat.tokenizer.encode(request.text)
+            ids = await self.serving.offload.run(
+                lambda: chat.tokenizer.encode(request.text), len(request.text)
+            )
         return pb.TokenizeResponse(token_ids=ids, count=len(ids))
 
     async def GetModelInfo(

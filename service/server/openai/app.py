@@ -447,6 +447,10 @@ class HttpApi:
     def _names(self) -> tuple[str, ...]:
         return self.settings.served_model_names or (self.serving.model_info().model,)
 
+    async def _parse(self, model: type[M], body: bytes) -> M:
+        """`parse`, off the event loop for a large body."""
+        return await self.serving.offload.run(lambda: parse(model, body), len(body))
+
     def _model(self, name: str | None) -> str:
         """The served name a request asked for; an unknown one is 404 model_not_found."""
         names = self._names()
@@ -467,7 +471,7 @@ class HttpApi:
     # --- chat -----------------------------------------------------------------------------
 
     async def _chat(self, call: _HttpCall, request: Request, body: bytes) -> Response:
-        chat = parse(api.ChatCompletionRequest, body)
+        chat = await self._parse(api.ChatCompletionRequest, body)
         self._log_body(chat)
         self._permit(request, "ChatStream" if chat.stream else "Chat")
         context = self.serving.ready()
@@ -475,14 +479,16 @@ class HttpApi:
         turn = convert.chat_turn(chat, call.engine_id)
         response_id = f"chatcmpl-{call.engine_id}"
         if not chat.stream:
-            deltas = [d async for d in operations.chat(context, turn)]
+            answer = await operations.chat(context, turn, self.serving.offload)
+            deltas = [d async for d in answer]
             for delta in deltas:
                 call.keep_text(delta.reasoning, delta.content)
             return json_response(
                 convert.chat_completion(response_id, model, deltas, context.tokenizer), call
             )
         include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-        deltas_stream = operations.chat(context, turn)  # admitted: the stream starts now
+        # admitted: the stream starts now
+        deltas_stream = await operations.chat(context, turn, self.serving.offload)
         chunks = self._chat_chunks(call, deltas_stream, response_id, model, include_usage)
         return self._stream(call, chunks)
 
@@ -546,23 +552,28 @@ class HttpApi:
     # --- completions ----------------------------------------------------------------------
 
     async def _completions(self, call: _HttpCall, request: Request, body: bytes) -> Response:
-        completion = parse(api.CompletionRequest, body)
+        completion = await self._parse(api.CompletionRequest, body)
         self._log_body(completion)
         self._permit(request, "GenerateStream" if completion.stream else "Generate")
         context = self.serving.ready()
         model = self._model(completion.model)
         if completion.max_tokens is None:  # OpenAI's default for completions
             completion = completion.model_copy(update={"max_tokens": 16})
-        with phase("tokenize"):  # as gRPC's Generate: the span's first child
+
+        def prepare() -> tuple[list[GenerationRequest], list[str]]:
             requests = convert.generation_requests(
                 completion, call.engine_id, context.tokenizer, max_prompts=MAX_PROMPTS
             )
-        echoes = [
-            context.tokenizer.decode(r.prompt_ids, skip_special_tokens=False)
-            if completion.echo
-            else ""
-            for r in requests
-        ]
+            echoes = [
+                context.tokenizer.decode(r.prompt_ids, skip_special_tokens=False)
+                if completion.echo
+                else ""
+                for r in requests
+            ]
+            return requests, echoes
+
+        with phase("tokenize"):  # as gRPC's Generate: the span's first child
+            requests, echoes = await self.serving.offload.run(prepare, len(body))
         response_id = f"cmpl-{call.engine_id}"
         streams = self._submit(context, requests)
         if not completion.stream:
@@ -762,7 +773,7 @@ class HttpApi:
         )
 
     async def _tokenize(self, call: _HttpCall, request: Request, body: bytes) -> Response:
-        asked = parse(api.TokenizeRequest, body)
+        asked = await self._parse(api.TokenizeRequest, body)
         context = self.serving.ready()
         self._model(asked.model)
         if (asked.prompt is None) == (asked.messages is None):
@@ -773,7 +784,10 @@ class HttpApi:
                 "as they are; chat templates write the special tokens)",
                 "add_special_tokens",
             )
-        if asked.messages is not None:
+
+        def tokenize() -> list[int]:
+            if asked.messages is None:
+                return context.tokenizer.encode(asked.prompt or "")
             messages: list[ChatMessage] = [
                 convert.message(i, m) for i, m in enumerate(asked.messages)
             ]
@@ -781,14 +795,14 @@ class HttpApi:
             text = context.tokenizer.chat_prompt(
                 messages, add_generation_prompt=asked.add_generation_prompt
             )
-            ids = context.tokenizer.encode(text)
-        else:
-            ids = context.tokenizer.encode(asked.prompt or "")
+            return context.tokenizer.encode(text)
+
+        ids = await self.serving.offload.run(tokenize, len(body))
         limit = self.serving.model_info().max_context_tokens
         return json_response({"count": len(ids), "max_model_len": limit, "tokens": ids}, call)
 
     async def _detokenize(self, call: _HttpCall, request: Request, body: bytes) -> Response:
-        asked = parse(api.DetokenizeRequest, body)
+        asked = await self._parse(api.DetokenizeRequest, body)
         context = self.serving.ready()
         self._model(asked.model)
         vocab = context.engine.limits.vocab_size
@@ -797,7 +811,10 @@ class HttpApi:
             raise InvalidBodyError(
                 f"tokens: {bad[0]} is not a token id; allowed: 0 to {vocab - 1}", "tokens"
             )
-        return json_response({"prompt": context.tokenizer.decode(asked.tokens)}, call)
+        text = await self.serving.offload.run(
+            lambda: context.tokenizer.decode(asked.tokens), len(asked.tokens)
+        )
+        return json_response({"prompt": text}, call)
 
     async def _tokenizer_info(self, call: _HttpCall, request: Request, body: bytes) -> Response:
         """vLLM's tokenizer description (lm-evaluation-harness's remote tokenizer reads it)."""
