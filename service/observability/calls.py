@@ -40,6 +40,7 @@ class Observability:
     metrics: ServiceMetrics | None = None
     model: str = ""
     log_prompts: bool = False  # log request and response bodies (off: they may be private)
+    cut_off_at: float | None = None  # monotonic time the drain's grace ends (None: serving)
 
 
 class Call:
@@ -76,13 +77,18 @@ class Call:
             yield
 
     def cancel_code(self) -> grpc.StatusCode:
-        """DEADLINE_EXCEEDED when the call went away at its deadline, else CANCELLED.
+        """What the client saw of a call that ended before its handler did: DEADLINE_EXCEEDED
+        at its deadline, UNAVAILABLE when the drain's grace ran out (the server cut it off),
+        else CANCELLED (the client went away).
 
         The client's clock runs out slightly before the server's copy of the deadline (it was
         sent as a timeout and started on arrival), so a cancellation close to it counts.
         """
-        if self.deadline is not None and time.monotonic() >= self.deadline - DEADLINE_SLACK_S:
+        now = time.monotonic()
+        if self.deadline is not None and now >= self.deadline - DEADLINE_SLACK_S:
             return grpc.StatusCode.DEADLINE_EXCEEDED
+        if self.obs.cut_off_at is not None and now >= self.obs.cut_off_at - DEADLINE_SLACK_S:
+            return grpc.StatusCode.UNAVAILABLE
         return grpc.StatusCode.CANCELLED
 
     def keep_text(self, *texts: str) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
@@ -94,6 +95,7 @@ async def serve(config: ServerConfig) -> int:
     finally:
         await health.draining()
         log_event("server_draining", grace_s=config.grace_s)
+        observability.cut_off_at = time.monotonic() + config.grace_s  # then calls are cut off
         await asyncio.gather(
             server.stop(grace=config.grace_s), http.stop() if http is not None else _nothing()
         )

@@ -198,12 +198,19 @@ def streaming(handler: F) -> F:
     ) -> AsyncIterator[Any]:
         call = _GrpcCall(self.observability, method, request, context)
         with call.active(call.request_body):
+            delivered = False  # the final message (the one with a finish reason) was sent
             try:
                 call.check_id()
                 async for message in handler(self, request, context):
                     call.keep_message(message)
+                    delivered = bool(getattr(message, "finish_reason", 0))
                     yield message
             except BaseException as error:
+                if delivered and isinstance(error, GeneratorExit | asyncio.CancelledError):
+                    # The client had the whole answer and closed before the stream's end
+                    # arrived: for it the call succeeded.
+                    call.finish(grpc.StatusCode.OK)
+                    raise
                 if isinstance(error, GeneratorExit):
                     call.finish(call.cancel_code())
                     raise

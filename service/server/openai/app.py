@@ -53,6 +53,7 @@ from service.server.openai import protocol as api
 from service.server.operations import Serving
 from service.server.status import (
     CANCELLED,
+    UNAVAILABLE,
     NotFoundError,
     Status,
     TooLargeError,
@@ -115,6 +116,11 @@ class _HttpCall(Call):
         super().__init__(obs, route, given or self.engine_id, request.headers, name)
         self.http_method, self.route = request.method, route
         self.streaming = False
+
+    def gone(self) -> Status:
+        """The status of a call that ended early: the server cut it off at the end of the
+        drain's grace (UNAVAILABLE), or the client went away (CANCELLED)."""
+        return UNAVAILABLE if self.cancel_code() is grpc.StatusCode.UNAVAILABLE else CANCELLED
 
     def finish(self, status: Status, message: str = "") -> None:
         """End with the HTTP attributes of the span."""
@@ -400,7 +406,7 @@ class HttpApi:
                     call.finish(CANCELLED)
                     return Response(status_code=CANCELLED.http_status)
                 except asyncio.CancelledError:  # the server is stopping
-                    call.finish(CANCELLED)
+                    call.finish(call.gone())
                     raise
                 except Exception as error:
                     return error_response(error, call)
@@ -728,8 +734,8 @@ class HttpApi:
                 try:
                     async for item in chunks:
                         yield sse_data(item)
-                except (asyncio.CancelledError, GeneratorExit):  # the client went away
-                    call.finish(CANCELLED)
+                except (asyncio.CancelledError, GeneratorExit):  # client gone, or drain over
+                    call.finish(call.gone())
                     await _close(chunks)
                     raise
                 except Exception as error:  # after the first byte: an error event

@@ -7,12 +7,22 @@ import asyncio
 import signal
 import time
 
+import grpc
+import pytest
 from grpc_health.v1 import health_pb2
+from nemotron.v1 import generation_pb2 as pb
+from nemotron.v1 import generation_pb2_grpc as pb_grpc
 
 from service.runtime.interface import EngineState
 from service.server.health import LIVENESS, READINESS, SERVING, Health, watch_engine
 from service.server.servicer import SERVICE_NAME
-from tests.service.server_process import WAIT_S, start_server, stop_server, wait_ready
+from tests.service.server_process import (
+    WAIT_S,
+    start_server,
+    stop_server,
+    wait_ready,
+    wait_until,
+)
 
 
 class _Engine:
@@ -127,3 +137,66 @@ def test_sigterm_during_startup_exits_without_waiting_for_the_engine(
     assert code == 0 and time.monotonic() - started < 10
     assert "server_ready" not in events and "server_stopped" in events
     server.channel.close()
+
+
+def _finished(server, request_id: str) -> dict | None:
+    lines = [
+        line
+        for line in server.log_lines()
+        if line["event"] == "rpc_finished" and line.get("request_id") == request_id
+    ]
+    return lines[-1] if lines else None
+
+
+def test_when_the_drains_grace_runs_out_the_record_says_what_the_client_saw(
+    cache_dir, cached_embedded_checkpoint
+):
+    """A stream still running when --grace-s ends is cut off: the client gets UNAVAILABLE, and
+    the log, metrics and span say UNAVAILABLE too (before: CANCELLED, as if the client left)."""
+    server = start_server(cache_dir, "--grace-s", "1")
+    try:
+        wait_ready(server)
+        long = pb.GenerateStreamRequest(
+            request_id="cut-off-1",
+            prompt=pb.Prompt(text="Count:"),
+            limits=pb.GenerationLimits(max_new_tokens=4000, ignore_eos=True),
+        )
+        stream = server.api.GenerateStream(long, timeout=300)
+        next(stream)
+        server.process.send_signal(signal.SIGTERM)
+        with pytest.raises(grpc.RpcError) as cut:
+            list(stream)
+        seen = cut.value.code()
+        assert seen == grpc.StatusCode.UNAVAILABLE, cut.value.details()
+        assert server.process.wait(timeout=120) == 0
+        assert _finished(server, "cut-off-1")["code"] == seen.name
+    finally:
+        server.channel.close()
+        if server.process.poll() is None:
+            server.process.kill()
+
+
+def test_a_client_that_closes_right_after_the_last_message_is_recorded_ok(
+    cache_dir, cached_embedded_checkpoint
+):
+    """The client had the whole answer (the message with the finish reason) and closed its
+    channel before the end of the stream arrived: for it the call succeeded."""
+    server = start_server(cache_dir)
+    try:
+        wait_ready(server)
+        ids = [f"closer-{i}" for i in range(12)]
+        for request_id in ids:
+            channel = grpc.insecure_channel(server.address)
+            asked = pb.GenerateStreamRequest(
+                request_id=request_id,
+                prompt=pb.Prompt(text="Hi"),
+                limits=pb.GenerationLimits(max_new_tokens=3, ignore_eos=True),
+            )
+            for message in pb_grpc.GenerationServiceStub(channel).GenerateStream(asked, timeout=60):
+                if message.finish_reason:
+                    break
+            channel.close()  # at once, before reading the end of the stream
+        records = [wait_until(lambda i=i: _finished(server, i), f"the record of {i}") for i in ids]
+        assert [r["code"] for r in records] == ["OK"] * len(ids)
+    finally:
+        assert stop_server(server) == 0
