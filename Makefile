@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet
 
-.PHONY: run test test-apiserver test-lm-eval lint clean
+.PHONY: run test test-apiserver test-lm-eval soak lint clean
 
 # A stamp per extra set: reinstall when pyproject.toml changes.
 $(VENV)/.installed-base: pyproject.toml
@@ -25,6 +25,10 @@ run: $(VENV)/.installed-base
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The soak of tests/service/server/test_soak.py at 30,000 calls (about ten minutes on 2 cores).
+soak: $(VENV)/.installed-test
+	SOAK_REQUESTS=30000 $(BIN)/pytest -q -s tests/service/server/test_soak.py
 
 # The chart installed, upgraded and uninstalled by real helm on a real kube-apiserver v1.20 on
 # loopback (tools/kube_apiserver.sh builds it from Debian's source package once, then caches it).

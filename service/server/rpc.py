@@ -11,6 +11,7 @@ or passes its deadline is recorded as CANCELLED or DEADLINE_EXCEEDED.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import time
 import uuid
@@ -51,6 +52,27 @@ class _GrpcCall(Call):
             if obs.log_prompts and not isinstance(request, Undecodable)
             else None
         )
+
+    def finish_when_sent(self, delivered: bool) -> None:
+        """Record OK once gRPC has sent the status; a client that cancelled (or reached its
+        deadline) before then saw that instead, unless it already had the final message.
+
+        The handler returning is not the client receiving: between the two, a cancel wins on the
+        client's side, and the record must say what the client saw.
+        """
+        add_done_callback = getattr(self.context, "add_done_callback", None)
+        if add_done_callback is None:  # a test's stand-in context
+            self.finish(grpc.StatusCode.OK)
+            return
+        bound = contextvars.copy_context()  # the call's log fields, for the callback's line
+
+        def done(context: grpc.aio.ServicerContext) -> None:
+            code = grpc.StatusCode.OK
+            if context.cancelled() and not delivered:
+                code = self.cancel_code()
+            bound.run(self.finish, code)
+
+        add_done_callback(done)
 
     def check_id(self) -> None:
         """Refuse the call when its request could not be decoded or its id cannot be used."""
@@ -181,7 +203,7 @@ def unary(handler: F) -> F:
                 await call.fail(error)
                 raise
             call.keep_message(response)
-            call.finish(grpc.StatusCode.OK)
+            call.finish_when_sent(delivered=False)
             return response
 
     return wrapped  # type: ignore[return-value]
@@ -198,12 +220,14 @@ def streaming(handler: F) -> F:
     ) -> AsyncIterator[Any]:
         call = _GrpcCall(self.observability, method, request, context)
         with call.active(call.request_body):
-            delivered = False  # the final message (the one with a finish reason) was sent
+            delivered = False  # the final message (the one with a finish reason) was handed over
             try:
                 call.check_id()
                 async for message in handler(self, request, context):
                     call.keep_message(message)
-                    delivered = bool(getattr(message, "finish_reason", 0))
+                    # Handed to gRPC: a client that closes as soon as it has the final message
+                    # (clients stop at the finish reason) ends the call during this very write.
+                    delivered = delivered or bool(getattr(message, "finish_reason", 0))
                     yield message
             except BaseException as error:
                 if delivered and isinstance(error, GeneratorExit | asyncio.CancelledError):
@@ -216,7 +240,7 @@ def streaming(handler: F) -> F:
                     raise
                 await call.fail(error)
                 raise
-            call.finish(grpc.StatusCode.OK)
+            call.finish_when_sent(delivered)
 
     return wrapped  # type: ignore[return-value]
 

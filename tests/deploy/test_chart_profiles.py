@@ -21,6 +21,7 @@ from tests.deploy.helm_chart import (
     by_kind,
     one,
     profile_args,
+    refusal,
 )
 
 SHM = {"a100x4": "16Gi", "a100x8": "32Gi", "h100x2": "8Gi"}
@@ -306,3 +307,54 @@ def test_with_engines_built_elsewhere_pods_only_wait(chart):
     ]
     spec = pod_spec(one(objects, "Deployment"))
     assert [c["name"] for c in spec["initContainers"]] == ["wait-for-engine"]
+
+
+def image_profiles() -> dict:
+    """The chart's copy of what the image's profiles.yaml builds (nemotron.imageProfiles)."""
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    (body,) = re.findall(
+        r'define "nemotron\.imageProfiles" -}}\n(.*?)\n{{- end -}}', helpers, re.DOTALL
+    )
+    return yaml.safe_load(body)
+
+
+def test_the_charts_image_profiles_agree_with_profiles_yaml():
+    profiles = load_profiles()
+    assert image_profiles() == {
+        name: {
+            "tensorParallel": profiles.get(name).tensor_parallel,
+            "precisions": profiles.get(name).precision_names,
+        }
+        for name in profiles.names
+    }
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("profiles.a100x4.tensorParallel=2", "profiles.a100x4.tensorParallel 2"),
+        ("profiles.a100x4.precisions={fp8}", "profiles.a100x4.precisions: fp8 is not"),
+        ("profiles.cpu.tensorParallel=2", "profiles.cpu.tensorParallel 2"),
+    ],
+)
+def test_an_override_the_image_cannot_honour_is_refused_at_render_time(chart, override, named):
+    """Before, --set profiles.a100x4.tensorParallel=2 gave the pod 2 GPUs and a ...-tp2 cache
+    key while the Job built, and the server served, the image's tp4 engine."""
+    profile = override.split(".")[1]
+    message = refusal(chart, *profile_args(profile, ["--set", override]))
+    assert named in message
+    assert "only gpu.products, gpu.architecture, shmSize, resources" in message
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        ["--set", "profiles.a100x4.shmSize=32Gi"],
+        ["--set", "profiles.a100x4.startupBudgetSeconds=3600"],
+        ["--set", "profiles.h100x2.precisions={bf16}", "--set", "engine.precision=bf16"],
+        ["--set", "profiles.a100x8.tensorParallel=2"],  # not the selected profile: unused
+    ],
+)
+def test_overrides_of_the_pod_alone_render(chart, override):
+    profile = "h100x2" if "h100x2" in override[1] else "a100x4"
+    assert one(chart.objects(*profile_args(profile, override)), "Deployment")

@@ -62,6 +62,37 @@ app.kubernetes.io/part-of: nemotron-serve
 {{- toYaml $profile -}}
 {{- end -}}
 
+{{/*
+nemotron.imageProfiles: what the image's engine_build/profiles.yaml builds and serves for each
+profile (tests/deploy keep this in step with that file). The builder and the server read the
+image's file, not values.yaml: an override of these fields would change the pod but not the
+engine, so it is refused (nemotron.validateProfile).
+*/}}
+{{- define "nemotron.imageProfiles" -}}
+a100x4: {tensorParallel: 4, precisions: [bf16]}
+a100x8: {tensorParallel: 8, precisions: [bf16]}
+h100x2: {tensorParallel: 2, precisions: [fp8, bf16]}
+cpu: {tensorParallel: 1, precisions: [bf16, fp32, fp8]}
+{{- end -}}
+
+{{/* nemotron.validateProfile: refuse overrides of the selected profile the image cannot honour. */}}
+{{- define "nemotron.validateProfile" -}}
+{{- $name := .Values.profile -}}
+{{- $image := index (include "nemotron.imageProfiles" . | fromYaml) $name -}}
+{{- $profile := include "nemotron.profile" . | fromYaml -}}
+{{- $safe := "of a profile, only gpu.products, gpu.architecture, shmSize, resources and startupBudgetSeconds may be changed (tensorParallel and precisions follow the image; another tensor-parallel size is another profile, e.g. a100x8)" -}}
+{{- if $image -}}
+{{- if ne (int $profile.tensorParallel) (int $image.tensorParallel) -}}
+{{- fail (printf "profiles.%s.tensorParallel %v: the image's %s profile builds and serves tensor parallel %v, and the engine build and the server read the image's profile, not this value; %s" $name $profile.tensorParallel $name $image.tensorParallel $safe) -}}
+{{- end -}}
+{{- range $profile.precisions -}}
+{{- if not (has . $image.precisions) -}}
+{{- fail (printf "profiles.%s.precisions: %s is not a precision of the image's %s profile (%s), so no engine of it can be built or served; list a subset of those. %s" $name . $name (join ", " $image.precisions) $safe) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{/* nemotron.isGpu: "true" when the selected profile uses GPUs (it has a gpu entry). */}}
 {{- define "nemotron.isGpu" -}}
 {{- $profile := include "nemotron.profile" . | fromYaml -}}
@@ -278,6 +309,7 @@ nodeAffinity:
 {{/* nemotron.validate: refusals the schema cannot express, each with what to do instead. */}}
 {{- define "nemotron.validate" -}}
 {{- $profile := include "nemotron.profile" . | fromYaml -}}
+{{- $_ := include "nemotron.validateProfile" . -}}
 {{- $source := include "nemotron.modelSource" . -}}
 {{- $_ := include "nemotron.precision" . -}}
 {{- $_ := include "nemotron.backend" . -}}
