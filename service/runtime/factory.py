@@ -22,7 +22,12 @@ from service.runtime.frontend import TorchRuntime
 from service.runtime.interface import Engine, EngineError, RequestLimits
 from service.runtime.loader import load_rank_model
 from service.runtime.runner import LocalExecutor, ModelRunner
-from service.runtime.sizing import RuntimeOptions, element_bytes, kv_store_and_config
+from service.runtime.sizing import (
+    RuntimeOptions,
+    check_weights_fit,
+    element_bytes,
+    kv_store_and_config,
+)
 from service.runtime.tokenizer import TextTokenizer
 from service.runtime.trtllm_runtime import (
     PYTORCH_LLM_CLASS,
@@ -81,6 +86,7 @@ def open_runtime(
         return assemble_runtime(engine, tensor_parallel_boot(engine, options, device), options)
 
     def boot() -> Booted:
+        check_weights_fit(engine, torch.device(device))
         model = load_rank_model(engine.directory, device=device)
         store, config = kv_store_and_config(engine, model.dtype, options, torch.device(device))
         return Booted(LocalExecutor(ModelRunner(model, store)), config, element_bytes(model.dtype))

@@ -47,6 +47,30 @@ def memory_budget(device: torch.device) -> MemoryBudget:
     return host_budget()
 
 
+def check_weights_fit(engine: TorchEngine, device: torch.device) -> None:
+    """Refuse, before loading, weights that the memory budget cannot hold (CPU engines).
+
+    In a container a load beyond the cgroup limit is not an error but an OOM kill, with no
+    message. Every rank of a CPU engine loads into the same host memory, so all of them count;
+    FP8 weights are held in bf16 for compute, twice their stored size.
+    """
+    if device.type != "cpu":
+        return  # a GPU load past its memory fails with CUDA's own out-of-memory error
+    stored = sum(
+        (engine.directory / file).stat().st_size
+        for files in engine.rank_files.values()
+        for file in files
+    )
+    resident = stored * (2 if engine.precision.weights.value.startswith("fp8") else 1)
+    budget = host_budget()
+    if resident > budget.available:
+        raise MemoryBudgetError(
+            f"the engine's weights take about {resident} bytes in memory and only "
+            f"{budget.available} are available ({budget.source}): raise the memory limit "
+            "(the chart's profiles.<profile>.resources) or serve a smaller precision"
+        )
+
+
 def kv_store_and_config(
     engine: TorchEngine, dtype: torch.dtype, options: RuntimeOptions, device: torch.device
 ) -> tuple[PagedKVStore, RuntimeConfig]:

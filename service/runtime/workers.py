@@ -31,7 +31,12 @@ from service.runtime.interface import EngineError
 from service.runtime.kv_pages import PagedKVStore
 from service.runtime.loader import load_rank_model
 from service.runtime.runner import ModelRunner, StepPlan
-from service.runtime.sizing import RuntimeOptions, element_bytes, kv_store_and_config
+from service.runtime.sizing import (
+    RuntimeOptions,
+    check_weights_fit,
+    element_bytes,
+    kv_store_and_config,
+)
 
 MONITOR_INTERVAL_S = 0.1
 
@@ -159,6 +164,7 @@ def tensor_parallel_boot(
 
     def boot() -> Booted:
         tp = engine.tensor_parallel
+        check_weights_fit(engine, torch.device(_rank_device(device, 0)))
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         workers, pipes = _start_workers(engine, options, device, init_method)
         try:

@@ -7,12 +7,16 @@ The container is a fake cgroup v2 mount (`NEMOTRON_CGROUP_ROOT`): a 4 GiB `memor
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from nemotron.v1 import generation_pb2 as pb
 
-from tests.service.server_process import start_server, stop_server, wait_ready, wait_until
+from tests.service.server_process import start_server, stop_server, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -49,22 +53,36 @@ def test_a_4_gib_limit_sizes_the_kv_cache_inside_it(
         assert stop_server(server) == 0
 
 
+def _refused(cache_dir, env: dict[str, str]) -> str:
+    """What a server that refuses to start writes (exit code 2, no traceback)."""
+    exe = shutil.which("nemotron-serve") or f"{sys.prefix}/bin/nemotron-serve"
+    result = subprocess.run(
+        [exe, "--cache-dir", str(cache_dir), "--host", "127.0.0.1", "--port", "0",
+         "--http-port", "off", "--metrics-port", "0", "--log-format", "json"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, **env},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.stderr
+
+
 def test_a_limit_that_cannot_hold_one_sequence_refuses_to_start_saying_why(
     cache_dir, cached_embedded_checkpoint, tmp_path
 ):
+    env = fake_cgroup(tmp_path / "cgroup", 4 * GIB, 3 * GIB)  # 1 GiB left: 0.1 GiB of KV cache
+    text = _refused(cache_dir, env)
+    assert "one sequence of the engine's max_seq_len 8192 needs" in text, text
+    assert "--kv-cache-memory" in text
+
+
+def test_weights_beyond_the_limit_are_refused_before_loading(
+    cache_dir, cached_embedded_checkpoint, tmp_path
+):
+    """In a container, loading past the limit is an OOM kill with no message."""
     env = fake_cgroup(tmp_path / "cgroup", 4 * GIB, 4 * GIB - 16 * 2**20)  # 16 MiB left
-    server = start_server(cache_dir, env=env)
-    try:
-        code = wait_until(lambda: server.process.poll() is not None, "the server to exit")
-        assert code
-        text = server.log_path.read_text()
-        assert "one sequence of the engine's max_seq_len 8192 needs" in text, text
-        assert "--kv-cache-memory" in text and "Traceback" not in text
-    finally:
-        server.channel.close()
-        if server.process.poll() is None:
-            server.process.kill()
-    assert server.process.returncode != 0
+    text = _refused(cache_dir, env)
+    assert "the engine's weights take about" in text and "16777216 are available" in text
+    assert "memory.max" in text
 
 
 def test_kv_cache_memory_wins_over_the_limit(cache_dir, cached_embedded_checkpoint, tmp_path):
