@@ -116,16 +116,27 @@ def validate_tools(tools: Sequence[ToolSpec]) -> None:
 _METASCHEMA = jsonschema.Draft7Validator(jsonschema.Draft7Validator.META_SCHEMA)
 
 
+CACHED_SCHEMA_CHARS = 8192  # larger schemas are checked every time (the cache stays small)
+
+
 def _check_schema(field: str, schema: dict[str, Any]) -> None:
     """Refuse a parameters object that is not a valid JSON schema (draft 7), naming where."""
-    problem = _schema_problem(json.dumps(schema, sort_keys=True))
+    text = json.dumps(schema, sort_keys=True)
+    if len(text) <= CACHED_SCHEMA_CHARS:
+        problem = _cached_schema_problem(text)
+    else:
+        problem = _schema_problem(schema)
     if problem is not None:
         raise RequestError(f"{field}{problem}")
 
 
-@functools.lru_cache(maxsize=1024)  # clients send the same tools with every turn
-def _schema_problem(text: str) -> str | None:
-    error = jsonschema.exceptions.best_match(_METASCHEMA.iter_errors(json.loads(text)))
+@functools.lru_cache(maxsize=1024)  # clients send the same tools with every turn: <= 8 MiB
+def _cached_schema_problem(text: str) -> str | None:
+    return _schema_problem(json.loads(text))
+
+
+def _schema_problem(schema: dict[str, Any]) -> str | None:
+    error = jsonschema.exceptions.best_match(_METASCHEMA.iter_errors(schema))
     if error is None:
         return None
     where = "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in error.path)

@@ -81,8 +81,18 @@ def kv_store_and_config(
     max_seq_len = min(
         options.max_seq_len or limits.max_seq_len, engine.graph.max_position_embeddings
     )
+    needed = -(-max_seq_len // options.block_size) * block_bytes
     if options.kv_cache_bytes is not None:
         budget, source = options.kv_cache_bytes, "--kv-cache-memory"
+        if budget < needed:  # the operator's choice: kept, but not silently
+            log_event(
+                "kv_cache_below_context",
+                logging.WARNING,
+                bytes=budget,
+                needed=needed,
+                max_seq_len=max_seq_len,
+                note="a request may hold no more tokens than the cache (prompt plus output)",
+            )
     else:
         memory = memory_budget(device)
         available = memory.available
@@ -90,7 +100,6 @@ def kv_store_and_config(
             available //= engine.tensor_parallel
         budget = int(limits.kv_cache_free_fraction * available)
         source = f"{limits.kv_cache_free_fraction} x {available} bytes free ({memory.source})"
-        needed = -(-max_seq_len // options.block_size) * block_bytes
         if budget < needed:
             raise MemoryBudgetError(
                 f"the KV cache can have {budget} bytes ({source}), and one sequence of the "

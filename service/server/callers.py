@@ -1,10 +1,11 @@
 """Who made a call, and the namespace its request ids live in.
 
 A request belongs to the identity that made it: the API key it presented (when the server
-checks keys) and the client certificate's subject (under mutual TLS). Request ids are the
-client's own names, so two tenants may both call theirs `req-1`: the engine knows a request as
-`<caller tag>/<request id>`, and a by-id operation (`Abort`) reaches only the caller's own
-requests. Someone else's id neither collides with nor reveals anything about another tenant's.
+checks keys) and the client certificate's subject and alternative names (under mutual TLS).
+Request ids are the client's own names, so two tenants may both call theirs `req-1`: the
+engine knows a request as `<caller tag>/<request id>`, and a by-id operation (`Abort`)
+reaches only the caller's own requests. Someone else's id neither collides with nor reveals
+anything about another tenant's.
 
 The tag is an HMAC of the identity under a secret made at startup: stable for the process's
 life, the same for every replica's logs of one key only by chance, and it says nothing about
@@ -57,11 +58,22 @@ class Callers:
         return mac.hexdigest()[:16]
 
     def grpc_tag(self, metadata: Mapping[str, str | bytes], auth_context: Mapping) -> str:
-        """The tag of a gRPC call, from its metadata and its TLS peer."""
+        """The tag of a gRPC call, from its metadata and its TLS peer certificate.
+
+        The certificate's identity is its subject and its subject alternative names (SPIFFE
+        SVIDs carry only a URI SAN); a certificate with neither is known by its own digest.
+        """
         authorization = metadata.get("authorization", "")
-        subjects = auth_context.get("x509_subject") or []
-        subject = b"\0".join(s if isinstance(s, bytes) else s.encode() for s in subjects)
-        return self.tag(str(authorization), subject)
+        parts = [
+            value if isinstance(value, bytes) else str(value).encode()
+            for key in ("x509_subject", "x509_subject_alternative_name")
+            for value in auth_context.get(key) or ()
+        ]
+        certificate = b"\0".join(parts)
+        if not certificate and auth_context.get("x509_pem_cert"):
+            pem = auth_context["x509_pem_cert"][0]
+            certificate = hashlib.sha256(pem if isinstance(pem, bytes) else pem.encode()).digest()
+        return self.tag(str(authorization), certificate)
 
 
 def engine_request_id(tag: str, request_id: str) -> str:

@@ -15,6 +15,7 @@ as overload (RESOURCE_EXHAUSTED, 429), with a retry hint, instead of queueing wi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,8 @@ class Offload:
     """A bounded thread pool for request preparation."""
 
     def __init__(self, workers: int | None = None, max_waiting: int = 64) -> None:
-        self.workers = workers or min(4, max(1, (os.cpu_count() or 2) // 2))
+        # The cores this process may run on (a pod's cpuset), not the host's count.
+        self.workers = workers or min(4, max(1, len(os.sched_getaffinity(0)) // 2))
         self.max_waiting = max_waiting
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="nemotron-prepare")
         self._pending = 0
@@ -46,11 +48,19 @@ class Offload:
                 f"{self._pending} large requests are being prepared (limit {self.max_waiting}); "
                 "retry later"
             )
+        loop = asyncio.get_running_loop()
         self._pending += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, work)
-        finally:
-            self._pending -= 1
+        job = self._pool.submit(work)
+        # Counted until the job itself ends: a caller that goes away leaves a running job.
+        job.add_done_callback(lambda _: self._ended(loop))
+        return await asyncio.wrap_future(job)
+
+    def _ended(self, loop: asyncio.AbstractEventLoop) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed at shutdown
+            loop.call_soon_threadsafe(self._count_down)
+
+    def _count_down(self) -> None:
+        self._pending -= 1
 
     def shutdown(self) -> None:
         """Stop the threads (pending work finishes first)."""

@@ -9,7 +9,7 @@ convert their own messages to and from these domain calls.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from service.chat.turns import (
@@ -108,20 +108,16 @@ async def _counted(
         await stream.aclose()  # a client that went away aborts its request
 
 
-async def chat(context: ChatContext, turn: ChatTurn, offload: Offload) -> AsyncIterator[ChatDelta]:
-    """Prepare the turn (off the loop when it is large) and submit it; a refusal raises here.
-    The returned iterator streams its deltas, noting the outcome."""
-    note_request("chat", turn.options)
+async def chat(
+    context: ChatContext, make_turn: Callable[[], ChatTurn], offload: Offload, size: int
+) -> AsyncIterator[ChatDelta]:
+    """Convert, check and render the turn (off the loop when the request's `size` on the wire
+    is large), then submit it; a refusal raises here. The returned iterator streams its
+    deltas, noting the outcome."""
     with phase("tokenize"):
-        prepared = await offload.run(lambda: prepare_chat_turn(context, turn), turn_size(turn))
+        prepared = await offload.run(lambda: prepare_chat_turn(context, make_turn()), size)
+    note_request("chat", prepared.turn.options)
     return _noted(submit_chat_turn(context, prepared))
-
-
-def turn_size(turn: ChatTurn) -> int:
-    """About how much work preparing `turn` is, in characters (what `Offload` decides by)."""
-    return sum(len(m.content) + 64 for m in turn.messages) + sum(
-        len(str(t.parameters)) + len(t.description) + 64 for t in turn.tools
-    )
 
 
 async def encode(context: ChatContext, text: str, offload: Offload) -> list[int]:

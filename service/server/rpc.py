@@ -11,7 +11,6 @@ or passes its deadline is recorded as CANCELLED or DEADLINE_EXCEEDED.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 import time
 import uuid
@@ -53,26 +52,18 @@ class _GrpcCall(Call):
             else None
         )
 
-    def finish_when_sent(self, delivered: bool) -> None:
-        """Record OK once gRPC has sent the status; a client that cancelled (or reached its
-        deadline) before then saw that instead, unless it already had the final message.
+    def finish_sent(self) -> None:
+        """Record a call whose handler finished: OK, unless its deadline passed meanwhile (then
+        gRPC answers the client DEADLINE_EXCEEDED: a stream's final message may still have
+        been in the write when it expired).
 
-        The handler returning is not the client receiving: between the two, a cancel wins on the
-        client's side, and the record must say what the client saw.
+        A client that cancels after this point sees CANCELLED while the record says OK: gRPC's
+        server API gives the application no sign of that cancel (docs/service.md, Errors).
         """
-        add_done_callback = getattr(self.context, "add_done_callback", None)
-        if add_done_callback is None:  # a test's stand-in context
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self.finish(grpc.StatusCode.DEADLINE_EXCEEDED)
+        else:
             self.finish(grpc.StatusCode.OK)
-            return
-        bound = contextvars.copy_context()  # the call's log fields, for the callback's line
-
-        def done(context: grpc.aio.ServicerContext) -> None:
-            code = grpc.StatusCode.OK
-            if context.cancelled() and not delivered:
-                code = self.cancel_code()
-            bound.run(self.finish, code)
-
-        add_done_callback(done)
 
     def check_id(self) -> None:
         """Refuse the call when its request could not be decoded or its id cannot be used."""
@@ -203,7 +194,7 @@ def unary(handler: F) -> F:
                 await call.fail(error)
                 raise
             call.keep_message(response)
-            call.finish_when_sent(delivered=False)
+            call.finish_sent()
             return response
 
     return wrapped  # type: ignore[return-value]
@@ -232,15 +223,15 @@ def streaming(handler: F) -> F:
             except BaseException as error:
                 if delivered and isinstance(error, GeneratorExit | asyncio.CancelledError):
                     # The client had the whole answer and closed before the stream's end
-                    # arrived: for it the call succeeded.
-                    call.finish(grpc.StatusCode.OK)
+                    # arrived: for it the call succeeded (unless the deadline cut the write).
+                    call.finish_sent()
                     raise
                 if isinstance(error, GeneratorExit):
                     call.finish(call.cancel_code())
                     raise
                 await call.fail(error)
                 raise
-            call.finish_when_sent(delivered)
+            call.finish_sent()
 
     return wrapped  # type: ignore[return-value]
 

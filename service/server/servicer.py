@@ -14,7 +14,7 @@ from nemotron.v1 import generation_pb2 as pb
 from nemotron.v1 import generation_pb2_grpc as pb_grpc
 
 from service.chat.formats import require_messages
-from service.chat.turns import ChatContext
+from service.chat.turns import ChatContext, ChatDelta
 from service.observability.calls import Observability
 from service.runtime.interface import TokenEvent
 from service.runtime.tokenizer import ChatMessage
@@ -96,42 +96,43 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self, request: pb.ChatRequest, context: grpc.aio.ServicerContext
     ) -> pb.ChatResponse:
         """The assistant's whole turn."""
-        turn = convert.chat_from_pb(
-            request,
-            self._engine_id(request.request_id, context),
-            convert.deadline_from(context.time_remaining()),
-        )
-        chat = await operations.chat(self.serving.ready(), turn, self.serving.offload)
-        deltas = [d async for d in chat]
+        deltas = [d async for d in await self._chat(request, context)]
         return convert.chat_response_to_pb(request.request_id, deltas)
 
     async def ChatStream(
         self, request: pb.ChatStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ChatStreamResponse]:
         """The assistant's turn, streamed."""
-        turn = convert.chat_from_pb(
-            request,
-            self._engine_id(request.request_id, context),
-            convert.deadline_from(context.time_remaining()),
-        )
-        deltas = await operations.chat(self.serving.ready(), turn, self.serving.offload)
-        async for delta in deltas:
+        async for delta in await self._chat(request, context):
             yield convert.chat_delta_to_pb(request.request_id, delta)
+
+    async def _chat(
+        self, request: pb.ChatRequest | pb.ChatStreamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ChatDelta]:
+        """Submit the turn (converted and rendered off the loop when large); its deltas."""
+        engine_id = self._engine_id(request.request_id, context)
+        deadline = convert.deadline_from(context.time_remaining())
+        return await operations.chat(
+            self.serving.ready(),
+            lambda: convert.chat_from_pb(request, engine_id, deadline),
+            self.serving.offload,
+            request.ByteSize(),
+        )
 
     async def Tokenize(
         self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> pb.TokenizeResponse:
         """Token ids of a text or a rendered conversation."""
         chat = self.serving.ready()
-        if request.WhichOneof("input") == "chat":
+
+        def tokenize() -> list[int]:
+            if request.WhichOneof("input") != "chat":
+                return chat.tokenizer.encode(request.text)
             messages: list[ChatMessage] = list(convert.messages_from_pb(request.chat.messages))
             require_messages(messages)
-            size = sum(len(m.content) for m in messages)
-            ids = await self.serving.offload.run(lambda: chat.tokenizer.render_chat(messages), size)
-        else:
-            ids = await self.serving.offload.run(
-                lambda: chat.tokenizer.encode(request.text), len(request.text)
-            )
+            return chat.tokenizer.render_chat(messages)
+
+        ids = await self.serving.offload.run(tokenize, request.ByteSize())
         return pb.TokenizeResponse(token_ids=ids, count=len(ids))
 
     async def GetModelInfo(

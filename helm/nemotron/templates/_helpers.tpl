@@ -69,10 +69,10 @@ image's file, not values.yaml: an override of these fields would change the pod 
 engine, so it is refused (nemotron.validateProfile).
 */}}
 {{- define "nemotron.imageProfiles" -}}
-a100x4: {tensorParallel: 4, precisions: [bf16]}
-a100x8: {tensorParallel: 8, precisions: [bf16]}
-h100x2: {tensorParallel: 2, precisions: [fp8, bf16]}
-cpu: {tensorParallel: 1, precisions: [bf16, fp32, fp8]}
+a100x4: {tensorParallel: 4, precisions: [bf16], target: sm80}
+a100x8: {tensorParallel: 8, precisions: [bf16], target: sm80}
+h100x2: {tensorParallel: 2, precisions: [fp8, bf16], target: sm90}
+cpu: {tensorParallel: 1, precisions: [bf16, fp32, fp8], target: cpu}
 {{- end -}}
 
 {{/* nemotron.validateProfile: refuse overrides of the selected profile the image cannot honour. */}}
@@ -80,10 +80,14 @@ cpu: {tensorParallel: 1, precisions: [bf16, fp32, fp8]}
 {{- $name := .Values.profile -}}
 {{- $image := index (include "nemotron.imageProfiles" . | fromYaml) $name -}}
 {{- $profile := include "nemotron.profile" . | fromYaml -}}
-{{- $safe := "of a profile, only gpu.products, gpu.architecture, shmSize, resources and startupBudgetSeconds may be changed (tensorParallel and precisions follow the image; another tensor-parallel size is another profile, e.g. a100x8)" -}}
+{{- $safe := "of a profile, only gpu.products, shmSize, resources and startupBudgetSeconds may be changed (tensorParallel, precisions, gpu and gpu.architecture follow the image; another tensor-parallel size is another profile, e.g. a100x8)" -}}
 {{- if $image -}}
 {{- if ne (int $profile.tensorParallel) (int $image.tensorParallel) -}}
 {{- fail (printf "profiles.%s.tensorParallel %v: the image's %s profile builds and serves tensor parallel %v, and the engine build and the server read the image's profile, not this value; %s" $name $profile.tensorParallel $name $image.tensorParallel $safe) -}}
+{{- end -}}
+{{- $target := ternary (dig "gpu" "architecture" "" $profile) "cpu" (hasKey $profile "gpu") -}}
+{{- if ne $target $image.target -}}
+{{- fail (printf "profiles.%s.gpu: the image's %s profile builds engines for %s, and this entry says %s (the engine's cache key and the node affinity would not match what is built); %s" $name $name $image.target (ternary $target "no GPU" (hasKey $profile "gpu")) $safe) -}}
 {{- end -}}
 {{- range $profile.precisions -}}
 {{- if not (has . $image.precisions) -}}

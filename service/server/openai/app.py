@@ -108,9 +108,8 @@ class _HttpCall(Call):
         # engine gets an id of the server's own (a retry that reuses the header while the first
         # try is still being aborted must not collide with it).
         given = request.headers.get("x-request-id", "")
-        self.id_problem = request_id_problem(given, "X-Request-Id") if given else None
-        if self.id_problem is not None:
-            given = ""  # an unusable id is not logged; the call is refused
+        if given and request_id_problem(given) is not None:
+            given = ""  # only a name for the logs: an unusable one is replaced, not logged
         self.engine_id = uuid.uuid4().hex
         name = f"{request.method} {route}"
         super().__init__(obs, route, given or self.engine_id, request.headers, name)
@@ -398,8 +397,6 @@ class HttpApi:
                     if not self.health.live:
                         raise NotReadyError("the server is draining; retry on another replica")
                     self._authenticate(request, route)
-                    if call.id_problem is not None:
-                        raise InvalidBodyError(call.id_problem)
                     body = await read_body(request, self.settings.max_body_bytes)
                     response = await unless_disconnected(request, handler(call, request, body))
                 except (ClientGoneError, ClientDisconnect):  # nobody reads the answer
@@ -482,10 +479,14 @@ class HttpApi:
         self._permit(request, "ChatStream" if chat.stream else "Chat")
         context = self.serving.ready()
         model = self._model(chat.model)
-        turn = convert.chat_turn(chat, call.engine_id)
         response_id = f"chatcmpl-{call.engine_id}"
+        answer = await operations.chat(
+            context,
+            lambda: convert.chat_turn(chat, call.engine_id),
+            self.serving.offload,
+            len(body),
+        )  # admitted: a stream starts now
         if not chat.stream:
-            answer = await operations.chat(context, turn, self.serving.offload)
             deltas = [d async for d in answer]
             for delta in deltas:
                 call.keep_text(delta.reasoning, delta.content)
@@ -493,9 +494,7 @@ class HttpApi:
                 convert.chat_completion(response_id, model, deltas, context.tokenizer), call
             )
         include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-        # admitted: the stream starts now
-        deltas_stream = await operations.chat(context, turn, self.serving.offload)
-        chunks = self._chat_chunks(call, deltas_stream, response_id, model, include_usage)
+        chunks = self._chat_chunks(call, answer, response_id, model, include_usage)
         return self._stream(call, chunks)
 
     async def _chat_chunks(

@@ -92,5 +92,9 @@ def test_kv_cache_memory_wins_over_the_limit(cache_dir, cached_embedded_checkpoi
         wait_ready(server)
         (sized,) = server.wait_for_log(lambda line: line["event"] == "kv_cache_sized", "sizing")
         assert (sized["bytes"], sized["source"]) == (48 * 2**20, "--kv-cache-memory")
+        (warned,) = server.wait_for_log(
+            lambda line: line["event"] == "kv_cache_below_context", "the warning"
+        )
+        assert warned["max_seq_len"] == 8192 and warned["needed"] > warned["bytes"]
     finally:
         assert stop_server(server) == 0

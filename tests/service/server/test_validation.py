@@ -129,10 +129,10 @@ def test_a_request_id_is_capped_and_kept_to_safe_characters(
         lambda line: line["event"] == "rpc_finished" and line.get("error") == problem, "the call"
     )
     assert request_id not in lines[-1]["request_id"]  # the call is named by an id of its own
+    # On HTTP the header only names the call in logs: an unusable one is replaced, not logged.
     header = {"x-request-id": request_id}
     reply = httpx.post(f"{server.http_url}/tokenize", json={"prompt": "Hi"}, headers=header)
-    assert reply.status_code == 400
-    assert reply.json()["error"]["message"] == problem.replace("request_id", "X-Request-Id")
+    assert reply.status_code == 200 and reply.headers["x-request-id"] != request_id
     ok = "req-0123_abc:DEF.9"
     assert (
         server.api.Generate(
