@@ -9,12 +9,13 @@ threads of their own, whose teams end with them.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
 from typing import TypeVar
 
 import torch
+
+from service.runtime.memory import cpu_budget
 
 T = TypeVar("T")
 
@@ -27,11 +28,12 @@ def reserve_cores_for_compute_threads() -> None:
 def run_in_compute_thread(
     job: Callable[[], T], threads: int | None = None, name: str = "compute"
 ) -> T:
-    """Run `job` in a fresh thread with `threads` compute threads (default: all cores); wait."""
+    """Run `job` in a fresh thread with `threads` compute threads (default: the CPUs this process
+    may use, cgroup quota included); wait."""
     outcome: dict[str, object] = {}
 
     def target() -> None:
-        torch.set_num_threads(threads or os.cpu_count() or 1)
+        torch.set_num_threads(threads or cpu_budget()[0])
         try:
             outcome["value"] = job()
         except BaseException as err:  # re-raised in the caller

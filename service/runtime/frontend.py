@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -35,6 +34,7 @@ from service.runtime.interface import (
     RequestLimits,
     TokenEvent,
 )
+from service.runtime.memory import cpu_budget
 from service.runtime.options import RequestOptions
 from service.runtime.output import OutputProcessor, RequestState
 from service.runtime.sequence import Sequence
@@ -147,7 +147,7 @@ class TorchRuntime:
         threads: int | None = None,
     ) -> None:
         self._tokenizer, self.graph, self._eos_ids = tokenizer, graph, eos_ids
-        self._boot, self._threads = boot, threads or os.cpu_count() or 1
+        self._boot, self._threads = boot, threads or cpu_budget()[0]
         self._mailbox = Mailbox()
         self._core: EngineCore | None = None  # built by the engine thread once booted
         self._booted = threading.Event()

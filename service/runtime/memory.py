@@ -1,4 +1,5 @@
-"""The memory a process may still allocate: its cgroup's limit, not the host's free memory.
+"""The memory a process may still allocate, and the CPUs it may use: its cgroups' limits, not
+the host's free memory or core count.
 
 Inside a container `/proc/meminfo` describes the node: a pod limited to 4 GiB on a node with
 100 GiB free would size its KV cache from the 100 GiB and be OOM-killed while booting. The
@@ -65,7 +66,7 @@ def mem_available(meminfo: Path) -> int:
 
 def cgroup_limits(root: Path, proc_cgroup: Path) -> Iterator[tuple[Path, int, int]]:
     """(limit file, limit, working set) of every limited memory cgroup above this process."""
-    for directory, v2 in _memory_cgroups(root, proc_cgroup):
+    for directory, v2 in cgroup_dirs(root, proc_cgroup, "memory"):
         limit_file = directory / ("memory.max" if v2 else "memory.limit_in_bytes")
         limit = _read_limit(limit_file)
         if limit is None:
@@ -79,8 +80,9 @@ def cgroup_limits(root: Path, proc_cgroup: Path) -> Iterator[tuple[Path, int, in
         yield limit_file, limit, max(0, usage - inactive)
 
 
-def _memory_cgroups(root: Path, proc_cgroup: Path) -> Iterator[tuple[Path, bool]]:
-    """The memory cgroup directories from this process's own up to the mount's root."""
+def cgroup_dirs(root: Path, proc_cgroup: Path, controller: str) -> Iterator[tuple[Path, bool]]:
+    """The cgroup directories of `controller` (memory, cpu) from this process's own up to the
+    mount's root, each with whether it is cgroup v2."""
     try:
         lines = proc_cgroup.read_text().splitlines()
     except OSError:
@@ -96,11 +98,12 @@ def _memory_cgroups(root: Path, proc_cgroup: Path) -> Iterator[tuple[Path, bool]
                 if (mount / "cgroup.controllers").exists():
                     paths.append((mount, path, True))
                     break
-        elif "memory" in controllers.split(","):
-            paths.append((root / "memory", path, False))
+        elif controller in controllers.split(","):  # v1: mounted as "cpu,cpuacct" or "cpu"
+            named = root / controllers
+            paths.append((named if named.is_dir() else root / controller, path, False))
     if not paths:  # nothing says where: the mount's root (a container's own cgroup)
         v2 = (root / "cgroup.controllers").exists()
-        paths.append((root if v2 else root / "memory", "/", v2))
+        paths.append((root if v2 else root / controller, "/", v2))
     for mount, path, v2 in paths:
         own = mount / path.lstrip("/")
         # In a container the mount is usually the container's own cgroup, and the path /proc
@@ -111,6 +114,35 @@ def _memory_cgroups(root: Path, proc_cgroup: Path) -> Iterator[tuple[Path, bool]
             if directory == mount or mount not in directory.parents:
                 break
             directory = directory.parent
+
+
+def cpu_budget(environ: Mapping[str, str] | None = None) -> tuple[int, str]:
+    """How many CPUs this process may keep busy, and what said so: its affinity mask, lowered
+    by the tightest cgroup CPU quota above it (v2 `cpu.max`, v1 `cpu.cfs_quota_us` over
+    `cpu.cfs_period_us`), rounded up. A thread team larger than the quota is throttled hard."""
+    environ = os.environ if environ is None else environ
+    root = Path(environ.get("NEMOTRON_CGROUP_ROOT") or CGROUP_ROOT)
+    cpus, source = len(os.sched_getaffinity(0)), "CPU affinity"
+    for directory, v2 in cgroup_dirs(root, PROC_CGROUP, "cpu"):
+        if v2:
+            quota, period = _cpu_max(directory / "cpu.max")
+        else:
+            quota = _read_int(directory / "cpu.cfs_quota_us")
+            period = _read_int(directory / "cpu.cfs_period_us")
+        if quota is None or period is None or quota <= 0 or period <= 0:
+            continue  # no quota (v1 writes -1, v2 "max")
+        allowed = max(1, -(-quota // period))
+        if allowed < cpus:
+            cpus, source = allowed, f"cgroup CPU quota {quota}/{period} ({directory})"
+    return cpus, source
+
+
+def _cpu_max(path: Path) -> tuple[int | None, int | None]:
+    try:
+        quota, period = path.read_text().split()
+        return (None if quota == "max" else int(quota)), int(period)
+    except (OSError, ValueError):
+        return None, None
 
 
 def _read_limit(path: Path) -> int | None:

@@ -200,8 +200,9 @@ SERVE_ARGUMENTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
         {
             "type": int,
             "default": None,
-            "help": "CPU threads of the engine's tensor work (default: all cores; fewer leaves "
-            "cores for the network path on a CPU deployment)",
+            "help": "CPU threads of the engine's tensor work (default: the CPUs this process may "
+            "use: its affinity, lowered to the container's cgroup CPU quota; fewer leaves cores "
+            "for the network path on a CPU deployment)",
         },
     ),
     (

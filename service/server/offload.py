@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from service.runtime.interface import OverloadedError
+from service.runtime.memory import cpu_budget
 
 T = TypeVar("T")
 
@@ -33,8 +33,8 @@ class Offload:
     """A bounded thread pool for request preparation."""
 
     def __init__(self, workers: int | None = None, max_waiting: int = 64) -> None:
-        # The cores this process may run on (a pod's cpuset), not the host's count.
-        self.workers = workers or min(4, max(1, len(os.sched_getaffinity(0)) // 2))
+        # The CPUs this process may use (affinity, cgroup quota), not the host's count.
+        self.workers = workers or min(4, max(1, cpu_budget()[0] // 2))
         self.max_waiting = max_waiting
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="nemotron-prepare")
         self._pending = 0

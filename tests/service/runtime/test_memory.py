@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from service.runtime import memory
-from service.runtime.memory import cgroup_limits, host_budget
+from service.runtime.memory import cgroup_limits, cpu_budget, host_budget
 
 GIB = 2**30
 HOST_AVAILABLE = 100 * GIB
@@ -127,3 +127,49 @@ def test_over_the_limit_leaves_nothing(tmp_path, fake_proc):
 def test_no_cgroup_files_at_all_is_the_host(tmp_path, fake_proc):
     budget = host_budget({"NEMOTRON_CGROUP_ROOT": str(tmp_path / "absent")})
     assert budget.available == HOST_AVAILABLE
+
+
+# --- CPUs: the thread team follows the cgroup CPU quota, not the host's cores ----------------
+
+
+@pytest.fixture
+def many_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process allowed on 64 cores (a big node)."""
+    monkeypatch.setattr(memory.os, "sched_getaffinity", lambda pid: set(range(64)))
+
+
+def test_cgroup_v2_cpu_max_caps_the_cpus(tmp_path, fake_proc, many_cores):
+    root = tmp_path / "cgroup"
+    fake_proc.write_text("0::/\n")
+    write(root, cgroup_controllers="cpu memory\n", cpu_max="200000 100000\n")
+    cpus, source = cpu_budget({"NEMOTRON_CGROUP_ROOT": str(root)})
+    assert cpus == 2 and "200000/100000" in source
+
+
+def test_a_fractional_quota_rounds_up_and_no_quota_is_the_affinity(tmp_path, fake_proc, many_cores):
+    root = tmp_path / "cgroup"
+    fake_proc.write_text("0::/\n")
+    write(root, cgroup_controllers="cpu\n", cpu_max="150000 100000\n")
+    assert cpu_budget({"NEMOTRON_CGROUP_ROOT": str(root)})[0] == 2
+    (root / "cpu.max").write_text("max 100000\n")
+    assert cpu_budget({"NEMOTRON_CGROUP_ROOT": str(root)}) == (64, "CPU affinity")
+
+
+def test_cgroup_v1_cfs_quota_in_the_joined_mount(tmp_path, fake_proc, many_cores):
+    root = tmp_path / "cgroup"
+    fake_proc.write_text("3:cpu,cpuacct:/kubepods/pod1\n4:memory:/kubepods/pod1\n")
+    write(root / "cpu,cpuacct/kubepods", cpu_cfs_quota_us="-1\n", cpu_cfs_period_us="100000\n")
+    write(
+        root / "cpu,cpuacct/kubepods/pod1",
+        cpu_cfs_quota_us="400000\n",
+        cpu_cfs_period_us="100000\n",
+    )
+    assert cpu_budget({"NEMOTRON_CGROUP_ROOT": str(root)})[0] == 4
+
+
+def test_the_affinity_mask_wins_when_it_is_tighter(tmp_path, fake_proc, monkeypatch):
+    monkeypatch.setattr(memory.os, "sched_getaffinity", lambda pid: {0, 1})
+    root = tmp_path / "cgroup"
+    fake_proc.write_text("0::/\n")
+    write(root, cgroup_controllers="cpu\n", cpu_max="800000 100000\n")
+    assert cpu_budget({"NEMOTRON_CGROUP_ROOT": str(root)}) == (2, "CPU affinity")
