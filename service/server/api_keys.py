@@ -23,6 +23,13 @@ RELOAD_CHECK_S = 1.0
 BEARER = "bearer "
 
 
+def presented_digest(authorization: str) -> bytes | None:
+    """SHA-256 of the key in `Bearer <key>` (None: not that scheme); keys are only compared so."""
+    if authorization[: len(BEARER)].lower() != BEARER:
+        return None
+    return hashlib.sha256(authorization[len(BEARER) :].strip().encode()).digest()
+
+
 class ApiKeyFileError(ValueError):
     """The key file cannot be used; the message says why (never what a key is)."""
 
@@ -112,9 +119,9 @@ class ApiKeys:
             return UnauthenticatedError(
                 "missing API key: send the metadata 'authorization: Bearer <key>'"
             )
-        if authorization[: len(BEARER)].lower() != BEARER:
+        presented = presented_digest(authorization)
+        if presented is None:
             return UnauthenticatedError("the authorization metadata must be 'Bearer <key>'")
-        presented = hashlib.sha256(authorization[len(BEARER) :].strip().encode()).digest()
         found: _Key | None = None
         for key in self._keys:  # compare with every key: the time does not tell which matched
             if hmac.compare_digest(presented, key.digest):

@@ -21,7 +21,7 @@ import re
 import secrets
 from collections.abc import Mapping
 
-from service.server.api_keys import BEARER
+from service.server.api_keys import presented_digest
 
 _SECRET = secrets.token_bytes(32)
 MAX_REQUEST_ID_CHARS = 128
@@ -49,9 +49,7 @@ class Callers:
 
     def tag(self, authorization: str, certificate_subject: bytes = b"") -> str:
         """The caller's tag ("" for the anonymous tenant)."""
-        key = b""
-        if self.keys_checked and authorization[: len(BEARER)].lower() == BEARER:
-            key = hashlib.sha256(authorization[len(BEARER) :].strip().encode()).digest()
+        key = (presented_digest(authorization) or b"") if self.keys_checked else b""
         if not key and not certificate_subject:
             return ""
         mac = hmac.new(_SECRET, b"key\0" + key + b"\0subject\0" + certificate_subject, "sha256")

@@ -19,7 +19,7 @@ import pytest
 from nemotron.v1 import generation_pb2 as pb
 from nemotron.v1 import generation_pb2_grpc as pb_grpc
 
-from tests.service.server_process import RunningServer
+from tests.service.server_process import RunningServer, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -61,8 +61,7 @@ def test_a_flood_of_huge_texts_does_not_stall_another_stream(server: RunningServ
     reader = threading.Thread(target=read)
     reader.start()
     try:
-        while len(arrivals) < 12:  # the stream is flowing
-            time.sleep(0.01)
+        wait_until(lambda: len(arrivals) >= 12, "the stream to flow", interval_s=0.01)
         before = sorted(b - a for a, b in itertools.pairwise(arrivals[1:]))
         bound = max(GAP_BOUND_S, GAP_BOUND_TIMES * before[len(before) // 2])
         flood_start = time.monotonic()
