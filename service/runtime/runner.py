@@ -56,6 +56,7 @@ class ModelRunner:
     def __init__(self, model: NemotronModel, store: PagedKVStore) -> None:
         self.model, self.store = model, store
         self.device = model.embed.weight.device
+        avoid_per_shape_attention_plans(self.device)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> Tensor:
@@ -74,6 +75,20 @@ class ModelRunner:
         attention = PagedStep(self.store, positions, segments)
         select = torch.tensor(plan.sample_rows, dtype=torch.long, device=device)
         return self.model.forward_step(tokens, attention, select).float()
+
+
+def avoid_per_shape_attention_plans(device: torch.device) -> None:
+    """On CUDA, keep `scaled_dot_product_attention` off its cuDNN backend (process-wide).
+
+    With an additive mask, PyTorch picks cuDNN's attention on Hopper, and cuDNN builds an
+    execution plan for every new key length. A decode step attends one more position each time,
+    so nearly every step met a new length: measured on an H200 (torch 2.11, cu130) with a
+    49B layer slice, 46 ms per batch-1 step at new lengths against 5 ms once the lengths had been
+    seen, and 5.9 ms with cuDNN's backend off (docs/benchmarks.md, the GPU check). The
+    memory-efficient and flash kernels take any length without planning.
+    """
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 class LocalExecutor:
