@@ -51,13 +51,22 @@ def machine() -> str:
 
 
 def weight_bytes_read_per_step(engine_dir: Path) -> int:
-    """Bytes of weights a decode step reads (tied embeddings count once: as the LM head)."""
+    """Bytes of weights a decode step reads, as held in memory (int8/int4 as stored).
+
+    Tied embeddings count once, as the LM head; an embedding table that is not the LM head (an
+    untied model, or an int8/int4 engine's own quantized LM head) counts as the one row a token
+    reads.
+    """
     from service.runtime.loader import load_rank_model
 
     model = load_rank_model(engine_dir)
-    storages = {
-        p.untyped_storage().data_ptr(): p.numel() * p.element_size() for p in model.parameters()
-    }
+    tensors = [*model.parameters(), *model.buffers()]
+    storages = {t.untyped_storage().data_ptr(): t.numel() * t.element_size() for t in tensors}
+    embed = model.embed.weight
+    head = getattr(model.lm_head, "weight", None)
+    if head is None or head.untyped_storage().data_ptr() != embed.untyped_storage().data_ptr():
+        row = embed.shape[1] * embed.element_size()
+        storages[embed.untyped_storage().data_ptr()] = row
     return sum(storages.values())
 
 
@@ -223,17 +232,23 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--skip-hf", action="store_true", help="only our runtime")
+    parser.add_argument(
+        "--precision",
+        choices=["bf16", "fp32", "fp8", "int8", "int4"],
+        help="our engine's weights (default: --dtype's); transformers runs in --dtype",
+    )
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     reserve_cores_for_compute_threads()
     cache = default_cache_dir(os.environ)
     gguf = fetch_gguf(cache)
     checkpoint = ensure_embedded_checkpoint(cache, gguf=gguf)
-    build = BuildRequest(checkpoint, load_profiles().get("cpu"), precision=PRECISION[args.dtype])
+    precision = args.precision or PRECISION[args.dtype]
+    build = BuildRequest(checkpoint, load_profiles().get("cpu"), precision=precision)
     repository = EngineRepository(cache / "bench-engines")
     engine = run_in_compute_thread(lambda: build_engine(build, repository).entry)
     print(f"machine: {machine()}")
-    print(f"engine: {engine.name} ({engine.engine_id}), weights {args.dtype}")
+    print(f"engine: {engine.name} ({engine.engine_id}), weights {precision}")
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     runtime = open_runtime(engine.directory, RuntimeOptions(kv_cache_bytes=2_000_000_000))

@@ -11,10 +11,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from engine_build.graph import ModelGraph
-from engine_build.profiles import TENSORRT_LLM_BACKENDS, DeviceKind, Dtype, Precision, Profile
+from engine_build.profiles import (
+    TENSORRT_LLM_BACKENDS,
+    WEIGHT_ONLY,
+    DeviceKind,
+    Dtype,
+    Precision,
+    Profile,
+)
 from engine_build.sharding import GPU_ALIGNMENT, kv_layout, rank_graph, shard_shapes, tp_issues
 from engine_build.summary import kv_bytes_per_token, tensor_bytes
-from engine_build.weights import role_of
+from engine_build.weights import WeightRole, role_of
 
 GB = 10**9
 CONTEXTS = (8192, 32768, 131072)
@@ -65,6 +72,8 @@ def runtime_dtypes(precision: Precision, backend: str) -> tuple[Dtype, Dtype]:
     """
     if backend != "torch":
         return precision.weights, precision.kv_cache
+    if precision.weights in WEIGHT_ONLY:  # multiplied as stored; activations and KV in bf16
+        return precision.weights, Dtype.BF16
     compute = Dtype.BF16 if precision.weights is Dtype.FP8 else precision.weights
     return compute, compute
 
@@ -93,6 +102,9 @@ def plan_profile(
         tensor_bytes(role_of(name), shape, weights_dtype)
         for name, shape in shard_shapes(graph, tp).items()
     )
+    if graph.tie_word_embeddings and weights_dtype in WEIGHT_ONLY:  # a quantized lm_head too
+        shape = (local.vocab_size, local.hidden_size)
+        weights += tensor_bytes(WeightRole.LM_HEAD, shape, weights_dtype)
     activations = activation_bytes(local, profile)
     free = memory - weights - reserve - activations
     budget = max(0, int(free * profile.limits.kv_cache_free_fraction))

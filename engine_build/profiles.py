@@ -32,6 +32,12 @@ class Dtype(StrEnum):
     BF16 = "bf16"
     FP8 = "fp8"
     FP32 = "fp32"
+    INT8 = "int8"  # weights only: per output channel, symmetric
+    INT4 = "int4"  # weights only: groups of 32 inputs, a scale and a minimum per group
+
+
+# Weight-only formats: the torch runtime on CPU multiplies by them directly.
+WEIGHT_ONLY = frozenset({Dtype.INT8, Dtype.INT4})
 
 
 @dataclass(frozen=True)
@@ -299,6 +305,16 @@ def _parse_precisions(raw: Any, capability: str | None, fields: _Fields) -> tupl
         precision = Precision(
             item.choice(entry, "weights", Dtype), item.choice(entry, "kv_cache", Dtype)
         )
+        if precision.kv_cache in WEIGHT_ONLY:
+            raise item.fail(
+                "kv_cache",
+                f"{precision.kv_cache} is a weight-only format; the KV cache is bf16, fp8 or fp32",
+            )
+        if precision.weights in WEIGHT_ONLY and capability is not None:
+            raise item.fail(
+                "weights",
+                f"{precision.weights} weights run on the cpu profile only (CPU kernels)",
+            )
         uses_fp8 = Dtype.FP8 in (precision.weights, precision.kv_cache)
         if uses_fp8 and capability is not None and _version(capability) < (8, 9):
             raise item.fail(

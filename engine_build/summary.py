@@ -12,8 +12,10 @@ from engine_build.weights import WeightRole, weight_specs
 # Bytes per element of each storage dtype the product uses.
 DTYPE_BYTES: dict[str, int] = {"bf16": 2, "fp8": 1, "fp32": 4}
 
-# FP8 weights carry one fp32 scale per output channel of every linear layer.
+# FP8 and int8 weights carry one fp32 scale per output channel of every linear layer; int4 a
+# scale and a minimum per group of 32 inputs.
 FP8_SCALE_BYTES = 4
+INT4_GROUP = 32
 
 
 @dataclass(frozen=True)
@@ -60,15 +62,19 @@ def tensor_bytes(role: WeightRole, shape: tuple[int, ...], dtype: str) -> int:
     """Bytes of one tensor stored in `dtype`.
 
     For fp8, linear matrices hold e4m3 values plus one fp32 scale per output channel, while
-    embeddings, lm_head and norms stay bf16, as the FP8 engines store them.
+    embeddings, lm_head and norms stay bf16, as the FP8 engines store them. int8 and int4
+    engines quantize the lm_head too (int8), and int4 matrices hold half a byte per element
+    plus a fp32 scale and minimum per group (engine_build/quantize.py).
     """
     numel = 1
     for dim in shape:
         numel *= dim
-    if dtype != "fp8":
+    if dtype not in ("fp8", "int8", "int4"):
         return numel * DTYPE_BYTES[dtype]
-    if role is WeightRole.LINEAR:
-        return numel * DTYPE_BYTES["fp8"] + shape[0] * FP8_SCALE_BYTES
+    if role is WeightRole.LINEAR and dtype == "int4":
+        return numel // 2 + 2 * (numel // INT4_GROUP) * FP8_SCALE_BYTES
+    if role is WeightRole.LINEAR or (role is WeightRole.LM_HEAD and dtype != "fp8"):
+        return numel + shape[0] * FP8_SCALE_BYTES  # one byte per element, one scale per row
     return numel * DTYPE_BYTES["bf16"]
 
 

@@ -1,8 +1,9 @@
 """Our own PyTorch engine format, which runs everywhere: per-rank safetensors plus engine.json.
 
     engine.json                     model config, tp, precision, limits, files of every rank
-    rank<r>-part<k>.safetensors     rank r's shard of a few layers (fused HF names; FP8
-                                    matrices carry `<name>_scale` per output channel)
+    rank<r>-part<k>.safetensors     rank r's shard of a few layers (fused HF names; fp8, int8
+                                    and int4 matrices carry `<name>_scale`, int4 `<name>_min`:
+                                    engine_build/quantize.py)
     tokenizer.json, tokenizer_config.json   copied from the checkpoint when present
 
 The checkpoint is read a few layers at a time, so building never holds the whole model.
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from engine_build.backends.base import BuildJob
 from engine_build.graph import ModelGraph
-from engine_build.profiles import Dtype, EngineLimits, Precision, Profile
+from engine_build.profiles import WEIGHT_ONLY, Dtype, EngineLimits, Precision, Profile
 from engine_build.progress import Progress
 from engine_build.quantize import convert_precision
 from engine_build.sharding import shard_tensors
@@ -62,7 +63,9 @@ class TorchBackend:
     def build(self, job: BuildJob, out_dir: Path) -> None:
         """Write every rank's shards, the tokenizer and engine.json into `out_dir`."""
         graph, tp = job.checkpoint.graph, job.profile.tensor_parallel
-        read_dtype = torch.float32 if job.precision.weights is Dtype.FP32 else torch.bfloat16
+        # int8 and int4 quantize from the checkpoint's fp32 values (the GGUF import's are exact)
+        exact = job.precision.weights in (Dtype.FP32, *WEIGHT_ONLY)
+        read_dtype = torch.float32 if exact else torch.bfloat16
         parts = layer_parts(graph, torch.finfo(read_dtype).bits // 8)
         progress = Progress(f"build {job.profile.name}", len(parts))
         rank_files: dict[int, list[str]] = {rank: [] for rank in range(tp)}
@@ -70,7 +73,9 @@ class TorchBackend:
             fused = job.checkpoint.read_fused(read_dtype, layers, include_globals)
             for rank in range(tp):
                 shard = convert_precision(
-                    shard_tensors(fused, graph, tp, rank), job.precision.weights
+                    shard_tensors(fused, graph, tp, rank),
+                    job.precision.weights,
+                    tied_lm_head=graph.tie_word_embeddings,
                 )
                 file = f"rank{rank}-part{index:04d}.safetensors"
                 save_file(shard, str(out_dir / file), metadata={"format": "pt"})

@@ -9,11 +9,13 @@ import torch.distributed as dist
 
 from engine_build.backends.torch_engine import EngineFormatError, TorchEngine
 from engine_build.model import NemotronModel, map_to_module_names
-from engine_build.plan import runtime_dtypes
-from engine_build.quantize import TORCH_DTYPES, restore_compute_dtype
+from engine_build.profiles import WEIGHT_ONLY
+from engine_build.quantize import compute_dtype, restore_compute_dtype, split_weight_only
 from engine_build.repository import EngineEntry, EngineRepository, EngineRequirement
 from engine_build.sharding import rank_graph
 from engine_build.tensor_parallel import parallelize
+from engine_build.weights import LM_HEAD, module_name
+from service.runtime.quantized import quantized_linear
 
 
 def select_engine(repository: str | Path, need: EngineRequirement) -> EngineEntry:
@@ -42,7 +44,23 @@ def load_rank_model(
         model = NemotronModel(local)
         if tp > 1:
             parallelize(model, graph, rank, tp, group)
-    dtype = TORCH_DTYPES[runtime_dtypes(engine.precision, "torch")[0]]  # FP8 computes in bf16
-    tensors = restore_compute_dtype(engine.read_rank(rank), dtype)
-    model.load_state_dict(map_to_module_names(tensors, local), strict=True, assign=True)
-    return model.to(device).eval().requires_grad_(False)
+    dtype = compute_dtype(engine.precision.weights)  # FP8 is dequantized to bf16 here
+    if engine.precision.weights not in WEIGHT_ONLY:
+        tensors = restore_compute_dtype(engine.read_rank(rank), dtype)
+        model.load_state_dict(map_to_module_names(tensors, local), strict=True, assign=True)
+        return model.to(device).eval().requires_grad_(False)
+    if device != "cpu":
+        raise EngineFormatError(
+            f"{engine_dir}: {engine.precision.weights} engines run on the CPU only (their kernels "
+            f"are CPU kernels); this server's device is {device}"
+        )
+    plain, quantized = split_weight_only(engine.read_rank(rank))
+    state = map_to_module_names({name: t.to(dtype) for name, t in plain.items()}, local)
+    for name, parts in quantized.items():
+        path = module_name(name).removesuffix(".weight")
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent), child, quantized_linear(parts, dtype))
+    if LM_HEAD.name in quantized:  # a tied model's quantized lm_head replaces the tie
+        state.pop(LM_HEAD.module, None)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)

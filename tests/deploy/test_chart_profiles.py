@@ -361,3 +361,21 @@ def test_an_override_the_image_cannot_honour_is_refused_at_render_time(chart, ov
 def test_overrides_of_the_pod_alone_render(chart, override):
     profile = "h100x2" if "h100x2" in override[1] else "a100x4"
     assert one(chart.objects(*profile_args(profile, override)), "Deployment")
+
+
+def test_the_cpu_profile_requests_its_cpu_limit_and_passes_it_as_the_thread_count(chart):
+    """requests = limits (a guaranteed share, no throttling below the quota the team is sized for),
+    and the limit reaches the server as NEMOTRON_COMPUTE_THREADS, rounded up to whole cores."""
+    server = container(pod_spec(one(chart.objects(*profile_args("cpu")), "Deployment")), "server")
+    resources = server["resources"]
+    assert resources["requests"]["cpu"] == resources["limits"]["cpu"] == "2"
+    threads = next(e for e in server["env"] if e["name"] == "NEMOTRON_COMPUTE_THREADS")
+    field = threads["valueFrom"]["resourceFieldRef"]
+    assert field == {"containerName": "server", "resource": "limits.cpu", "divisor": "1"}
+
+
+def test_no_thread_count_is_passed_without_a_cpu_limit(chart):
+    args = (*profile_args("cpu"), "--set", "profiles.cpu.resources.limits.cpu=null")
+    server = container(pod_spec(one(chart.objects(*args), "Deployment")), "server")
+    assert "cpu" not in server["resources"].get("limits", {})
+    assert all(e["name"] != "NEMOTRON_COMPUTE_THREADS" for e in server["env"])

@@ -95,7 +95,7 @@ def test_a_valid_user_gpu_profile_loads(tmp_path):
         (("tensor_parallel: 2", "tensor_parallel: 4"), "4 must equal gpu.count 2"),
         (('"8.9"', '"8.0"'), "FP8 needs compute capability 8.9 or newer; this GPU is 8.0"),
         (("device: gpu", "device: tpu"), r"device: 'tpu' is not one of \['gpu', 'cpu'\]"),
-        (("weights: fp8", "weights: int4"), r"weights: 'int4' is not one of"),
+        (("weights: fp8", "weights: int3"), r"weights: 'int3' is not one of"),
         (("max_batch_size: 8, ", ""), r"limits\.max_batch_size: missing"),
         (("profiles:", "profiles: [oops]\nx:"), "not valid YAML|expected a mapping"),
     ],

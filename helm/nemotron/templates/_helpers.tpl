@@ -72,7 +72,7 @@ engine, so it is refused (nemotron.validateProfile).
 a100x4: {tensorParallel: 4, precisions: [bf16], target: sm80}
 a100x8: {tensorParallel: 8, precisions: [bf16], target: sm80}
 h100x2: {tensorParallel: 2, precisions: [fp8, bf16], target: sm90}
-cpu: {tensorParallel: 1, precisions: [bf16, fp32, fp8], target: cpu}
+cpu: {tensorParallel: 1, precisions: [bf16, fp32, fp8, int8, int4], target: cpu}
 {{- end -}}
 
 {{/* nemotron.validateProfile: refuse overrides of the selected profile the image cannot honour. */}}
