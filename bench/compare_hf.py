@@ -35,6 +35,15 @@ from service.runtime.options import RequestOptions
 from service.runtime.sizing import RuntimeOptions
 
 PRECISION = {"bfloat16": "bf16", "float32": "fp32"}
+# The operators that multiply by weight matrices: bf16/fp32 (mm, addmm, addmv_ for torch.mv)
+# and the weight-only kernels of int8 and int4 engines.
+MATMUL_OPERATORS = (
+    "aten::mm",
+    "aten::addmm",
+    "aten::addmv_",
+    "aten::_weight_int8pack_mm",
+    "aten::_weight_int4pack_mm_for_cpu",
+)
 
 
 def machine() -> str:
@@ -200,11 +209,7 @@ def decode_step_profile(engine_dir: Path, context: int = 64, steps: int = 10) ->
             runner.execute(decode_plan(position))
     averages = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in averages)
-    matmul = sum(
-        e.self_cpu_time_total
-        for e in averages
-        if e.key in ("aten::mm", "aten::addmm", "aten::addmv_")
-    )
+    matmul = sum(e.self_cpu_time_total for e in averages if e.key in MATMUL_OPERATORS)
     return averages.table(sort_by="self_cpu_time_total", row_limit=12), matmul / total
 
 
