@@ -20,6 +20,7 @@ from engine_build.repository import EngineEntry
 from service.runtime.core import Booted
 from service.runtime.frontend import TorchRuntime
 from service.runtime.interface import Engine, EngineError, RequestLimits
+from service.runtime.kernels import apply_measured_kernels
 from service.runtime.loader import load_rank_model
 from service.runtime.runner import LocalExecutor, ModelRunner
 from service.runtime.sizing import (
@@ -88,6 +89,8 @@ def open_runtime(
     def boot() -> Booted:
         check_weights_fit(engine, torch.device(device))
         model = load_rank_model(engine.directory, device=device)
+        if device == "cpu" and options.measure_kernels:
+            apply_measured_kernels(model, engine.directory, torch.get_num_threads())
         store, config = kv_store_and_config(engine, model.dtype, options, torch.device(device))
         return Booted(LocalExecutor(ModelRunner(model, store)), config, element_bytes(model.dtype))
 

@@ -33,6 +33,7 @@ class RuntimeOptions:
     tp_timeout_s: float = 30.0  # a tensor-parallel collective slower than this means a lost rank
     boot_timeout_s: float = 1800.0  # tensor-parallel workers must have loaded their shards by then
     threads: int | None = None  # compute threads of the engine thread (default: all cores)
+    measure_kernels: bool = True  # CPU: time the candidate kernels per matrix (runtime/kernels.py)
 
 
 class MemoryBudgetError(EngineError):

@@ -54,7 +54,11 @@ async def start_engine(
     except USER_ERRORS as error:
         log_event("startup_refused", logging.ERROR, reason=str(error))
         raise
-    options = RuntimeOptions(threads=config.compute_threads, kv_cache_bytes=config.kv_cache_memory)
+    options = RuntimeOptions(
+        threads=config.compute_threads,
+        kv_cache_bytes=config.kv_cache_memory,
+        measure_kernels=config.measure_kernels,
+    )
     engine = open_engine(choice.entry, choice.profile.limits, options, device=choice.device)
     starting = asyncio.create_task(engine.start())
     if not await first_of(starting, stop):

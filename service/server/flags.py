@@ -206,6 +206,17 @@ SERVE_ARGUMENTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
         },
     ),
     (
+        "--kernel-choice",
+        "NEMOTRON_KERNEL_CHOICE",
+        {
+            "choices": ["measure", "fixed"],
+            "default": "measure",
+            "help": "CPU engines: measure: time the candidate kernels of every weight matrix on "
+            "this machine at first start (cached in the engine repository) and use the fastest "
+            "per row count; fixed: each format's own kernel (F.linear, or int8/int4's)",
+        },
+    ),
+    (
         "--kv-cache-memory",
         "NEMOTRON_KV_CACHE_MEMORY",
         {
@@ -391,6 +402,7 @@ def parse_serve_config(argv: Sequence[str], environ: Mapping[str, str]) -> Serve
             profile_files=tuple(args.profiles),
         ),
         compute_threads=args.compute_threads,
+        measure_kernels=args.kernel_choice == "measure",
         kv_cache_memory=args.kv_cache_memory,
         grace_s=args.grace_s,
         max_message_bytes=args.max_message_bytes,

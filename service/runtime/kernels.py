@@ -1,0 +1,273 @@
+"""Which kernel multiplies by each weight matrix: measured on this machine, not assumed.
+
+The same bf16 matrix times one row is about twice as fast through `torch.mv` as through
+`F.linear` on an Intel Xeon with AMX, and about twice as slow on an AMD EPYC without it; int8
+and int4 weight-only kernels beat bf16 at one row and lose to AMX's bf16 matrix product at 16
+(docs/benchmarks.md). So at first load, for every distinct (format, shape) of the model's
+matrices, each candidate kernel is timed at a few row counts (ROW_BUCKETS: one decoding
+sequence, and the batches the scheduler forms), and every matrix's module then picks, per call,
+the fastest kernel for the nearest measured row count.
+
+Candidates per stored format:
+- bf16: `linear` (F.linear), `mv` (torch.mv; one row only);
+- int8 / int4: the stored format's own kernel, plus `linear` and `mv` on a bf16 copy of the
+  matrix, when the copies of every matrix that would use them fit in COPY_SHARE of the memory
+  available (host_budget) — a copy costs 2 bytes per weight on top of the stored ones;
+- fp32: `linear` only. fp32 engines are the exact reference (tests compare them token for
+  token, alone and batched): one kernel keeps them batch-invariant.
+
+The choices are cached in the engine repository (`kernel-choices/<engine>-<machine>.json`),
+keyed by the machine's identity (CPU model, its instruction-set flags, the compute threads,
+torch's version), so a restart on the same kind of machine measures nothing; a different
+machine measures again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engine_build.events import log_event
+from engine_build.model import Linear
+from service.runtime.memory import host_budget
+from service.runtime.quantized import Int4Linear, Int8Linear
+
+ROW_BUCKETS = (1, 4, 16, 64)
+COPY_SHARE = 0.25  # of the memory available: at most this for bf16 copies of quantized matrices
+REPEATS = 20
+CHOICES_VERSION = 1
+Kernel = Callable[[Tensor], Tensor]
+
+
+def machine_identity(threads: int) -> dict[str, str]:
+    """What a measurement depends on: CPU model and ISA flags, threads, torch."""
+    model, flags = platform.processor() or platform.machine(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model in ("", platform.machine()):
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = " ".join(sorted(value.split()))
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16],
+        "threads": str(threads),
+        "torch": torch.__version__,
+        "version": str(CHOICES_VERSION),
+    }
+
+
+@dataclass
+class Matrix:
+    """One weight matrix as loaded, with what the kernels need."""
+
+    fmt: str  # bf16 | fp32 | int8 | int4
+    out_features: int
+    in_features: int
+    module: nn.Module
+
+    @property
+    def signature(self) -> str:
+        """Format and shape: matrices alike in these share a measurement."""
+        return f"{self.fmt}:{self.out_features}x{self.in_features}"
+
+    def dense(self, chunk: int = 1024) -> Tensor:
+        """The matrix in bf16 (a copy for quantized formats: the kernel's own values)."""
+        if isinstance(self.module, Linear):
+            return self.module.weight
+        dense = torch.empty(self.out_features, self.in_features, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            for start in range(0, self.in_features, chunk):  # rows of I through the kernel
+                stop = min(start + chunk, self.in_features)
+                eye = torch.zeros(stop - start, self.in_features, dtype=torch.bfloat16)
+                eye[:, start:stop] = torch.eye(stop - start, dtype=torch.bfloat16)
+                dense[:, start:stop] = self.module(eye).t()
+        return dense
+
+
+def matrices(model: nn.Module) -> dict[str, Matrix]:
+    """Every weight matrix of `model` by module path (CPU, bf16/fp32/int8/int4)."""
+    found: dict[str, Matrix] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Linear):
+            fmt = "fp32" if module.weight.dtype == torch.float32 else "bf16"
+            found[name] = Matrix(fmt, module.out_features, module.in_features, module)
+        elif isinstance(module, (Int8Linear, Int4Linear)):
+            fmt = "int8" if isinstance(module, Int8Linear) else "int4"
+            found[name] = Matrix(fmt, module.out_features, module.in_features, module)
+    return found
+
+
+def kernels_for(matrix: Matrix, dense: Tensor | None) -> dict[str, Kernel]:
+    """The candidate kernels of one matrix (`dense`: its bf16 copy where one may be held)."""
+    candidates: dict[str, Kernel] = {}
+    if matrix.fmt in ("int8", "int4"):
+        candidates[matrix.fmt] = matrix.module.forward
+    else:
+        dense = matrix.module.weight
+    if dense is not None:
+        weight = dense
+        candidates["linear"] = lambda x: F.linear(x, weight)
+        if matrix.fmt != "fp32":
+            candidates["mv"] = lambda x: torch.mv(weight, x.reshape(-1)).reshape(*x.shape[:-1], -1)
+    return candidates
+
+
+def time_kernels(
+    candidates: dict[str, Kernel], rows: int, in_features: int, dtype: torch.dtype
+) -> dict[str, float]:
+    """Best seconds of one call of each candidate on `rows` random rows.
+
+    The candidates take turns, call by call, and each keeps its fastest call: a burst of other
+    work on the machine then slows every candidate alike instead of the one it happened to hit.
+    """
+    x = torch.randn(rows, in_features).to(dtype)
+    best = dict.fromkeys(candidates, float("inf"))
+    with torch.inference_mode():
+        for kernel in candidates.values():
+            for _ in range(2):
+                kernel(x)
+        for _ in range(REPEATS):
+            for name, kernel in candidates.items():
+                start = time.perf_counter()
+                kernel(x)
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def measure(found: dict[str, Matrix], allow_copies: bool) -> dict[str, dict[str, str]]:
+    """{signature: {rows: fastest kernel}} for every distinct signature."""
+    choices: dict[str, dict[str, str]] = {}
+    for matrix in {m.signature: m for m in found.values()}.values():
+        dtype = torch.float32 if matrix.fmt == "fp32" else torch.bfloat16
+        copy = matrix.dense() if allow_copies and matrix.fmt in ("int8", "int4") else None
+        candidates = kernels_for(matrix, copy)
+        table: dict[str, str] = {}
+        for rows in ROW_BUCKETS:
+            usable = {k: v for k, v in candidates.items() if k != "mv" or rows == 1}
+            if len(usable) == 1:
+                table[str(rows)] = next(iter(usable))
+                continue
+            timed = time_kernels(usable, rows, matrix.in_features, dtype)
+            table[str(rows)] = min(timed, key=timed.__getitem__)
+        choices[matrix.signature] = table
+    return choices
+
+
+class ChosenKernels(nn.Module):
+    """A matrix's module with the measured kernel per row count."""
+
+    def __init__(self, matrix: Matrix, table: dict[str, str], copy: Tensor | None) -> None:
+        super().__init__()
+        self.inner = matrix.module
+        self.in_features, self.out_features = matrix.in_features, matrix.out_features
+        if copy is not None:
+            self.register_buffer("dense", copy, persistent=False)
+        kernels = kernels_for(matrix, copy)
+        self.by_bucket = {int(rows): kernels[name] for rows, name in table.items()}
+        self.names = table
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [..., in] -> [..., out] through the kernel measured fastest for this many rows."""
+        return self.by_bucket[bucket_of(x.numel() // self.in_features)](x)
+
+
+def bucket_of(rows: int) -> int:
+    """The measured row count standing for `rows`: 1 alone, else the nearest (log scale) > 1."""
+    if rows <= 1:
+        return 1
+    return min(ROW_BUCKETS[1:], key=lambda bucket: abs(math.log(bucket / rows)))
+
+
+def choices_file(engine_dir: Path, identity: dict[str, str]) -> Path:
+    """Where the choices of this engine on this kind of machine are kept (its repository)."""
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return engine_dir.parent.parent / "kernel-choices" / f"{engine_dir.name}-{digest}.json"
+
+
+def apply_measured_kernels(model: nn.Module, engine_dir: Path, threads: int) -> dict:
+    """Measure (or read the cached) kernel choices and install them in `model` (CPU).
+
+    Returns the record: machine identity, choices, whether they were measured now, seconds.
+    """
+    found = matrices(model)
+    if not found or all(m.fmt == "fp32" for m in found.values()):
+        return {"choices": {}, "measured": False, "seconds": 0.0}
+    identity = machine_identity(threads)
+    path = choices_file(Path(engine_dir), identity)
+    quantized = [m for m in found.values() if m.fmt in ("int8", "int4")]
+    copy_bytes = sum(2 * m.out_features * m.in_features for m in quantized)
+    allow_copies = bool(quantized) and copy_bytes <= COPY_SHARE * host_budget().available
+    started = time.perf_counter()
+    record = _read(path, identity, allow_copies)
+    measured = record is None
+    if record is None:
+        record = {
+            "machine": identity,
+            "allow_bf16_copies": allow_copies,
+            "choices": measure(found, allow_copies),
+        }
+        _write(path, record)
+    install(model, found, record["choices"])
+    seconds = round(time.perf_counter() - started, 2)
+    log_event(
+        "kernels_chosen",
+        logging.INFO,
+        measured=measured,
+        seconds=seconds,
+        file=str(path),
+        choices=record["choices"],
+    )
+    return {**record, "measured": measured, "seconds": seconds}
+
+
+def install(model: nn.Module, found: dict[str, Matrix], choices: dict[str, dict[str, str]]) -> None:
+    """Wrap every matrix's module in `ChosenKernels` (bf16 copies made where a choice needs one)."""
+    for name, matrix in found.items():
+        table = choices.get(matrix.signature)
+        if table is None:
+            continue
+        needs_copy = matrix.fmt in ("int8", "int4") and any(
+            kernel in ("linear", "mv") for kernel in table.values()
+        )
+        wrapped = ChosenKernels(matrix, table, matrix.dense() if needs_copy else None)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, wrapped)
+
+
+def _read(path: Path, identity: dict[str, str], allow_copies: bool) -> dict | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("machine") != identity:
+        return None
+    if record.get("allow_bf16_copies") != allow_copies or not isinstance(
+        record.get("choices"), dict
+    ):
+        return None
+    return record
+
+
+def _write(path: Path, record: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        temporary.replace(path)
+    except OSError as err:  # a read-only repository: measured again at the next start
+        log_event("kernel_choices_not_saved", logging.WARNING, file=str(path), error=str(err))
