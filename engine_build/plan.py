@@ -21,7 +21,7 @@ from engine_build.profiles import (
 )
 from engine_build.sharding import GPU_ALIGNMENT, kv_layout, rank_graph, shard_shapes, tp_issues
 from engine_build.summary import kv_bytes_per_token, tensor_bytes
-from engine_build.weights import WeightRole, role_of
+from engine_build.weights import role_of
 
 GB = 10**9
 CONTEXTS = (8192, 32768, 131072)
@@ -102,9 +102,6 @@ def plan_profile(
         tensor_bytes(role_of(name), shape, weights_dtype)
         for name, shape in shard_shapes(graph, tp).items()
     )
-    if graph.tie_word_embeddings and weights_dtype in WEIGHT_ONLY:  # a quantized lm_head too
-        shape = (local.vocab_size, local.hidden_size)
-        weights += tensor_bytes(WeightRole.LM_HEAD, shape, weights_dtype)
     activations = activation_bytes(local, profile)
     free = memory - weights - reserve - activations
     budget = max(0, int(free * profile.limits.kv_cache_free_fraction))

@@ -62,9 +62,9 @@ def tensor_bytes(role: WeightRole, shape: tuple[int, ...], dtype: str) -> int:
     """Bytes of one tensor stored in `dtype`.
 
     For fp8, linear matrices hold e4m3 values plus one fp32 scale per output channel, while
-    embeddings, lm_head and norms stay bf16, as the FP8 engines store them. int8 and int4
-    engines quantize the lm_head too (int8), and int4 matrices hold half a byte per element
-    plus a fp32 scale and minimum per group (engine_build/quantize.py).
+    embeddings, lm_head and norms stay bf16, as the FP8 engines store them; int8 and int4 engines
+    treat them alike, and int4 matrices hold half a byte per element plus a fp32 scale and
+    minimum per group (engine_build/quantize.py).
     """
     numel = 1
     for dim in shape:
@@ -73,7 +73,7 @@ def tensor_bytes(role: WeightRole, shape: tuple[int, ...], dtype: str) -> int:
         return numel * DTYPE_BYTES[dtype]
     if role is WeightRole.LINEAR and dtype == "int4":
         return numel // 2 + 2 * (numel // INT4_GROUP) * FP8_SCALE_BYTES
-    if role is WeightRole.LINEAR or (role is WeightRole.LM_HEAD and dtype != "fp8"):
+    if role is WeightRole.LINEAR:
         return numel + shape[0] * FP8_SCALE_BYTES  # one byte per element, one scale per row
     return numel * DTYPE_BYTES["bf16"]
 

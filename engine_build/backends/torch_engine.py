@@ -73,9 +73,7 @@ class TorchBackend:
             fused = job.checkpoint.read_fused(read_dtype, layers, include_globals)
             for rank in range(tp):
                 shard = convert_precision(
-                    shard_tensors(fused, graph, tp, rank),
-                    job.precision.weights,
-                    tied_lm_head=graph.tie_word_embeddings,
+                    shard_tensors(fused, graph, tp, rank), job.precision.weights
                 )
                 file = f"rank{rank}-part{index:04d}.safetensors"
                 save_file(shard, str(out_dir / file), metadata={"format": "pt"})

@@ -14,7 +14,7 @@ from engine_build.quantize import compute_dtype, restore_compute_dtype, split_we
 from engine_build.repository import EngineEntry, EngineRepository, EngineRequirement
 from engine_build.sharding import rank_graph
 from engine_build.tensor_parallel import parallelize
-from engine_build.weights import LM_HEAD, module_name
+from engine_build.weights import module_name
 from service.runtime.quantized import quantized_linear
 
 
@@ -60,7 +60,5 @@ def load_rank_model(
         path = module_name(name).removesuffix(".weight")
         parent, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent), child, quantized_linear(parts, dtype))
-    if LM_HEAD.name in quantized:  # a tied model's quantized lm_head replaces the tie
-        state.pop(LM_HEAD.module, None)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
