@@ -93,9 +93,10 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class Linear(nn.Linear):
     """A bias-free linear layer whose one-row bf16 products use the matrix-vector kernel.
 
-    Decoding one token multiplies a single row. On CPU, PyTorch's bf16 matrix-matrix path for
-    one row reads the weights about a third slower than `torch.mv` (bench/compare_hf.py
-    measures batch-1 decode); every other shape takes the usual path.
+    Decoding one token multiplies a single row; bf16 rows go through `torch.mv` (on an Intel
+    Xeon with AMX about a third faster than the matrix-matrix path, on an AMD EPYC about twice
+    slower). This is the default only: on CPU the runtime times the candidates on the machine
+    it runs on and installs the fastest per row count (service/runtime/kernels.py).
     """
 
     def __init__(self, in_features: int, out_features: int) -> None:

@@ -213,7 +213,8 @@ SERVE_ARGUMENTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
             "default": "measure",
             "help": "CPU engines: measure: time the candidate kernels of every weight matrix on "
             "this machine at first start (cached in the engine repository) and use the fastest "
-            "per row count; fixed: each format's own kernel (F.linear, or int8/int4's)",
+            "per row count; fixed: the kernels as loaded (int8/int4: their own; bf16: torch.mv for "
+            "one row, else F.linear; fp32: F.linear)",
         },
     ),
     (
