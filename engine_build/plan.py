@@ -20,8 +20,8 @@ from engine_build.profiles import (
     Profile,
 )
 from engine_build.sharding import GPU_ALIGNMENT, kv_layout, rank_graph, shard_shapes, tp_issues
-from engine_build.summary import kv_bytes_per_token, tensor_bytes
-from engine_build.weights import role_of
+from engine_build.summary import INT4_GROUP, INT4_ROWS, kv_bytes_per_token, tensor_bytes
+from engine_build.weights import WeightRole, role_of
 
 GB = 10**9
 CONTEXTS = (8192, 32768, 131072)
@@ -78,6 +78,22 @@ def runtime_dtypes(precision: Precision, backend: str) -> tuple[Dtype, Dtype]:
     return compute, compute
 
 
+def weight_only_issues(shapes: dict[str, tuple[int, ...]], weights: Dtype, tp: int) -> list[str]:
+    """Why int8/int4 weights cannot serve these shapes: one process, int4 kernel shapes."""
+    issues = (
+        [f"{weights} engines run in one process (tensor_parallel 1), not {tp}"] if tp > 1 else []
+    )
+    if weights is Dtype.INT4:
+        issues += [
+            f"{name} {shape[0]} x {shape[1]}: int4 needs inputs divisible by {INT4_GROUP} and "
+            f"outputs by {INT4_ROWS}"
+            for name, shape in shapes.items()
+            if role_of(name) is WeightRole.LINEAR
+            and (shape[1] % INT4_GROUP or shape[0] % INT4_ROWS)
+        ]
+    return issues
+
+
 def plan_profile(
     graph: ModelGraph,
     profile: Profile,
@@ -98,10 +114,12 @@ def plan_profile(
     if reasons:  # no shard exists; report the reasons with whole-model figures
         return _infeasible(graph, profile, precision, backend, memory, reserve, reasons)
     local = rank_graph(graph, tp)
+    shapes = shard_shapes(graph, tp)
     weights = sum(
-        tensor_bytes(role_of(name), shape, weights_dtype)
-        for name, shape in shard_shapes(graph, tp).items()
+        tensor_bytes(role_of(name), shape, weights_dtype) for name, shape in shapes.items()
     )
+    if weights_dtype in WEIGHT_ONLY:
+        reasons += weight_only_issues(shapes, weights_dtype, tp)
     activations = activation_bytes(local, profile)
     free = memory - weights - reserve - activations
     budget = max(0, int(free * profile.limits.kv_cache_free_fraction))

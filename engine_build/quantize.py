@@ -26,13 +26,13 @@ import torch
 from torch import Tensor
 
 from engine_build.profiles import WEIGHT_ONLY, Dtype
+from engine_build.summary import INT4_GROUP, INT4_ROWS
 from engine_build.weights import WeightRole, role_of
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
 SCALE_SUFFIX = "_scale"
 MIN_SUFFIX = "_min"
-INT4_GROUP = 32
 INT8_MAX = 127
 
 TORCH_DTYPES: dict[Dtype, torch.dtype] = {
@@ -65,8 +65,11 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
 def quantize_int4(weight: Tensor, group: int = INT4_GROUP) -> tuple[Tensor, Tensor, Tensor]:
     """(packed uint8 [out, in/2], fp32 scale [out, in/group], fp32 min [out, in/group])."""
     out, inputs = weight.shape
-    if inputs % group or inputs % 2:
-        raise ValueError(f"int4 needs input widths divisible by {group}; this matrix has {inputs}")
+    if inputs % group or out % INT4_ROWS:
+        raise ValueError(
+            f"int4 needs input widths divisible by {group} and output widths by {INT4_ROWS} (the "
+            f"CPU kernel's layout); this matrix is {out} x {inputs}"
+        )
     w = weight.float().reshape(out, inputs // group, group)
     low, high = w.amin(dim=-1), w.amax(dim=-1)
     scale = (high - low) / 15

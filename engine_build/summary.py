@@ -15,7 +15,8 @@ DTYPE_BYTES: dict[str, int] = {"bf16": 2, "fp8": 1, "fp32": 4}
 # FP8 and int8 weights carry one fp32 scale per output channel of every linear layer; int4 a
 # scale and a minimum per group of 32 inputs.
 FP8_SCALE_BYTES = 4
-INT4_GROUP = 32
+INT4_GROUP = 32  # inputs per int4 scale and minimum
+INT4_ROWS = 16  # torch's CPU int4 layout packs output rows in sixteens
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from service.runtime.frontend import TorchRuntime
 from service.runtime.interface import Engine, EngineError, RequestLimits
 from service.runtime.kernels import apply_measured_kernels
 from service.runtime.loader import load_rank_model
+from service.runtime.quantized import release_sources
 from service.runtime.runner import LocalExecutor, ModelRunner
 from service.runtime.sizing import (
     RuntimeOptions,
@@ -91,6 +92,7 @@ def open_runtime(
         model = load_rank_model(engine.directory, device=device)
         if device == "cpu" and options.measure_kernels:
             apply_measured_kernels(model, engine.directory, torch.get_num_threads())
+        release_sources(model)
         store, config = kv_store_and_config(engine, model.dtype, options, torch.device(device))
         return Booted(LocalExecutor(ModelRunner(model, store)), config, element_bytes(model.dtype))
 

@@ -28,7 +28,9 @@ import hashlib
 import json
 import logging
 import math
+import os
 import platform
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from engine_build.embedded import default_cache_dir
 from engine_build.events import log_event
 from engine_build.model import Linear
 from service.runtime.memory import host_budget
@@ -85,18 +88,11 @@ class Matrix:
         """Format and shape: matrices alike in these share a measurement."""
         return f"{self.fmt}:{self.out_features}x{self.in_features}"
 
-    def dense(self, chunk: int = 1024) -> Tensor:
-        """The matrix in bf16 (a copy for quantized formats: the kernel's own values)."""
+    def dense(self) -> Tensor:
+        """The matrix in bf16 (for int8/int4: a copy dequantized from the stored values)."""
         if isinstance(self.module, Linear):
             return self.module.weight
-        dense = torch.empty(self.out_features, self.in_features, dtype=torch.bfloat16)
-        with torch.inference_mode():
-            for start in range(0, self.in_features, chunk):  # rows of I through the kernel
-                stop = min(start + chunk, self.in_features)
-                eye = torch.zeros(stop - start, self.in_features, dtype=torch.bfloat16)
-                eye[:, start:stop] = torch.eye(stop - start, dtype=torch.bfloat16)
-                dense[:, start:stop] = self.module(eye).t()
-        return dense
+        return self.module.dequantized(torch.bfloat16)
 
 
 def matrices(model: nn.Module) -> dict[str, Matrix]:
@@ -187,16 +183,36 @@ class ChosenKernels(nn.Module):
 
 
 def bucket_of(rows: int) -> int:
-    """The measured row count standing for `rows`: 1 alone, else the nearest (log scale) > 1."""
-    if rows <= 1:
+    """The measured row count standing for `rows`: 1 alone, else the nearest (log scale) > 1.
+
+    No rows (a prefill chunk whose logits nobody samples) is not one row: `torch.mv` cannot
+    take it, so it goes to the smallest batched count.
+    """
+    if rows == 1:
         return 1
+    if rows < 1:
+        return ROW_BUCKETS[1]
     return min(ROW_BUCKETS[1:], key=lambda bucket: abs(math.log(bucket / rows)))
 
 
 def choices_file(engine_dir: Path, identity: dict[str, str]) -> Path:
-    """Where the choices of this engine on this kind of machine are kept (its repository)."""
+    """Where the choices of this engine on this kind of machine are kept.
+
+    Its repository's `kernel-choices/` where that is writable, else the product's cache
+    (`$NEMOTRON_CACHE_DIR/kernel-choices/`: the chart mounts engines read-only and the cache
+    writable).
+    """
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    return engine_dir.parent.parent / "kernel-choices" / f"{engine_dir.name}-{digest}.json"
+    name = f"{engine_dir.name}-{digest}.json"
+    beside = engine_dir.parent.parent / "kernel-choices"
+    if (beside / name).is_file() or _writable(beside):
+        return beside / name
+    return default_cache_dir(os.environ) / "kernel-choices" / name
+
+
+def _writable(directory: Path) -> bool:
+    existing = next((p for p in (directory, *directory.parents) if p.exists()), None)
+    return existing is not None and os.access(existing, os.W_OK)
 
 
 def apply_measured_kernels(model: nn.Module, engine_dir: Path, threads: int) -> dict:
@@ -213,7 +229,8 @@ def apply_measured_kernels(model: nn.Module, engine_dir: Path, threads: int) -> 
     copy_bytes = sum(2 * m.out_features * m.in_features for m in quantized)
     allow_copies = bool(quantized) and copy_bytes <= COPY_SHARE * host_budget().available
     started = time.perf_counter()
-    record = _read(path, identity, allow_copies)
+    signatures = {m.signature for m in found.values() if m.fmt != "fp32"}
+    record = _read(path, identity, allow_copies, signatures)
     measured = record is None
     if record is None:
         record = {
@@ -249,24 +266,37 @@ def install(model: nn.Module, found: dict[str, Matrix], choices: dict[str, dict[
         setattr(model.get_submodule(parent), child, wrapped)
 
 
-def _read(path: Path, identity: dict[str, str], allow_copies: bool) -> dict | None:
+def _read(
+    path: Path, identity: dict[str, str], allow_copies: bool, signatures: set[str]
+) -> dict | None:
+    """The cached record if it is for this machine and complete for these matrices."""
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(record, dict) or record.get("machine") != identity:
         return None
-    if record.get("allow_bf16_copies") != allow_copies or not isinstance(
-        record.get("choices"), dict
-    ):
+    choices = record.get("choices")
+    if record.get("allow_bf16_copies") != allow_copies or not isinstance(choices, dict):
         return None
+    buckets = {str(rows) for rows in ROW_BUCKETS}
+    for signature in signatures:
+        table = choices.get(signature)
+        fmt = signature.partition(":")[0]
+        allowed = {"linear", "mv", fmt} if fmt in ("int8", "int4") else {"linear", "mv"}
+        if not isinstance(table, dict) or set(table) != buckets:
+            return None
+        if not set(table.values()) <= allowed or any(table[b] == "mv" for b in buckets - {"1"}):
+            return None
+        if fmt in ("int8", "int4") and not allow_copies and set(table.values()) != {fmt}:
+            return None
     return record
 
 
 def _write(path: Path, record: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp")
+        temporary = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
         temporary.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         temporary.replace(path)
     except OSError as err:  # a read-only repository: measured again at the next start

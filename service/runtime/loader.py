@@ -49,14 +49,16 @@ def load_rank_model(
         tensors = restore_compute_dtype(engine.read_rank(rank), dtype)
         model.load_state_dict(map_to_module_names(tensors, local), strict=True, assign=True)
         return model.to(device).eval().requires_grad_(False)
-    if device != "cpu":
+    if device != "cpu" or tp > 1:
         raise EngineFormatError(
-            f"{engine_dir}: {engine.precision.weights} engines run on the CPU only (their kernels "
-            f"are CPU kernels); this server's device is {device}"
+            f"{engine_dir}: {engine.precision.weights} engines run on one CPU process only (CPU "
+            f"kernels, no tensor-parallel split); this one has device {device}, "
+            f"tensor_parallel {tp}"
         )
     plain, quantized = split_weight_only(engine.read_rank(rank))
     state = map_to_module_names({name: t.to(dtype) for name, t in plain.items()}, local)
-    for name, parts in quantized.items():
+    while quantized:  # each matrix's stored parts are dropped once its module holds them
+        name, parts = quantized.popitem()
         path = module_name(name).removesuffix(".weight")
         parent, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent), child, quantized_linear(parts, dtype))

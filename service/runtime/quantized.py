@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from engine_build.quantize import unpack_int4
+from engine_build.quantize import dequantize_int4, unpack_int4
 
 INT4_INNER_K_TILES = 1  # the CPU packing ignores tiling; the argument is required
 
@@ -40,6 +40,13 @@ class Int8Linear(nn.Module):
         out = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scale)
         return out.reshape(*x.shape[:-1], self.out_features)
 
+    def dequantized(self, dtype: torch.dtype) -> Tensor:
+        """The matrix as `dtype` (q * scale, the scale as the kernel holds it)."""
+        return (self.weight_int8.float() * self.scale.float()[:, None]).to(dtype)
+
+    def release_sources(self) -> None:
+        """Nothing beyond the kernel's own tensors is held."""
+
 
 class Int4Linear(nn.Module):
     """x @ (q * scale + min).T with q 4-bit [out, in] and a scale and minimum per input group."""
@@ -57,9 +64,22 @@ class Int4Linear(nn.Module):
         scale32, low32 = scale.float(), low.float()
         scales_and_zeros = torch.stack((scale32, low32 + 8 * scale32), dim=-1).transpose(0, 1)
         self.register_buffer("weight_int4", kernel_layout, persistent=False)
+        # The stored values, for a dequantized copy (service/runtime/kernels.py) until released:
+        # the kernel's packed layout is its own.
+        self.sources: tuple[Tensor, Tensor, Tensor] | None = (packed, scale, low)
         self.register_buffer(
             "scales_and_zeros", scales_and_zeros.to(dtype).contiguous(), persistent=False
         )
+
+    def dequantized(self, dtype: torch.dtype) -> Tensor:
+        """The matrix as `dtype`, from the stored values (before `release_sources`)."""
+        if self.sources is None:
+            raise RuntimeError("the int4 matrix's stored values were released")
+        return dequantize_int4(*self.sources, dtype)
+
+    def release_sources(self) -> None:
+        """Drop the stored values once no copy will be made (they double the int4 memory)."""
+        self.sources = None
 
     def forward(self, x: Tensor) -> Tensor:
         """x [..., in] -> [..., out]."""
@@ -68,6 +88,13 @@ class Int4Linear(nn.Module):
             rows, self.weight_int4, self.group, self.scales_and_zeros
         )
         return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def release_sources(model: nn.Module) -> None:
+    """Free what int4 modules keep for dequantized copies (after kernel choice, if any)."""
+    for module in model.modules():
+        if isinstance(module, (Int8Linear, Int4Linear)):
+            module.release_sources()
 
 
 def quantized_linear(parts: dict[str, Tensor], dtype: torch.dtype) -> nn.Module:

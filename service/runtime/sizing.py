@@ -13,6 +13,7 @@ import torch
 
 from engine_build.backends.torch_engine import TorchEngine
 from engine_build.events import log_event
+from engine_build.profiles import WEIGHT_ONLY, Dtype
 from engine_build.sharding import rank_graph
 from service.runtime.core import RuntimeConfig
 from service.runtime.interface import EngineError
@@ -53,7 +54,8 @@ def check_weights_fit(engine: TorchEngine, device: torch.device) -> None:
 
     In a container a load beyond the cgroup limit is not an error but an OOM kill, with no
     message. Every rank of a CPU engine loads into the same host memory, so all of them count;
-    FP8 weights are held in bf16 for compute, twice their stored size.
+    FP8 weights are held in bf16 for compute, twice their stored size; int8 and int4 loads peak
+    near twice theirs too (the stored tensors beside the kernels' aligned or packed copies).
     """
     if device.type != "cpu":
         return  # a GPU load past its memory fails with CUDA's own out-of-memory error
@@ -62,7 +64,8 @@ def check_weights_fit(engine: TorchEngine, device: torch.device) -> None:
         for files in engine.rank_files.values()
         for file in files
     )
-    resident = stored * (2 if engine.precision.weights.value.startswith("fp8") else 1)
+    doubled = engine.precision.weights in (Dtype.FP8, *WEIGHT_ONLY)
+    resident = stored * (2 if doubled else 1)
     budget = host_budget()
     if resident > budget.available:
         raise MemoryBudgetError(

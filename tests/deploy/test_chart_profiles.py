@@ -379,3 +379,11 @@ def test_no_thread_count_is_passed_without_a_cpu_limit(chart):
     server = container(pod_spec(one(chart.objects(*args), "Deployment")), "server")
     assert "cpu" not in server["resources"].get("limits", {})
     assert all(e["name"] != "NEMOTRON_COMPUTE_THREADS" for e in server["env"])
+
+
+def test_an_explicit_compute_threads_value_is_not_overridden_by_the_cpu_limit(chart):
+    args = (*profile_args("cpu"), "--set", "server.computeThreads=1")
+    objects = chart.objects(*args)
+    server = container(pod_spec(one(objects, "Deployment")), "server")
+    assert all(e["name"] != "NEMOTRON_COMPUTE_THREADS" for e in server["env"])
+    assert one(objects, "ConfigMap")["data"]["NEMOTRON_COMPUTE_THREADS"] == "1"

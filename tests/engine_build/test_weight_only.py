@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from engine_build.backends.torch_engine import EngineFormatError, TorchEngine
 from engine_build.graph import ModelGraph
 from engine_build.model import NemotronModel, map_to_module_names
 from engine_build.plan import plan_profile
-from engine_build.profiles import ProfileError, load_profiles, parse_profiles
+from engine_build.profiles import Dtype, Precision, ProfileError, load_profiles, parse_profiles
 from engine_build.quantize import (
     dequantize_int4,
     dequantize_int8,
@@ -63,9 +64,24 @@ def test_int4_groups_of_32_hold_min_and_max_exactly_and_pack_two_per_byte():
     assert bool(((back - weight).abs() <= scale.repeat_interleave(32, 1) / 2 + 1e-6).all())
 
 
-def test_int4_refuses_widths_that_are_not_whole_groups():
-    with pytest.raises(ValueError, match="divisible by 32"):
-        quantize_int4(_matrix(inputs=48))
+@pytest.mark.parametrize(("out", "inputs"), [(96, 48), (24, 96)])
+def test_int4_refuses_shapes_the_cpu_kernel_cannot_take(out, inputs):
+    with pytest.raises(ValueError, match="divisible by 32 and output widths by 16"):
+        quantize_int4(_matrix(out=out, inputs=inputs))
+
+
+def test_the_plan_refuses_int4_shapes_and_weight_only_tensor_parallel(test_profiles_file):
+    cpu = load_profiles().get("cpu")
+    odd = ModelGraph.from_hf_config(synthetic_config(hidden_size=48, num_heads=4))
+    plan = plan_profile(odd, cpu, cpu.precision("int4"))
+    assert not plan.feasible
+    assert any("int4 needs inputs divisible by 32" in reason for reason in plan.reasons)
+    assert plan_profile(odd, cpu, cpu.precision("int8")).feasible
+    tp2 = load_profiles([test_profiles_file]).get("cpu-tp2")
+    graph = ModelGraph.from_hf_config(synthetic_config())
+    precision = Precision(Dtype.INT8, Dtype.BF16)
+    reasons = plan_profile(graph, replace(tp2, precisions=(precision,)), precision).reasons
+    assert "int8 engines run in one process (tensor_parallel 1), not 2" in reasons
 
 
 def test_the_embedded_ggufs_q4_1_blocks_come_back_exactly(embedded_gguf):
@@ -160,7 +176,7 @@ def test_a_weight_only_engine_refuses_a_gpu_device(tmp_path):
     checkpoint = write_synthetic_checkpoint(tmp_path / "ckpt")
     assert _build(checkpoint, tmp_path / "repo", "int4").returncode == 0
     (entry,) = EngineRepository(tmp_path / "repo").entries()
-    with pytest.raises(EngineFormatError, match="int4 engines run on the CPU only"):
+    with pytest.raises(EngineFormatError, match="int4 engines run on one CPU process only"):
         load_rank_model(entry.directory, device="cuda")
 
 

@@ -21,6 +21,7 @@ from service.runtime.kernels import (
 )
 from service.runtime.loader import load_rank_model
 from service.runtime.memory import MemoryBudget
+from service.runtime.quantized import Int4Linear
 from service.server.flags import parse_serve_config
 
 
@@ -32,7 +33,7 @@ def engines(tmp_path_factory) -> dict:
     cpu = load_profiles().get("cpu")
     return {
         precision: build_engine(BuildRequest(checkpoint, cpu, precision), repository).entry
-        for precision in ("bf16", "int4", "fp32")
+        for precision in ("bf16", "int8", "int4", "fp32")
     }
 
 
@@ -43,6 +44,74 @@ def _logits(model) -> torch.Tensor:
 
 def test_rows_map_to_the_nearest_measured_count():
     assert [bucket_of(r) for r in (1, 2, 3, 6, 7, 12, 40, 500)] == [1, 4, 4, 4, 4, 16, 64, 64]
+    assert bucket_of(0) == 4  # no rows is not one row: torch.mv cannot take it
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_the_bf16_copy_is_the_stored_matrix(engines, precision, tmp_path):
+    model = load_rank_model(engines[precision].directory)
+    for matrix in kernels.matrices(model).values():
+        if matrix.fmt != precision:
+            continue
+        x = torch.randn(3, matrix.in_features).to(torch.bfloat16)
+        direct = matrix.module(x).float()
+        through_copy = torch.nn.functional.linear(x, matrix.dense()).float()
+        scale = float(direct.abs().max())
+        assert float((direct - through_copy).abs().max()) <= 0.02 * scale
+
+
+@pytest.mark.parametrize("kernel", ["linear", "mv"])
+def test_served_through_bf16_copies_the_model_computes_the_same(
+    engines, monkeypatch, tmp_path, kernel
+):
+    """Force the copies (a machine where int4 always wins would never exercise them)."""
+
+    def prefer(candidates, rows, in_features, dtype):
+        return {name: {kernel: 0.4, "linear": 0.5}.get(name, 1.0) for name in candidates}
+
+    monkeypatch.setattr(kernels, "time_kernels", prefer)
+    monkeypatch.setattr(kernels, "choices_file", lambda d, i: tmp_path / f"{kernel}.json")
+    directory = engines["int4"].directory
+    before = _logits(load_rank_model(directory))
+    model = load_rank_model(directory)
+    record = apply_measured_kernels(model, directory, threads=1)
+    assert {t["1"] for t in record["choices"].values()} == {kernel}
+    wrapped = [m for m in model.modules() if isinstance(m, ChosenKernels)]
+    assert all(hasattr(m, "dense") for m in wrapped if isinstance(m.inner, Int4Linear))
+    after = _logits(model)  # 6 rows: the batched choice (a copy through F.linear)
+    assert float((after - before).abs().max()) <= 0.05 * float(before.abs().max())
+    with torch.inference_mode():  # one row (mv or F.linear on the copy), and no rows at all
+        one = model.lm_head(torch.randn(1, model.lm_head.in_features).to(torch.bfloat16))
+        none = model.lm_head(torch.randn(0, model.lm_head.in_features).to(torch.bfloat16))
+    assert one.shape == (1, 256) and none.shape == (0, 256)
+
+
+def test_a_cached_record_missing_a_matrix_or_naming_an_unknown_kernel_is_measured_again(
+    engines, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(kernels, "choices_file", lambda d, i: tmp_path / "c.json")
+    directory = engines["int4"].directory
+    first = apply_measured_kernels(load_rank_model(directory), directory, threads=1)
+    saved = json.loads((tmp_path / "c.json").read_text())
+    signature = next(iter(saved["choices"]))
+    for damage in ("missing", "unknown"):
+        edited = json.loads(json.dumps(saved))
+        if damage == "missing":
+            del edited["choices"][signature]
+        else:
+            edited["choices"][signature]["4"] = "fastest"
+        (tmp_path / "c.json").write_text(json.dumps(edited))
+        again = apply_measured_kernels(load_rank_model(directory), directory, threads=1)
+        assert again["measured"] is True
+    assert first["measured"] is True
+
+
+def test_a_read_only_repository_keeps_the_choices_in_the_cache(engines, tmp_path, monkeypatch):
+    monkeypatch.setenv("NEMOTRON_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(kernels, "_writable", lambda directory: False)
+    directory = engines["bf16"].directory
+    path = choices_file(directory, machine_identity(7))
+    assert path.parent == tmp_path / "cache" / "kernel-choices"
 
 
 def test_every_matrix_gets_its_measured_kernels_and_the_model_computes_the_same(engines):
