@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine_build.events import LOG_LEVELS
+from engine_build.profiles import Dtype
 from service.observability.logs import LOG_FORMATS
 
 if TYPE_CHECKING:
     from service.server.config import ServerConfig
 
-SERVE_PRECISIONS = ("bf16", "fp8", "fp32")
+SERVE_PRECISIONS = tuple(dtype.value for dtype in Dtype)  # every weights precision a profile lists
 # engine_build.backends.registry.backend_names(), spelled here so parsing flags imports no torch
 SERVE_BACKENDS = ("auto", "torch", "tensorrt-llm", "tensorrt-llm-pytorch")
 DEFAULT_PORT = 50051
