@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import platform
 import threading
@@ -175,7 +174,6 @@ class ChosenKernels(nn.Module):
             self.register_buffer("dense", copy, persistent=False)
         kernels = kernels_for(matrix, copy)
         self.by_bucket = {int(rows): kernels[name] for rows, name in table.items()}
-        self.names = table
 
     def forward(self, x: Tensor) -> Tensor:
         """x [..., in] -> [..., out] through the kernel measured fastest for this many rows."""
@@ -188,11 +186,13 @@ def bucket_of(rows: int) -> int:
     No rows (a prefill chunk whose logits nobody samples) is not one row: `torch.mv` cannot
     take it, so it goes to the smallest batched count.
     """
+    # Called for every matrix of every step: plain comparisons at the log-scale midpoints
+    # between 4, 16 and 64 (8 and 32; a tie goes to the smaller count).
     if rows == 1:
         return 1
-    if rows < 1:
-        return ROW_BUCKETS[1]
-    return min(ROW_BUCKETS[1:], key=lambda bucket: abs(math.log(bucket / rows)))
+    if rows <= 8:
+        return 4
+    return 16 if rows <= 32 else 64
 
 
 def choices_file(engine_dir: Path, identity: dict[str, str]) -> Path:
