@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -158,8 +159,9 @@ def start_chat_turn(context: ChatContext, turn: ChatTurn) -> AsyncIterator[ChatD
 
 async def run_chat_turn(context: ChatContext, turn: ChatTurn) -> AsyncIterator[ChatDelta]:
     """Stream the assistant's turn (submitted when first asked for a delta)."""
-    async for delta in start_chat_turn(context, turn):
-        yield delta
+    async with aclosing(start_chat_turn(context, turn)) as deltas:
+        async for delta in deltas:
+            yield delta
 
 
 async def _run_turn(
@@ -173,8 +175,9 @@ async def _run_turn(
 ) -> AsyncIterator[ChatDelta]:
     splitter = OutputSplitter(thinking=thinking)
     events: list[TokenEvent] = []
-    async for delta in _split(context.engine, stream, splitter, events):
-        yield delta
+    async with aclosing(_split(context.engine, stream, splitter, events)) as deltas:
+        async for delta in deltas:
+            yield delta
     tail = events[-1]
     generated = sum(len(e.token_ids) for e in events)
     if budget and tail.finish_reason is FinishReason.LENGTH and generated < wanted:
@@ -189,8 +192,9 @@ async def _run_turn(
         second = _request(turn, so_far, wanted - generated, f"{turn.request_id}-answer")
         events2: list[TokenEvent] = []
         answer = context.engine.generate(second)
-        async for delta in _split(context.engine, answer, splitter, events2):
-            yield delta
+        async with aclosing(_split(context.engine, answer, splitter, events2)) as deltas:
+            async for delta in deltas:
+                yield delta
         events, tail = events + events2, events2[-1]
     final = splitter.finish()
     yield _final(context, splitter, final, events, tail, len(prompt))
@@ -209,13 +213,15 @@ async def _split(
     splitter: OutputSplitter,
     events: list[TokenEvent],
 ) -> AsyncIterator[ChatDelta]:
-    async for event in stream:
-        events.append(event)
-        if event.finish_reason is FinishReason.ERROR:
-            raise failure_of(event, engine.state)
-        delta = splitter.push(event.text)
-        if delta.reasoning or delta.content or event.logprobs:
-            yield ChatDelta(**_split_fields(delta), logprobs=event.logprobs)
+    # Closed early (the client went away): the engine's stream too, which aborts the request.
+    async with aclosing(stream):
+        async for event in stream:
+            events.append(event)
+            if event.finish_reason is FinishReason.ERROR:
+                raise failure_of(event, engine.state)
+            delta = splitter.push(event.text)
+            if delta.reasoning or delta.content or event.logprobs:
+                yield ChatDelta(**_split_fields(delta), logprobs=event.logprobs)
 
 
 def _split_fields(delta: Any) -> dict[str, str]:

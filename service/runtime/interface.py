@@ -206,7 +206,11 @@ class Engine(Protocol):
         ...
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        """Submit and stream; raises RequestError, OverloadedError or NotReadyError up front."""
+        """Submit and stream; raises RequestError, OverloadedError or NotReadyError up front.
+
+        The stream has `aclose()`: a consumer that closes it before the final event aborts the
+        request (the layers above close it when their own client goes away).
+        """
         ...
 
     def abort(self, request_id: str) -> bool:

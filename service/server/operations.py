@@ -10,6 +10,7 @@ convert their own messages to and from these domain calls.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from service.chat.turns import (
@@ -127,19 +128,20 @@ async def encode(context: ChatContext, text: str, offload: Offload) -> list[int]
 
 
 async def _noted(deltas: AsyncIterator[ChatDelta]) -> AsyncIterator[ChatDelta]:
-    async for delta in deltas:
-        record = current_record()
-        if record is not None and delta.usage is not None:
-            u = delta.usage
-            record.finish(
-                u.prompt_tokens,
-                u.completion_tokens,
-                delta.timings,
-                delta.finish_reason,
-                u.reasoning_tokens,
-                u.cached_prompt_tokens,
-            )
-        yield delta
+    async with aclosing(deltas):  # closed early (the client went away): the turn's stream too
+        async for delta in deltas:
+            record = current_record()
+            if record is not None and delta.usage is not None:
+                u = delta.usage
+                record.finish(
+                    u.prompt_tokens,
+                    u.completion_tokens,
+                    delta.timings,
+                    delta.finish_reason,
+                    u.reasoning_tokens,
+                    u.cached_prompt_tokens,
+                )
+            yield delta
 
 
 def note_request(operation: str, options: RequestOptions) -> None:

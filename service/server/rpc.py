@@ -11,10 +11,11 @@ or passes its deadline is recorded as CANCELLED or DEADLINE_EXCEEDED.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -210,16 +211,20 @@ def streaming(handler: F) -> F:
         self: Any, request: Message, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
         call = _GrpcCall(self.observability, method, request, context)
+        messages = handler(self, request, context)
+        close_when_done(context, messages)
         with call.active(call.request_body):
             delivered = False  # the final message (the one with a finish reason) was handed over
             try:
                 call.check_id()
-                async for message in handler(self, request, context):
-                    call.keep_message(message)
-                    # Handed to gRPC: a client that closes as soon as it has the final message
-                    # (clients stop at the finish reason) ends the call during this very write.
-                    delivered = delivered or bool(getattr(message, "finish_reason", 0))
-                    yield message
+                async with contextlib.aclosing(messages):
+                    async for message in messages:
+                        call.keep_message(message)
+                        # Handed to gRPC: a client that closes as soon as it has the final
+                        # message (clients stop at the finish reason) ends the call during this
+                        # very write.
+                        delivered = delivered or bool(getattr(message, "finish_reason", 0))
+                        yield message
             except BaseException as error:
                 if delivered and isinstance(error, GeneratorExit | asyncio.CancelledError):
                     # The client had the whole answer and closed before the stream's end
@@ -234,6 +239,39 @@ def streaming(handler: F) -> F:
             call.finish_sent()
 
     return wrapped  # type: ignore[return-value]
+
+
+def close_when_done(context: grpc.aio.ServicerContext, messages: AsyncGenerator[Any, None]) -> None:
+    """Close a streaming handler's messages when its call ends, however it ends.
+
+    A client that cancels while gRPC is still sending a message ends the call in gRPC's own
+    code, outside the handler's generator: the generator is left suspended at its `yield` and
+    nothing closes it but the garbage collector, maybe much later (a reference cycle through
+    the cancellation's traceback keeps it alive). Its request would go on generating, holding
+    its KV cache. Closing it here runs every `finally` down to the engine's stream, which
+    aborts the request. A generator still running is being cancelled by gRPC already, and one
+    that finished closes as a no-op.
+    """
+    loop = asyncio.get_running_loop()
+
+    async def close() -> None:
+        with contextlib.suppress(RuntimeError):  # running: its own cancellation closes it
+            await messages.aclose()
+
+    def ended(_: object) -> None:
+        if messages.ag_frame is not None:  # not finished
+            loop.call_soon_threadsafe(lambda: _keep(loop.create_task(close())))
+
+    context.add_done_callback(ended)
+
+
+_CLOSING: set[asyncio.Task[None]] = set()
+
+
+def _keep(task: asyncio.Task[None]) -> None:
+    """Hold a closing task until it is done (the loop keeps only weak references)."""
+    _CLOSING.add(task)
+    task.add_done_callback(_CLOSING.discard)
 
 
 def _marked(wrapper: F) -> F:

@@ -7,6 +7,7 @@ the wrapping of every RPC (ids, logs, span, metrics, error table) is `rpc_servic
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import grpc
 from google.protobuf import json_format
@@ -69,8 +70,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self, request: pb.GenerateStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         """A streamed completion of a prompt."""
-        async for event in self._generate(request, context):
-            yield convert.stream_event_to_pb(request.request_id, event)
+        async with aclosing(self._generate(request, context)) as events:
+            async for event in events:
+                yield convert.stream_event_to_pb(request.request_id, event)
 
     async def _generate(
         self,
@@ -89,8 +91,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             ids,
             convert.deadline_from(context.time_remaining()),
         )
-        async for event in operations.generate(chat, domain):
-            yield event
+        async with aclosing(operations.generate(chat, domain)) as events:
+            async for event in events:
+                yield event
 
     async def Chat(
         self, request: pb.ChatRequest, context: grpc.aio.ServicerContext
@@ -103,8 +106,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self, request: pb.ChatStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ChatStreamResponse]:
         """The assistant's turn, streamed."""
-        async for delta in await self._chat(request, context):
-            yield convert.chat_delta_to_pb(request.request_id, delta)
+        async with aclosing(await self._chat(request, context)) as deltas:
+            async for delta in deltas:
+                yield convert.chat_delta_to_pb(request.request_id, delta)
 
     async def _chat(
         self, request: pb.ChatRequest | pb.ChatStreamRequest, context: grpc.aio.ServicerContext

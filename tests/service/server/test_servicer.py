@@ -12,7 +12,7 @@ from nemotron.v1 import generation_pb2_grpc as pb_grpc
 
 from service.observability.calls import Observability
 from service.observability.metrics import ServiceMetrics
-from service.server.rpc import rpc_service
+from service.server.rpc import rpc_service, streaming
 from service.server.servicer import GenerationServicer
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"]
@@ -80,3 +80,56 @@ def test_every_rpc_maps_errors_through_the_table_and_is_counted_and_logged(caplo
     finished = [r for r in caplog.records if r.getMessage() == "rpc_finished"]
     assert len(finished) == len(SERVICE.methods)
     assert all(r.fields["code"] == "UNAVAILABLE" for r in finished)
+
+
+class _EndingContext:
+    """What the streaming wrapper reads of a grpc.aio context, plus gRPC's done callbacks."""
+
+    def __init__(self) -> None:
+        self.callbacks: list = []
+
+    def invocation_metadata(self) -> tuple:
+        return ()
+
+    def time_remaining(self) -> None:
+        return None
+
+    def add_done_callback(self, callback) -> None:
+        self.callbacks.append(callback)
+
+    def end(self) -> None:  # the call is over (here: the client cancelled)
+        for callback in self.callbacks:
+            callback(self)
+
+
+def test_a_stream_left_suspended_by_a_cancel_during_a_send_is_closed_when_the_call_ends():
+    # A cancel that reaches gRPC while it is writing a message ends the call in gRPC's code:
+    # the handler's generator stays suspended at its `yield`, and only the garbage collector
+    # would close it. The call's end must close it (the engine request behind it is aborted).
+    closed = []
+
+    class Streaming:
+        observability = Observability(metrics=ServiceMetrics())
+
+        @streaming
+        async def GenerateStream(self, request, context):
+            try:
+                yield pb.GenerateStreamResponse(text="first")
+                await asyncio.sleep(3600)
+            finally:
+                closed.append(request.request_id)
+
+    async def scenario() -> None:
+        context = _EndingContext()
+        servicer = Streaming()
+        stream = servicer.GenerateStream(pb.GenerateStreamRequest(request_id="left"), context)
+        assert (await anext(stream)).text == "first"
+        context.end()  # gRPC keeps `stream` (suspended at the yield) and never resumes it
+        for _ in range(100):
+            if closed:
+                break
+            await asyncio.sleep(0)
+        assert closed == ["left"]
+        await stream.aclose()  # what the collector would do later: nothing left to run
+
+    asyncio.run(scenario())
