@@ -25,6 +25,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,9 +41,11 @@ from engine_build.build import BuildRequest, build_engine
 from engine_build.embedded import default_cache_dir, ensure_embedded_checkpoint, fetch_gguf
 from engine_build.profiles import load_profiles
 from engine_build.repository import EngineEntry, EngineRepository
+from service.runtime.compiled import SIZES as COMPILED_SIZES
 from service.runtime.compute import reserve_cores_for_compute_threads, run_in_compute_thread
 from service.runtime.factory import open_runtime
 from service.runtime.sizing import RuntimeOptions
+from service.server.flags import batch_sizes
 
 BENCH, BATCHED_BENCH = "llama-bench", "llama-batched-bench"
 BUILD_HINT = "bash tools/build_llamacpp.sh"
@@ -67,6 +70,7 @@ class Settings:
     repetitions: int
     rounds: int
     repack: bool
+    compiled_decode: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path | None]:
     parser.add_argument("--repetitions", type=int, default=5, help="batch-1 repetitions")
     parser.add_argument("--rounds", type=int, default=2, help="ours: B x rounds requests per B")
     parser.add_argument("--llamacpp-dir", type=Path, help="directory holding the two binaries")
+    parser.add_argument(
+        "--compiled-decode",
+        type=batch_sizes,
+        default=COMPILED_SIZES,
+        help="ours: decode batch sizes compiled before measuring (as nemotron-serve's flag; 'off')",
+    )
     # Weight repacking is off unless asked for: on x86 the only repacked layout of Q4_1 is
     # ggml's AMX buffer, whose matmul segfaults on batches of this model (llama.cpp issue 20824,
     # seen with llama-batched-bench on an AMX Xeon); without AMX the flag changes nothing here.
@@ -125,6 +135,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path | None]:
         repetitions=args.repetitions,
         rounds=args.rounds,
         repack=args.llamacpp_repack,
+        compiled_decode=args.compiled_decode,
     )
     return settings, args.llamacpp_dir
 
@@ -203,9 +214,18 @@ def measure_ours(engine: EngineEntry, s: Settings) -> OurRun:
     """Batch-1 decode (repeated, one warm-up dropped) and each load level, on one runtime."""
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    options = RuntimeOptions(kv_cache_bytes=KV_CACHE_BYTES, threads=s.threads)
+    options = RuntimeOptions(
+        kv_cache_bytes=KV_CACHE_BYTES, threads=s.threads, compiled_decode=s.compiled_decode
+    )
     runtime = open_runtime(engine.directory, options)
     loop.run_until_complete(runtime.start())  # from here on, tensor work stays in its thread
+    started = time.perf_counter()
+    compiled = runtime.wait_compiled()  # measured once every compiled size is in use
+    print(
+        f"ours: decode compiled for batch sizes {compiled or 'none'} in "
+        f"{time.perf_counter() - started:.0f} s after ready",
+        flush=True,
+    )
     encode, vocab = runtime.tokenizer.encode, runtime.graph.vocab_size
     lengths = (s.prompt_tokens, s.prompt_tokens), (s.new_tokens, s.new_tokens)
     prompt = make_requests(Workload(1, lengths[0], (1, 1), seed=1), encode, vocab)

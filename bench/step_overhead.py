@@ -1,6 +1,7 @@
 """The runtime's own cost between model steps, apart from the model: a refactoring guard.
 
     python -m bench.step_overhead [--concurrency 1 16] [--requests 32] [--rounds 3]
+        [--precision bf16|int8|int4]
 
 Runs the same closed-loop load as `bench.compare_hf` (SmolLM2, bf16, the cpu profile) and
 times every model step (`ModelRunner.execute`) from outside. What is left of the wall time is
@@ -69,11 +70,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--precision", choices=["bf16", "int8", "int4"], default="bf16")
     args = parser.parse_args()
     reserve_cores_for_compute_threads()
     cache = default_cache_dir(os.environ)
     checkpoint = ensure_embedded_checkpoint(cache, gguf=fetch_gguf(cache))
-    build = BuildRequest(checkpoint, load_profiles().get("cpu"), precision="bf16")
+    build = BuildRequest(checkpoint, load_profiles().get("cpu"), precision=args.precision)
     repository = EngineRepository(cache / "bench-engines")
     engine = run_in_compute_thread(lambda: build_engine(build, repository).entry)
     steps = _timed_steps()

@@ -21,6 +21,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_49B = REPO_ROOT / "tests" / "data" / "nemotron-super-49b-v1.config.json"
 
 
+# Servers started by tests serve eagerly: compiling the decode step (tens of seconds of CPU per
+# batch size, in the background) would only slow the suite. Tests of the compiled step and of the
+# flag's default set it themselves (tests/service/runtime/test_compiled.py).
+os.environ.setdefault("NEMOTRON_COMPILED_DECODE", "off")
+
+
 # SmolLM2-135M-Instruct's architecture as a plain Llama config (the field guide's figures).
 SMOLLM2_LLAMA_CONFIG = {
     "model_type": "llama",

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from engine_build.graph import ModelGraph
 from service.runtime.block_pool import BlockPool
+from service.runtime.compiled import CompiledDecode
 from service.runtime.interface import EngineState, EngineStats, FinishReason, TokenEvent
 from service.runtime.kv_manager import KVCacheManager
 from service.runtime.output import OutputProcessor, RequestState
@@ -65,6 +66,7 @@ class Booted:
     executor: StepExecutor
     config: RuntimeConfig
     kv_element_bytes: int
+    compiled: CompiledDecode | None = None  # the decode step compiling in the background
 
 
 class EngineCore:

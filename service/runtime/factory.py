@@ -17,6 +17,7 @@ import torch
 from engine_build.backends.torch_engine import TorchEngine
 from engine_build.profiles import TENSORRT_LLM_BACKENDS, EngineLimits
 from engine_build.repository import EngineEntry
+from service.runtime.compiled import compile_decode
 from service.runtime.core import Booted
 from service.runtime.frontend import TorchRuntime
 from service.runtime.interface import Engine, EngineError, RequestLimits
@@ -94,7 +95,12 @@ def open_runtime(
             apply_measured_kernels(model, engine.directory, torch.get_num_threads())
         release_sources(model)
         store, config = kv_store_and_config(engine, model.dtype, options, torch.device(device))
-        return Booted(LocalExecutor(ModelRunner(model, store)), config, element_bytes(model.dtype))
+        runner = ModelRunner(model, store)
+        if options.compiled_decode:
+            runner.compiled = compile_decode(
+                model, store, torch.device(device), 1, options.compiled_decode
+            )
+        return Booted(LocalExecutor(runner), config, element_bytes(model.dtype), runner.compiled)
 
     return assemble_runtime(engine, boot, options)
 

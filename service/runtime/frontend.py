@@ -19,6 +19,7 @@ from dataclasses import replace
 import torch
 
 from engine_build.graph import ModelGraph
+from service.runtime.compiled import CompiledDecode
 from service.runtime.compute import reserve_cores_for_compute_threads
 from service.runtime.core import Booted, EngineCore, RuntimeConfig
 from service.runtime.interface import (
@@ -153,6 +154,7 @@ class TorchRuntime:
         self._booted = threading.Event()
         self._boot_error: BaseException | None = None
         self._state = EngineState.STARTING
+        self._compiled: CompiledDecode | None = None
         self._failure: str | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -208,6 +210,8 @@ class TorchRuntime:
             self._state = EngineState.FAILED
             raise
         _LOG.info("engine_ready", extra={"fields": {"blocks": self.core.config.num_blocks}})
+        if self._compiled is not None:  # after the warm-up: readiness does not wait for it
+            self._compiled.start(self._threads)
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         """Validate and submit; stream events. Raises RequestError/OverloadedError/NotReadyError."""
@@ -227,6 +231,13 @@ class TorchRuntime:
     def abort(self, request_id: str) -> bool:
         """Stop a request at the next step; False when it is not known."""
         return self._mailbox.abort(request_id)
+
+    def wait_compiled(self, timeout: float | None = None) -> tuple[int, ...]:
+        """Wait for the background decode compilation to end; the batch sizes it made ready."""
+        if self._compiled is None:
+            return ()
+        self._compiled.wait(timeout)
+        return self._compiled.ready
 
     def stats(self) -> EngineStats:
         """A snapshot (read without stopping the engine thread)."""
@@ -262,6 +273,7 @@ class TorchRuntime:
             output = OutputProcessor(self._tokenizer, self._eos_ids, booted.config.max_seq_len)
             core = EngineCore(booted, self.graph, output)
             booted.executor.on_failure(self.fail)
+            self._compiled = booted.compiled
             self._core = core
         except BaseException as err:  # reported by start()
             self._boot_error = err

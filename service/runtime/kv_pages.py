@@ -19,7 +19,11 @@ from engine_build.graph import ModelGraph
 
 
 class PagedKVStore:
-    """The KV tensors: one flat slot array per GQA layer, with the layer's own KV heads."""
+    """The KV tensors: one flat slot array per GQA layer, with the layer's own KV heads.
+
+    One slot past the blocks (`scratch_slot`) belongs to no sequence: the padding rows of a
+    compiled decode step (service/runtime/compiled.py) write and read only there.
+    """
 
     def __init__(
         self,
@@ -31,10 +35,11 @@ class PagedKVStore:
     ) -> None:
         self.block_size = block_size
         slots = num_blocks * block_size
+        self.scratch_slot = slots
         self.keys: dict[int, Tensor] = {}
         self.values: dict[int, Tensor] = {}
         for layer in graph.attention_layers:
-            shape = (slots, graph.kv_heads_per_layer[layer], graph.head_dim)
+            shape = (slots + 1, graph.kv_heads_per_layer[layer], graph.head_dim)
             self.keys[layer] = torch.zeros(shape, dtype=dtype, device=device)
             self.values[layer] = torch.zeros(shape, dtype=dtype, device=device)
 

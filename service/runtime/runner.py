@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from engine_build.model import NemotronModel
+from service.runtime.compiled import CompiledDecode
 from service.runtime.kv_pages import PagedKVStore, PagedStep, Segment
 from service.runtime.scheduler import ScheduledStep
 
@@ -56,11 +57,16 @@ class ModelRunner:
     def __init__(self, model: NemotronModel, store: PagedKVStore) -> None:
         self.model, self.store = model, store
         self.device = model.embed.weight.device
+        self.compiled: CompiledDecode | None = None  # set when the decode step is compiled
         avoid_per_shape_attention_plans(self.device)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> Tensor:
         """Logits [len(plan.sample_rows), vocab] (float32)."""
+        if self.compiled is not None and is_decode_only(plan):
+            compiled_size = self.compiled.size_for(len(plan.segments))
+            if compiled_size is not None:
+                return self.compiled.run(compiled_size, self._decode_rows(plan))
         device = self.device
         size = self.store.block_size
         segments = []
@@ -75,6 +81,21 @@ class ModelRunner:
         attention = PagedStep(self.store, positions, segments)
         select = torch.tensor(plan.sample_rows, dtype=torch.long, device=device)
         return self.model.forward_step(tokens, attention, select).float()
+
+    def _decode_rows(self, plan: StepPlan) -> list[tuple[int, list[int]]]:
+        """(token, slots of positions 0..context) per sequence of a decode-only plan."""
+        size = self.store.block_size
+        return [
+            (token, [blocks[p // size] * size + p % size for p in range(context + 1)])
+            for token, (_, _, context, blocks) in zip(plan.token_ids, plan.segments, strict=True)
+        ]
+
+
+def is_decode_only(plan: StepPlan) -> bool:
+    """Every sequence adds one token and only those rows are sampled, in order."""
+    return all(count == 1 for _, count, _, _ in plan.segments) and plan.sample_rows == list(
+        range(len(plan.segments))
+    )
 
 
 def avoid_per_shape_attention_plans(device: torch.device) -> None:

@@ -35,6 +35,7 @@ class RuntimeOptions:
     boot_timeout_s: float = 1800.0  # tensor-parallel workers must have loaded their shards by then
     threads: int | None = None  # compute threads of the engine thread (default: all cores)
     measure_kernels: bool = True  # CPU: time the candidate kernels per matrix (runtime/kernels.py)
+    compiled_decode: tuple[int, ...] = ()  # CPU, tp 1: batch sizes of compiled decode steps
 
 
 class MemoryBudgetError(EngineError):

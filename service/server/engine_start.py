@@ -58,6 +58,7 @@ async def start_engine(
         threads=config.compute_threads,
         kv_cache_bytes=config.kv_cache_memory,
         measure_kernels=config.measure_kernels,
+        compiled_decode=config.compiled_decode,
     )
     engine = open_engine(choice.entry, choice.profile.limits, options, device=choice.device)
     starting = asyncio.create_task(engine.start())

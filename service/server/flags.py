@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from engine_build.events import LOG_LEVELS
 from engine_build.profiles import Dtype
 from service.observability.logs import LOG_FORMATS
+from service.runtime.compiled import SIZES as COMPILED_SIZES
 
 if TYPE_CHECKING:
     from service.server.config import ServerConfig
@@ -84,6 +85,21 @@ def byte_size(text: str) -> int:
 
 
 byte_size.__name__ = "size in bytes (e.g. 4GiB, 4Gi, 512MB)"
+
+MAX_COMPILED_BATCH = 256
+
+
+def batch_sizes(text: str) -> tuple[int, ...]:
+    """`off` (nothing compiled), or comma-separated batch sizes from 1 to MAX_COMPILED_BATCH."""
+    if text.strip().lower() == "off":
+        return ()
+    sizes = sorted({int(part) for part in text.split(",")})
+    if not sizes or sizes[0] < 1 or sizes[-1] > MAX_COMPILED_BATCH:
+        raise ValueError(f"batch sizes must be 1 to {MAX_COMPILED_BATCH}")
+    return tuple(sizes)
+
+
+batch_sizes.__name__ = f"'off' or batch sizes 1-{MAX_COMPILED_BATCH} (e.g. 1,2,4,8,16,32)"
 
 
 # (flag, environment variable, argparse options). The variable, when set, is the default.
@@ -216,6 +232,18 @@ SERVE_ARGUMENTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
             "this machine at first start (cached in the engine repository) and use the fastest "
             "per row count; fixed: the kernels as loaded (int8/int4: their own; bf16: torch.mv for "
             "one row, else F.linear; fp32: F.linear)",
+        },
+    ),
+    (
+        "--compiled-decode",
+        "NEMOTRON_COMPILED_DECODE",
+        {
+            "type": batch_sizes,
+            "default": ",".join(map(str, COMPILED_SIZES)),
+            "help": "CPU engines (bf16, int8, int4; tp 1): batch sizes whose decode step is "
+            "compiled with torch.compile, in the background once the engine is ready (cached "
+            "in the cache directory's inductor/); a decode step of B sequences runs the smallest "
+            "compiled size >= B, padded. 'off': every step eager",
         },
     ),
     (
@@ -405,6 +433,7 @@ def parse_serve_config(argv: Sequence[str], environ: Mapping[str, str]) -> Serve
         ),
         compute_threads=args.compute_threads,
         measure_kernels=args.kernel_choice == "measure",
+        compiled_decode=args.compiled_decode,
         kv_cache_memory=args.kv_cache_memory,
         grace_s=args.grace_s,
         max_message_bytes=args.max_message_bytes,

@@ -1,0 +1,233 @@
+"""The decode step compiled by `torch.compile` (inductor's CPU backend), for fixed batch sizes.
+
+A batch-1 decode step of the embedded model runs ~1,800 small operators (norms, RoPE, KV writes,
+residuals, SwiGLU) around 121 matrix products; in eager mode each costs a dispatch from Python,
+and on two cores that was about as much time as the products themselves. Compiled, the model's
+whole step (every layer, the paged KV writes, the attention over gathered slots, the LM head) is
+one graph: the elementwise work fused into generated C++ loops, the products still the kernels
+chosen by measurement (service/runtime/kernels.py).
+
+As vLLM does for CUDA graphs, the graph is made for a fixed set of batch sizes (SIZES); a
+decode-only step of B sequences runs the smallest ready size >= B, the extra rows padded: they
+write and read only the store's scratch slot, and their logits are dropped. The context length
+is a dynamic dimension, so a growing context compiles nothing new. Prefill and mixed steps stay
+eager (their shapes vary with every prompt).
+
+Compiling takes tens of seconds per size on two cores, so it runs on a background thread once
+the engine is ready: steps run eagerly until their size's graph is ready, then compiled. Inductor
+keeps what it compiled in `$NEMOTRON_CACHE_DIR/inductor` (TORCHINDUCTOR_CACHE_DIR), so a restart
+traces again but compiles nothing. Not compiled: fp32 engines (the exact reference: one kernel
+per operation, batch-invariant), tensor parallel, CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from engine_build.embedded import default_cache_dir
+from engine_build.events import log_event
+from engine_build.model import NemotronModel
+from service.runtime.kv_pages import PagedKVStore
+
+SIZES = (1, 2, 4, 8, 16, 32)
+MIN_CONTEXT = 2  # the dynamic context dimension starts here (a size-1 dimension specializes)
+TIMING_REPEATS = 5
+
+
+def inductor_cache_dir(environ: dict[str, str] | os._Environ[str]) -> Path:
+    """Where inductor keeps what it compiled: TORCHINDUCTOR_CACHE_DIR, else the product cache."""
+    chosen = environ.get("TORCHINDUCTOR_CACHE_DIR")
+    return Path(chosen) if chosen else default_cache_dir(environ) / "inductor"
+
+
+class DecodeAttention:
+    """`StepAttention` of a compiled decode step: plain tensors, one new token per row.
+
+    `write_slots` [B] is where each row's new key and value go, `read_slots` [B, L] the slots it
+    attends over (its context, then padding), `bias` [B, 1, 1, L] 0 or -inf.
+    """
+
+    def __init__(
+        self,
+        store: PagedKVStore,
+        positions: Tensor,
+        write_slots: Tensor,
+        read_slots: Tensor,
+        bias: Tensor,
+    ) -> None:
+        self.store, self.positions = store, positions
+        self.write_slots, self.read_slots, self.bias = write_slots, read_slots, bias
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Write the rows' keys and values, then attend over the gathered slots."""
+        keys, values = self.store.keys[layer], self.store.values[layer]
+        keys.index_copy_(0, self.write_slots, k[0])
+        values.index_copy_(0, self.write_slots, v[0])
+        attended = F.scaled_dot_product_attention(
+            q[0][:, :, None],  # [B, heads, 1, hd]
+            keys[self.read_slots].transpose(1, 2),  # [B, kv, L, hd]
+            values[self.read_slots].transpose(1, 2),
+            attn_mask=self.bias,
+            enable_gqa=keys.shape[1] != q.shape[2],
+        )
+        return attended[:, :, 0][None]
+
+
+class DecodeBatch:
+    """The padded inputs of one decode-only step for a compiled size."""
+
+    def __init__(self, size: int, rows: Sequence[tuple[int, Sequence[int]]], store: PagedKVStore):
+        """`rows`: (token, slots of positions 0..context) per decoding sequence, in order."""
+        scratch = store.scratch_slot
+        length = max([MIN_CONTEXT, *(len(slots) for _, slots in rows)])
+        tokens = [token for token, _ in rows] + [0] * (size - len(rows))
+        positions = [len(slots) - 1 for _, slots in rows] + [0] * (size - len(rows))
+        read = torch.full((size, length), scratch, dtype=torch.long)
+        visible = torch.zeros(size, 1, 1, length, dtype=torch.bool)
+        visible[:, 0, 0, 0] = True  # padding rows see the scratch slot only
+        for row, (_, slots) in enumerate(rows):
+            read[row, : len(slots)] = torch.as_tensor(slots, dtype=torch.long)
+            visible[row, 0, 0, : len(slots)] = True
+        self.tokens = torch.tensor([tokens], dtype=torch.long)
+        self.positions = torch.tensor([positions], dtype=torch.long)
+        self.write_slots = read[torch.arange(size), self.positions[0]].clone()
+        self.write_slots[len(rows) :] = scratch
+        self.read_slots = read
+        self.bias = torch.zeros(visible.shape, dtype=store.dtype).masked_fill(
+            ~visible, float("-inf")
+        )
+        torch._dynamo.mark_dynamic(self.read_slots, 1)
+        torch._dynamo.mark_dynamic(self.bias, 3)
+
+
+class CompiledDecode:
+    """The compiled decode step of one model and store, and the sizes ready to run."""
+
+    def __init__(self, model: NemotronModel, store: PagedKVStore, sizes: Sequence[int] = SIZES):
+        self.model, self.store, self.sizes = model, store, tuple(sorted(sizes))
+        self.ready: tuple[int, ...] = ()
+        self.failed: str | None = None
+        self._thread: threading.Thread | None = None
+        self._compiled: Callable[..., Tensor] = torch.compile(self._step, fullgraph=True)
+        # The store's slot count follows the memory budget: dynamic, so that the cached
+        # artefacts serve any budget (a static count would key them to this one).
+        for tensor in (*store.keys.values(), *store.values.values()):
+            torch._dynamo.mark_dynamic(tensor, 0)
+
+    def _step(
+        self, tokens: Tensor, positions: Tensor, write: Tensor, read: Tensor, bias: Tensor
+    ) -> Tensor:
+        attention = DecodeAttention(self.store, positions, write, read, bias)
+        return self.model.forward_step(tokens, attention)[0].float()  # [size, vocab]
+
+    def size_for(self, batch: int) -> int | None:
+        """The smallest ready size that holds `batch` rows (None: run the step eagerly)."""
+        return next((size for size in self.ready if size >= batch), None)
+
+    @torch.inference_mode()
+    def run(self, size: int, rows: Sequence[tuple[int, Sequence[int]]]) -> Tensor:
+        """Logits [len(rows), vocab] (float32) of one decode-only step, padded to `size`."""
+        batch = DecodeBatch(size, rows, self.store)
+        logits = self._compiled(
+            batch.tokens, batch.positions, batch.write_slots, batch.read_slots, batch.bias
+        )
+        return logits[: len(rows)]
+
+    def compile_all(self) -> None:
+        """Compile every size, smallest first; each is used as soon as it is ready, if faster.
+
+        Compiled is not faster everywhere (fused elementwise work saves the most at one row, and
+        inductor's products can lose to the eager kernels at larger batches), so each size's
+        compiled step is timed against the same step run eagerly, and used only when faster.
+        """
+        for size in self.sizes:
+            started = time.perf_counter()
+            try:
+                # Batch sizes stay static: each size is its own graph (with its own kernels).
+                with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+                    self.run(size, [])  # padding rows only: writes nothing but the scratch slot
+                eager_s, compiled_s = self._time(size)
+            except Exception as error:  # a backend failure: serve eagerly
+                self.failed = f"{type(error).__name__}: {error}"
+                log_event("decode_compile_failed", logging.WARNING, size=size, error=self.failed)
+                return
+            faster = compiled_s < eager_s
+            if faster:
+                self.ready = (*self.ready, size)
+            log_event(
+                "decode_compiled",
+                logging.INFO,
+                batch_size=size,
+                seconds=round(time.perf_counter() - started, 2),
+                eager_ms=round(eager_s * 1e3, 2),
+                compiled_ms=round(compiled_s * 1e3, 2),
+                used=faster,
+                cache=str(inductor_cache_dir(os.environ)),
+            )
+
+    @torch.inference_mode()
+    def _time(self, size: int) -> tuple[float, float]:
+        """Best seconds of a padding-only step of `size` rows, eager and compiled, in turns."""
+        batch = DecodeBatch(size, [], self.store)
+        inputs = (batch.tokens, batch.positions, batch.write_slots, batch.read_slots, batch.bias)
+        best = {"eager": float("inf"), "compiled": float("inf")}
+        for _ in range(TIMING_REPEATS):
+            for name, step in (("eager", self._step), ("compiled", self._compiled)):
+                start = time.perf_counter()
+                step(*inputs)
+                best[name] = min(best[name], time.perf_counter() - start)
+        return best["eager"], best["compiled"]
+
+    def start(self, threads: int) -> threading.Thread:
+        """Compile in the background (a daemon thread with the engine's thread count)."""
+
+        def target() -> None:
+            torch.set_num_threads(threads)
+            self.compile_all()
+
+        self._thread = threading.Thread(target=target, name="decode-compile", daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the background compilation ended; whether it did within `timeout`."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+
+def compile_decode(
+    model: NemotronModel,
+    store: PagedKVStore,
+    device: torch.device,
+    tensor_parallel: int,
+    sizes: Sequence[int] = SIZES,
+) -> CompiledDecode | None:
+    """The decode step to compile (`start` it once the engine is ready), where it can be."""
+    reason = can_compile(model, device, tensor_parallel)
+    if reason is not None:
+        log_event("decode_not_compiled", logging.INFO, reason=reason)
+        return None
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir(os.environ)))
+    return CompiledDecode(model, store, sizes)
+
+
+def can_compile(model: NemotronModel, device: torch.device, tensor_parallel: int) -> str | None:
+    """Why this model's decode step is not compiled here, or None when it can be."""
+    if device.type != "cpu":
+        return f"the device is {device.type}: only CPU steps are compiled"
+    if tensor_parallel != 1:
+        return "tensor parallel engines run eagerly"
+    if model.dtype == torch.float32:
+        return "fp32 engines are the exact reference and run eagerly"
+    return None

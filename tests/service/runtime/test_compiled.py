@@ -1,0 +1,124 @@
+"""The compiled decode step: the eager step's logits and KV writes, padded sizes, no recompiles.
+
+Compiled on the synthetic Nemotron-NAS graph (no-op, linear and GQA attention with different KV
+heads, different FFN widths) in fp32, so the comparison with the eager step is tight; engines
+compile bf16/int8/int4 models, fp32 ones are served eagerly (`can_compile`).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from nemotron.v1 import generation_pb2 as pb
+from torch._dynamo.utils import counters
+
+from engine_build.model import NemotronModel
+from service.runtime.compiled import CompiledDecode, can_compile
+from service.runtime.kv_pages import PagedKVStore
+from service.runtime.runner import ModelRunner, StepPlan
+from service.server.flags import parse_serve_config
+from tests.service.server_process import start_server, stop_server, wait_ready
+
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def model(synthetic_checkpoint) -> NemotronModel:
+    return NemotronModel.from_checkpoint(synthetic_checkpoint, dtype=torch.float32)
+
+
+def _decode_plan(rows: list[tuple[int, int, list[int]]]) -> StepPlan:
+    """rows: (token, context, blocks) per sequence, one new token each."""
+    segments = [(i, 1, context, blocks) for i, (_, context, blocks) in enumerate(rows)]
+    positions = [context for _, context, _ in rows]
+    return StepPlan([t for t, _, _ in rows], positions, segments, list(range(len(rows))))
+
+
+def test_compiled_steps_give_the_eager_logits_and_kv_writes(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    graph = model.graph
+    eager = ModelRunner(model, PagedKVStore(graph, 4, BLOCK, torch.float32))
+    compiled = ModelRunner(model, PagedKVStore(graph, 4, BLOCK, torch.float32))
+    # One size (compiling takes tens of seconds on two cores); the server test below compiles 1.
+    compiled.compiled = CompiledDecode(model, compiled.store, sizes=(4,))
+    compiled.compiled.compile_all()
+    assert compiled.compiled.ready == (4,) and compiled.compiled.failed is None
+    graphs = counters["stats"]["unique_graphs"]
+
+    prompt = [7, 3, 9, 1, 4]  # sequence A (blocks 0, 1) prefills eagerly in both runners
+    prefill = StepPlan(prompt, list(range(5)), [(0, 5, 0, [0, 1])], [4])
+    assert torch.equal(eager.execute(prefill), compiled.execute(prefill))
+    steps = [
+        # A decodes beside B, whose one-token prompt is its first decode row (context 0):
+        # 2 rows padded to 4, the context padded to the dynamic dimension's minimum for B
+        _decode_plan([(5, 5, [0, 1]), (8, 0, [2])]),
+        _decode_plan([(2, 6, [0, 1]), (6, 1, [2])]),
+        _decode_plan([(11, 7, [0, 1])]),  # one row, padded to 4
+        _decode_plan([(12, 8, [0, 1]), (13, 2, [2]), (14, 0, [3])]),  # 3 rows, padded to 4
+    ]
+    for plan in steps:
+        expected, got = eager.execute(plan), compiled.execute(plan)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    slots = eager.store.scratch_slot  # the scratch slot holds padding rows' writes only
+    for layer in graph.attention_layers:
+        for kind in ("keys", "values"):
+            written = getattr(compiled.store, kind)[layer][:slots]
+            torch.testing.assert_close(written, getattr(eager.store, kind)[layer][:slots])
+    assert counters["stats"]["unique_graphs"] == graphs  # new contexts and batches: no compile
+
+
+def test_batches_beyond_the_compiled_sizes_and_prefills_run_eagerly(model):
+    runner = ModelRunner(model, PagedKVStore(model.graph, 4, BLOCK, torch.float32))
+    runner.compiled = CompiledDecode(model, runner.store, sizes=(1,))
+    runner.compiled.ready = (1,)  # as if compiled; never called for these plans
+    runner.compiled.run = None  # type: ignore[method-assign]
+    runner.execute(StepPlan([1, 2, 3], [0, 1, 2], [(0, 3, 0, [0])], [2]))
+    runner.execute(_decode_plan([(4, 3, [0]), (5, 0, [1])]))  # 2 rows: no size holds them
+
+
+def test_only_cpu_tp1_low_precision_engines_compile(model):
+    assert "fp32 engines" in can_compile(model, torch.device("cpu"), 1)
+    bf16 = NemotronModel(model.graph).to(torch.bfloat16)
+    assert can_compile(bf16, torch.device("cpu"), 1) is None
+    assert "tensor parallel" in can_compile(bf16, torch.device("cpu"), 2)
+    assert "cuda" in can_compile(bf16, torch.device("cuda"), 1)
+
+
+def test_the_flag_takes_sizes_or_off_and_names_the_allowed_values(capsys):
+    assert parse_serve_config([], {}).compiled_decode == (1, 2, 4, 8, 16, 32)
+    assert parse_serve_config(["--compiled-decode", "4,1"], {}).compiled_decode == (1, 4)
+    assert parse_serve_config([], {"NEMOTRON_COMPILED_DECODE": "off"}).compiled_decode == ()
+    for bad in ("0", "1,x", "512"):
+        with pytest.raises(SystemExit):
+            parse_serve_config(["--compiled-decode", bad], {})
+        assert "'off' or batch sizes 1-256" in capsys.readouterr().err
+
+
+def test_nemotron_serve_compiles_the_decode_step_after_ready_and_serves_with_it(
+    synthetic_checkpoint, tmp_path
+):
+    server = start_server(
+        tmp_path / "cache",
+        "--checkpoint",
+        str(synthetic_checkpoint),
+        "--precision",
+        "bf16",
+        "--compiled-decode",
+        "1",
+        env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")},
+    )
+    try:
+        wait_ready(server)
+        compiled = server.wait_for_log(
+            lambda line: line.get("event") == "decode_compiled", "the compiled batch-1 step"
+        )
+        assert compiled[0]["batch_size"] == 1
+        request = pb.GenerateRequest(
+            prompt=pb.Prompt(token_ids=pb.TokenIds(ids=[5, 6, 7])),
+            limits=pb.GenerationLimits(max_new_tokens=8, ignore_eos=True),
+        )
+        reply = server.api.Generate(request, timeout=60)
+        assert len(reply.token_ids) == 8
+    finally:
+        stop_server(server)
