@@ -41,6 +41,9 @@ from service.runtime.kv_pages import PagedKVStore
 SIZES = (1, 2, 4, 8, 16, 32)
 MIN_CONTEXT = 2  # the dynamic context dimension starts here (a size-1 dimension specializes)
 TIMING_REPEATS = 5
+# The context the timing attends over: attention's share of a step grows with it, and a
+# compiled attention that loses at long contexts must show it.
+TIMING_CONTEXT = 512
 
 
 def inductor_cache_dir(environ: dict[str, str] | os._Environ[str]) -> Path:
@@ -85,10 +88,17 @@ class DecodeAttention:
 class DecodeBatch:
     """The padded inputs of one decode-only step for a compiled size."""
 
-    def __init__(self, size: int, rows: Sequence[tuple[int, Sequence[int]]], store: PagedKVStore):
-        """`rows`: (token, slots of positions 0..context) per decoding sequence, in order."""
+    def __init__(
+        self,
+        size: int,
+        rows: Sequence[tuple[int, Sequence[int]]],
+        store: PagedKVStore,
+        length: int = MIN_CONTEXT,
+    ) -> None:
+        """`rows`: (token, slots of positions 0..context) per decoding sequence, in order;
+        `length`: the least number of slots every row reads (padding reads only the scratch)."""
         scratch = store.scratch_slot
-        length = max([MIN_CONTEXT, *(len(slots) for _, slots in rows)])
+        length = max([MIN_CONTEXT, length, *(len(slots) for _, slots in rows)])
         tokens = [token for token, _ in rows] + [0] * (size - len(rows))
         positions = [len(slots) - 1 for _, slots in rows] + [0] * (size - len(rows))
         read = torch.full((size, length), scratch, dtype=torch.long)
@@ -177,7 +187,7 @@ class CompiledDecode:
     @torch.inference_mode()
     def _time(self, size: int) -> tuple[float, float]:
         """Best seconds of a padding-only step of `size` rows, eager and compiled, in turns."""
-        batch = DecodeBatch(size, [], self.store)
+        batch = DecodeBatch(size, [], self.store, TIMING_CONTEXT)
         inputs = (batch.tokens, batch.positions, batch.write_slots, batch.read_slots, batch.bias)
         best = {"eager": float("inf"), "compiled": float("inf")}
         for _ in range(TIMING_REPEATS):

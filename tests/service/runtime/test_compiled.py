@@ -42,7 +42,8 @@ def test_compiled_steps_give_the_eager_logits_and_kv_writes(model, tmp_path, mon
     # One size (compiling takes tens of seconds on two cores); the server test below compiles 1.
     compiled.compiled = CompiledDecode(model, compiled.store, sizes=(4,))
     compiled.compiled.compile_all()
-    assert compiled.compiled.ready == (4,) and compiled.compiled.failed is None
+    assert compiled.compiled.failed is None
+    compiled.compiled.ready = (4,)  # whether or not it timed faster than eager on this machine
     graphs = counters["stats"]["unique_graphs"]
 
     prompt = [7, 3, 9, 1, 4]  # sequence A (blocks 0, 1) prefills eagerly in both runners
@@ -66,6 +67,20 @@ def test_compiled_steps_give_the_eager_logits_and_kv_writes(model, tmp_path, mon
             written = getattr(compiled.store, kind)[layer][:slots]
             torch.testing.assert_close(written, getattr(eager.store, kind)[layer][:slots])
     assert counters["stats"]["unique_graphs"] == graphs  # new contexts and batches: no compile
+
+
+@pytest.mark.parametrize(("eager_s", "compiled_s", "used"), [(2.0, 1.0, True), (1.0, 2.0, False)])
+def test_a_size_is_used_only_when_its_compiled_step_timed_faster(
+    model, monkeypatch, eager_s, compiled_s, used, caplog
+):
+    decode = CompiledDecode(model, PagedKVStore(model.graph, 4, BLOCK, torch.float32), sizes=(2,))
+    monkeypatch.setattr(decode, "run", lambda size, rows: None)  # compiling: tested above
+    monkeypatch.setattr(decode, "_time", lambda size: (eager_s, compiled_s))
+    with caplog.at_level("INFO", logger="nemotron"):
+        decode.compile_all()
+    assert decode.ready == ((2,) if used else ())
+    (line,) = [r for r in caplog.records if r.getMessage() == "decode_compiled"]
+    assert line.fields["used"] is used and line.fields["eager_ms"] == eager_s * 1e3
 
 
 def test_batches_beyond_the_compiled_sizes_and_prefills_run_eagerly(model):
