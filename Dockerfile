@@ -88,6 +88,10 @@ RUN groupadd --system --gid "${UID}" nemotron \
       --shell /usr/sbin/nologin nemotron \
  && mkdir -p /opt/nemotron/cache \
  && chown -R "${UID}:${UID}" /opt/nemotron
+# torch.compile's CPU backend (the compiled decode step, --compiled-decode) builds C++ at run time.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++=4:12.2.0-3 \
+ && rm -rf /var/lib/apt/lists/*
 RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 COPY --from=wheel /dist/ /tmp/dist/
 # torch is already satisfied by the CPU build, so the wheel's dependencies leave it alone.

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -126,6 +127,7 @@ class CompiledDecode:
         self.model, self.store, self.sizes = model, store, tuple(sorted(sizes))
         self.ready: tuple[int, ...] = ()
         self.failed: str | None = None
+        self._stopping = False
         self._thread: threading.Thread | None = None
         self._compiled: Callable[..., Tensor] = torch.compile(self._step, fullgraph=True)
         # The store's slot count follows the memory budget: dynamic, so that the cached
@@ -140,8 +142,26 @@ class CompiledDecode:
         return self.model.forward_step(tokens, attention)[0].float()  # [size, vocab]
 
     def size_for(self, batch: int) -> int | None:
-        """The smallest ready size that holds `batch` rows (None: run the step eagerly)."""
-        return next((size for size in self.ready if size >= batch), None)
+        """The size that runs `batch` rows: the smallest configured size that holds them, when
+        it is ready (compiled, and timed faster than eager); None: run the step eagerly. A
+        larger ready size is not used instead: it was timed against eager at its own size only.
+        """
+        size = next((size for size in self.sizes if size >= batch), None)
+        return size if size in self.ready else None
+
+    def drop(self, size: int, error: BaseException) -> None:
+        """Stop using a size whose compiled step failed while serving (eager from now on)."""
+        self.ready = tuple(s for s in self.ready if s != size)
+        log_event(
+            "decode_compiled_failed",
+            logging.ERROR,
+            batch_size=size,
+            error=f"{type(error).__name__}: {error}",
+        )
+
+    def stop(self) -> None:
+        """Compile no further size (the one compiling now, if any, finishes)."""
+        self._stopping = True
 
     @torch.inference_mode()
     def run(self, size: int, rows: Sequence[tuple[int, Sequence[int]]]) -> Tensor:
@@ -160,6 +180,8 @@ class CompiledDecode:
         compiled step is timed against the same step run eagerly, and used only when faster.
         """
         for size in self.sizes:
+            if self._stopping:
+                return
             started = time.perf_counter()
             try:
                 # Batch sizes stay static: each size is its own graph (with its own kernels).
@@ -240,4 +262,12 @@ def can_compile(model: NemotronModel, device: torch.device, tensor_parallel: int
         return "tensor parallel engines run eagerly"
     if model.dtype == torch.float32:
         return "fp32 engines are the exact reference and run eagerly"
+    if cxx_compiler() is None:
+        return "no C++ compiler (g++, c++, clang++ or $CXX) for inductor's CPU kernels"
     return None
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler inductor would find on PATH, if any."""
+    names = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
+    return next((found for name in names if name and (found := shutil.which(name))), None)

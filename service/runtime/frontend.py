@@ -249,6 +249,8 @@ class TorchRuntime:
         """Refuse new requests, abort the pending ones, stop the engine thread and executor."""
         self._mailbox.close("engine is shutting down")
         self._stopping = True
+        if self._compiled is not None:
+            self._compiled.stop()
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
         if self._state is not EngineState.FAILED:

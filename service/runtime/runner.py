@@ -66,7 +66,10 @@ class ModelRunner:
         if self.compiled is not None and is_decode_only(plan):
             compiled_size = self.compiled.size_for(len(plan.segments))
             if compiled_size is not None:
-                return self.compiled.run(compiled_size, self._decode_rows(plan))
+                try:
+                    return self.compiled.run(compiled_size, self._decode_rows(plan))
+                except Exception as error:  # the eager step below serves it, and every later one
+                    self.compiled.drop(compiled_size, error)
         device = self.device
         size = self.store.block_size
         segments = []

@@ -87,19 +87,24 @@ def byte_size(text: str) -> int:
 byte_size.__name__ = "size in bytes (e.g. 4GiB, 4Gi, 512MB)"
 
 MAX_COMPILED_BATCH = 256
+MAX_COMPILED_SIZES = 8  # torch.compile keeps at most 8 graphs of one function (recompile_limit)
 
 
 def batch_sizes(text: str) -> tuple[int, ...]:
-    """`off` (nothing compiled), or comma-separated batch sizes from 1 to MAX_COMPILED_BATCH."""
+    """`off` (nothing compiled), or up to MAX_COMPILED_SIZES comma-separated batch sizes."""
     if text.strip().lower() == "off":
         return ()
     sizes = sorted({int(part) for part in text.split(",")})
     if not sizes or sizes[0] < 1 or sizes[-1] > MAX_COMPILED_BATCH:
         raise ValueError(f"batch sizes must be 1 to {MAX_COMPILED_BATCH}")
+    if len(sizes) > MAX_COMPILED_SIZES:
+        raise ValueError(f"at most {MAX_COMPILED_SIZES} sizes")
     return tuple(sizes)
 
 
-batch_sizes.__name__ = f"'off' or batch sizes 1-{MAX_COMPILED_BATCH} (e.g. 1,2,4,8,16,32)"
+batch_sizes.__name__ = (
+    f"'off' or up to {MAX_COMPILED_SIZES} batch sizes 1-{MAX_COMPILED_BATCH} (e.g. 1,2,4,8,16,32)"
+)
 
 
 # (flag, environment variable, argparse options). The variable, when set, is the default.

@@ -92,6 +92,43 @@ def test_batches_beyond_the_compiled_sizes_and_prefills_run_eagerly(model):
     runner.execute(_decode_plan([(4, 3, [0]), (5, 0, [1])]))  # 2 rows: no size holds them
 
 
+def test_a_batch_runs_its_own_sizes_graph_only_when_that_one_is_ready(model):
+    decode = CompiledDecode(model, PagedKVStore(model.graph, 4, BLOCK, torch.float32), (1, 4, 16))
+    decode.ready = (1, 16)  # 4 timed slower than eager (or not compiled yet)
+    assert [decode.size_for(b) for b in (1, 3, 4, 10, 16, 20)] == [1, None, None, 16, 16, None]
+
+
+def test_a_compiled_step_that_fails_while_serving_falls_back_to_eager(model, caplog):
+    eager = ModelRunner(model, PagedKVStore(model.graph, 4, BLOCK, torch.float32))
+    runner = ModelRunner(model, PagedKVStore(model.graph, 4, BLOCK, torch.float32))
+    runner.compiled = CompiledDecode(model, runner.store, sizes=(1,))
+    runner.compiled.ready = (1,)
+
+    def broken(size, rows):
+        raise RuntimeError("a guard failed")
+
+    runner.compiled.run = broken  # type: ignore[method-assign]
+    plan = _decode_plan([(4, 0, [0])])
+    with caplog.at_level("ERROR", logger="nemotron"):
+        torch.testing.assert_close(runner.execute(plan), eager.execute(plan))
+    assert runner.compiled.ready == ()  # eager from now on
+    assert [r.getMessage() for r in caplog.records] == ["decode_compiled_failed"]
+
+
+def test_stopping_compiles_no_further_size(model):
+    decode = CompiledDecode(model, PagedKVStore(model.graph, 4, BLOCK, torch.float32), (1, 2))
+    decode.stop()
+    decode.compile_all()
+    assert decode.ready == () and decode.failed is None
+
+
+def test_without_a_cxx_compiler_nothing_is_compiled(model, monkeypatch):
+    bf16 = NemotronModel(model.graph).to(torch.bfloat16)
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    assert "no C++ compiler" in can_compile(bf16, torch.device("cpu"), 1)
+
+
 def test_only_cpu_tp1_low_precision_engines_compile(model):
     assert "fp32 engines" in can_compile(model, torch.device("cpu"), 1)
     bf16 = NemotronModel(model.graph).to(torch.bfloat16)
@@ -104,10 +141,10 @@ def test_the_flag_takes_sizes_or_off_and_names_the_allowed_values(capsys):
     assert parse_serve_config([], {}).compiled_decode == (1, 2, 4, 8, 16, 32)
     assert parse_serve_config(["--compiled-decode", "4,1"], {}).compiled_decode == (1, 4)
     assert parse_serve_config([], {"NEMOTRON_COMPILED_DECODE": "off"}).compiled_decode == ()
-    for bad in ("0", "1,x", "512"):
+    for bad in ("0", "1,x", "512", "1,2,3,4,5,6,7,8,9"):
         with pytest.raises(SystemExit):
             parse_serve_config(["--compiled-decode", bad], {})
-        assert "'off' or batch sizes 1-256" in capsys.readouterr().err
+        assert "'off' or up to 8 batch sizes 1-256" in capsys.readouterr().err
 
 
 def test_nemotron_serve_compiles_the_decode_step_after_ready_and_serves_with_it(
