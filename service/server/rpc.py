@@ -212,9 +212,13 @@ def streaming(handler: F) -> F:
     ) -> AsyncIterator[Any]:
         call = _GrpcCall(self.observability, method, request, context)
         messages = handler(self, request, context)
-        close_when_done(context, messages)
+        delivered = False  # the final message (the one with a finish reason) was handed over
+
+        def abandoned() -> None:  # gRPC ended the call with this generator left at a `yield`
+            call.finish_sent() if delivered else call.finish(call.cancel_code())
+
+        close_when_done(context, messages, abandoned)
         with call.active(call.request_body):
-            delivered = False  # the final message (the one with a finish reason) was handed over
             try:
                 call.check_id()
                 async with contextlib.aclosing(messages):
@@ -241,7 +245,11 @@ def streaming(handler: F) -> F:
     return wrapped  # type: ignore[return-value]
 
 
-def close_when_done(context: grpc.aio.ServicerContext, messages: AsyncGenerator[Any, None]) -> None:
+def close_when_done(
+    context: grpc.aio.ServicerContext,
+    messages: AsyncGenerator[Any, None],
+    abandoned: Callable[[], None],
+) -> None:
     """Close a streaming handler's messages when its call ends, however it ends.
 
     A client that cancels while gRPC is still sending a message ends the call in gRPC's own
@@ -249,14 +257,19 @@ def close_when_done(context: grpc.aio.ServicerContext, messages: AsyncGenerator[
     nothing closes it but the garbage collector, maybe much later (a reference cycle through
     the cancellation's traceback keeps it alive). Its request would go on generating, holding
     its KV cache. Closing it here runs every `finally` down to the engine's stream, which
-    aborts the request. A generator still running is being cancelled by gRPC already, and one
-    that finished closes as a no-op.
+    aborts the request; then `abandoned` records the call's outcome (the wrapper left at its
+    own `yield` would record it only when collected). A generator still running is being
+    cancelled by gRPC already, which closes it and records the call; one that finished is left
+    alone.
     """
     loop = asyncio.get_running_loop()
 
     async def close() -> None:
-        with contextlib.suppress(RuntimeError):  # running: its own cancellation closes it
+        try:
             await messages.aclose()
+        except RuntimeError:  # running: its own cancellation closes it and records the call
+            return
+        abandoned()
 
     def ended(_: object) -> None:
         if messages.ag_frame is not None:  # not finished

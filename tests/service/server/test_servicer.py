@@ -108,8 +108,10 @@ def test_a_stream_left_suspended_by_a_cancel_during_a_send_is_closed_when_the_ca
     # would close it. The call's end must close it (the engine request behind it is aborted).
     closed = []
 
+    metrics = ServiceMetrics()
+
     class Streaming:
-        observability = Observability(metrics=ServiceMetrics())
+        observability = Observability(metrics=metrics)
 
         @streaming
         async def GenerateStream(self, request, context):
@@ -130,6 +132,9 @@ def test_a_stream_left_suspended_by_a_cancel_during_a_send_is_closed_when_the_ca
                 break
             await asyncio.sleep(0)
         assert closed == ["left"]
+        labels = {"method": "GenerateStream", "code": "CANCELLED"}  # recorded now, not at GC
+        assert metrics.registry.get_sample_value("nemotron_requests_total", labels) == 1
         await stream.aclose()  # what the collector would do later: nothing left to run
+        assert metrics.registry.get_sample_value("nemotron_requests_total", labels) == 1
 
     asyncio.run(scenario())
