@@ -11,6 +11,7 @@ chart configures the pod.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -51,7 +52,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_server(config: ServerConfig) -> int:
     """Serve the gRPC API until SIGTERM; the exit code."""
     from service.observability.logs import configure_service_logging
+    from service.runtime.compiled import compiling
     from service.server.process import serve
 
     configure_service_logging(config.log_level, config.log_format)
-    return asyncio.run(serve(config))
+    code = asyncio.run(serve(config))
+    if compiling():  # stopped during the background compile: leave without interpreter teardown
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

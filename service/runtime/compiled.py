@@ -42,6 +42,7 @@ from service.runtime.kv_pages import PagedKVStore
 SIZES = (1, 2, 4, 8, 16, 32)
 MIN_CONTEXT = 2  # the dynamic context dimension starts here (a size-1 dimension specializes)
 TIMING_REPEATS = 5
+COMPILE_THREAD = "decode-compile"
 # The context the timing attends over: attention's share of a step grows with it, and a
 # compiled attention that loses at long contexts must show it.
 TIMING_CONTEXT = 512
@@ -182,6 +183,7 @@ class CompiledDecode:
         for size in self.sizes:
             if self._stopping:
                 return
+            log_event("decode_compiling", logging.INFO, batch_size=size)
             started = time.perf_counter()
             try:
                 # Batch sizes stay static: each size is its own graph (with its own kernels).
@@ -226,7 +228,7 @@ class CompiledDecode:
             torch.set_num_threads(threads)
             self.compile_all()
 
-        self._thread = threading.Thread(target=target, name="decode-compile", daemon=True)
+        self._thread = threading.Thread(target=target, name=COMPILE_THREAD, daemon=True)
         self._thread.start()
         return self._thread
 
@@ -236,6 +238,16 @@ class CompiledDecode:
             self._thread.join(timeout)
             return not self._thread.is_alive()
         return True
+
+
+def compiling() -> bool:
+    """Whether a background compilation is still running in this process.
+
+    It cannot be interrupted, and an interpreter that exits while it is inside torch aborts
+    (`terminate called without an active exception`, exit 134): the server then leaves with
+    `os._exit` once it has stopped cleanly (service/cli.py).
+    """
+    return any(t.name == COMPILE_THREAD and t.is_alive() for t in threading.enumerate())
 
 
 def compile_decode(

@@ -147,7 +147,7 @@ def test_the_flag_takes_sizes_or_off_and_names_the_allowed_values(capsys):
         assert "'off' or up to 8 batch sizes 1-256" in capsys.readouterr().err
 
 
-def test_nemotron_serve_compiles_the_decode_step_after_ready_and_serves_with_it(
+def test_nemotron_serve_compiles_after_ready_serves_with_it_and_stops_cleanly_mid_compile(
     synthetic_checkpoint, tmp_path
 ):
     server = start_server(
@@ -157,7 +157,7 @@ def test_nemotron_serve_compiles_the_decode_step_after_ready_and_serves_with_it(
         "--precision",
         "bf16",
         "--compiled-decode",
-        "1",
+        "1,2",
         env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")},
     )
     try:
@@ -172,5 +172,11 @@ def test_nemotron_serve_compiles_the_decode_step_after_ready_and_serves_with_it(
         )
         reply = server.api.Generate(request, timeout=60)
         assert len(reply.token_ids) == 8
+        server.wait_for_log(
+            lambda line: line.get("event") == "decode_compiling" and line["batch_size"] == 2,
+            "the batch-2 compile starting",
+        )
     finally:
-        stop_server(server)
+        # SIGTERM while batch 2 compiles (or just after): a clean stop, not an abort (134).
+        code = stop_server(server)
+    assert code == 0, server.log_path.read_text()[-2000:]
