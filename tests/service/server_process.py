@@ -75,14 +75,16 @@ class RunningServer:
                 lines.append({"event": "<not json>", "raw": raw})
         return lines
 
-    def wait_for_log(self, match: Callable[[dict], bool], what: str, count: int = 1) -> list[dict]:
+    def wait_for_log(
+        self, match: Callable[[dict], bool], what: str, count: int = 1, timeout_s: float = WAIT_S
+    ) -> list[dict]:
         """The log lines matching `match`, once there are at least `count` of them."""
 
         def matching() -> list[dict]:
             found = [line for line in self.log_lines() if match(line)]
             return found if len(found) >= count else []
 
-        return wait_until(matching, f"{what} in the server log")
+        return wait_until(matching, f"{what} in the server log", timeout_s)
 
     @property
     def api(self) -> pb_grpc.GenerationServiceStub:
