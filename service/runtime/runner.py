@@ -71,25 +71,27 @@ class ModelRunner:
                 except Exception as error:  # the eager step below serves it, and every later one
                     self.compiled.drop(compiled_size, error)
         device = self.device
-        size = self.store.block_size
-        segments = []
-        for start, count, context, blocks in plan.segments:
-            positions = torch.arange(context + count, device=device)
-            table = torch.tensor(blocks, dtype=torch.long, device=device)
-            segments.append(
-                Segment(start, count, context, table[positions // size] * size + positions % size)
-            )
+        segments = [
+            Segment(start, count, context, self._slots(blocks, context + count))
+            for start, count, context, blocks in plan.segments
+        ]
         tokens = torch.tensor([plan.token_ids], dtype=torch.long, device=device)
         positions = torch.tensor([plan.positions], dtype=torch.long, device=device)
         attention = PagedStep(self.store, positions, segments)
         select = torch.tensor(plan.sample_rows, dtype=torch.long, device=device)
         return self.model.forward_step(tokens, attention, select).float()
 
-    def _decode_rows(self, plan: StepPlan) -> list[tuple[int, list[int]]]:
-        """(token, slots of positions 0..context) per sequence of a decode-only plan."""
+    def _slots(self, blocks: list[int], length: int) -> Tensor:
+        """The cache slots of a sequence's positions 0..length-1, through its block table."""
         size = self.store.block_size
+        positions = torch.arange(length, device=self.device)
+        table = torch.tensor(blocks, dtype=torch.long, device=self.device)
+        return table[positions // size] * size + positions % size
+
+    def _decode_rows(self, plan: StepPlan) -> list[tuple[int, Tensor]]:
+        """(token, slots of positions 0..context) per sequence of a decode-only plan."""
         return [
-            (token, [blocks[p // size] * size + p % size for p in range(context + 1)])
+            (token, self._slots(blocks, context + 1))
             for token, (_, _, context, blocks) in zip(plan.token_ids, plan.segments, strict=True)
         ]
 

@@ -41,9 +41,7 @@ class ServerConfig:
     served_model_names: tuple[str, ...] = ()  # what the HTTP API answers to (empty: the model's)
     compute_threads: int | None = None  # engine compute threads (None: all cores)
     measure_kernels: bool = True  # CPU engines: kernels chosen by measurement (--kernel-choice)
-    compiled_decode: tuple[
-        int, ...
-    ] = ()  # batch sizes of compiled decode steps (--compiled-decode)
+    compiled_decode: tuple[int, ...] = ()  # decode batch sizes to compile (--compiled-decode)
     kv_cache_memory: int | None = None  # KV cache bytes per device (None: from free memory)
     grace_s: float = 30.0
     max_message_bytes: int = 4 * 1024 * 1024

@@ -248,7 +248,8 @@ SERVE_ARGUMENTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
             "help": "CPU engines (bf16, int8, int4; tp 1): batch sizes whose decode step is "
             "compiled with torch.compile, in the background once the engine is ready (cached "
             "in the cache directory's inductor/); a decode step of B sequences runs the smallest "
-            "compiled size >= B, padded. 'off': every step eager",
+            "listed size >= B, padded, once it is compiled and timed faster than eager. 'off': "
+            "every step eager",
         },
     ),
     (

@@ -70,6 +70,7 @@ def test_compiled_steps_give_the_eager_logits_and_kv_writes(model, tmp_path, mon
             written = getattr(compiled.store, kind)[layer][:slots]
             torch.testing.assert_close(written, getattr(eager.store, kind)[layer][:slots])
     assert counters["stats"]["unique_graphs"] == graphs  # new contexts and batches: no compile
+    assert compiled.compiled.ready == (4,)  # no compiled step failed over to eager meanwhile
 
 
 @pytest.mark.parametrize(("eager_s", "compiled_s", "used"), [(2.0, 1.0, True), (1.0, 2.0, False)])
@@ -90,9 +91,11 @@ def test_batches_beyond_the_compiled_sizes_and_prefills_run_eagerly(model):
     runner = ModelRunner(model, PagedKVStore(model.graph, 4, BLOCK, torch.float32))
     runner.compiled = CompiledDecode(model, runner.store, sizes=(1,))
     runner.compiled.ready = (1,)  # as if compiled; never called for these plans
-    runner.compiled.run = None  # type: ignore[method-assign]
+    calls: list[int] = []
+    runner.compiled.run = lambda size, rows: calls.append(size)  # type: ignore[method-assign]
     runner.execute(StepPlan([1, 2, 3], [0, 1, 2], [(0, 3, 0, [0])], [2]))
     runner.execute(_decode_plan([(4, 3, [0]), (5, 0, [1])]))  # 2 rows: no size holds them
+    assert calls == [] and runner.compiled.ready == (1,)
 
 
 def test_a_batch_runs_its_own_sizes_graph_only_when_that_one_is_ready(model):
