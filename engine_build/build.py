@@ -11,8 +11,10 @@ from engine_build.backends.base import BuildBackend, BuildJob
 from engine_build.backends.registry import select_backend
 from engine_build.checkpoint import Checkpoint
 from engine_build.plan import ProfilePlan, plan_profile
-from engine_build.profiles import Profile
+from engine_build.profiles import WEIGHT_ONLY, Precision, Profile
 from engine_build.repository import EngineEntry, EngineKey, EngineRepository, checkpoint_fingerprint
+from engine_build.summary import stored_dtype
+from engine_build.weights import WeightRole
 
 _LOG = logging.getLogger("nemotron.build")
 
@@ -73,7 +75,7 @@ def prepare_build(request: BuildRequest) -> PreparedBuild:
         kv_cache_dtype=precision.kv_cache.value,
         tensor_parallel=request.profile.tensor_parallel,
         target=request.profile.target,
-        build_options=engine_build_options(request.profile),
+        build_options=engine_build_options(request.profile, precision),
     )
     job = BuildJob(checkpoint, request.profile, precision, request.calibration_dataset)
     return PreparedBuild(job, plan, backend, key)
@@ -104,11 +106,17 @@ def build_engine(request: BuildRequest, repository: EngineRepository) -> BuildRe
     return BuildResult(entry, skipped=False, plan=prepared.plan)
 
 
-def engine_build_options(profile: Profile) -> dict[str, int]:
-    """The limits an engine is built for (the KV share is a runtime setting, not in the key)."""
-    limits = asdict(profile.limits)
-    limits.pop("kv_cache_free_fraction")
-    return limits
+def engine_build_options(profile: Profile, precision: Precision) -> dict[str, int | str]:
+    """The limits an engine is built for (the KV share is a runtime setting, not in the key).
+
+    Weight-only engines also record the lm_head's storage (`stored_dtype`): an int4 engine
+    built before its lm_head became int8 then no longer matches and is rebuilt.
+    """
+    options: dict[str, int | str] = dict(asdict(profile.limits))
+    options.pop("kv_cache_free_fraction")
+    if precision.weights in WEIGHT_ONLY:
+        options["lm_head"] = stored_dtype(WeightRole.LM_HEAD, precision.weights.value)
+    return options
 
 
 def _log(event: str, entry: EngineEntry, reason: str) -> None:

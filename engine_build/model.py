@@ -285,8 +285,12 @@ class NemotronModel(nn.Module):
 
 
 def map_to_module_names(tensors: dict[str, Tensor], graph: ModelGraph) -> dict[str, Tensor]:
-    """Rename fused HF tensors to this module's parameter names (ties lm_head when asked)."""
+    """Rename fused HF tensors to this module's parameter names.
+
+    A tied graph's lm_head is the embedding, unless the engine stores one of its own (an int4
+    engine's int8 copy, engine_build/summary.py `stores_own_lm_head`).
+    """
     state = {module_name(name): tensor for name, tensor in tensors.items()}
     if graph.tie_word_embeddings:
-        state[LM_HEAD.module] = state[EMBEDDING.module]
+        state.setdefault(LM_HEAD.module, state[EMBEDDING.module])
     return state

@@ -20,8 +20,14 @@ from engine_build.profiles import (
     Profile,
 )
 from engine_build.sharding import GPU_ALIGNMENT, kv_layout, rank_graph, shard_shapes, tp_issues
-from engine_build.summary import INT4_GROUP, INT4_ROWS, kv_bytes_per_token, tensor_bytes
-from engine_build.weights import WeightRole, role_of
+from engine_build.summary import (
+    INT4_GROUP,
+    INT4_ROWS,
+    kv_bytes_per_token,
+    stores_own_lm_head,
+    tensor_bytes,
+)
+from engine_build.weights import EMBEDDING, WeightRole, role_of
 
 GB = 10**9
 CONTEXTS = (8192, 32768, 131072)
@@ -118,6 +124,8 @@ def plan_profile(
     weights = sum(
         tensor_bytes(role_of(name), shape, weights_dtype) for name, shape in shapes.items()
     )
+    if graph.tie_word_embeddings and stores_own_lm_head(graph, weights_dtype):
+        weights += tensor_bytes(WeightRole.LM_HEAD, shapes[EMBEDDING.name], weights_dtype)
     if weights_dtype in WEIGHT_ONLY:
         reasons += weight_only_issues(shapes, weights_dtype, tp)
     activations = activation_bytes(local, profile)

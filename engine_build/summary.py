@@ -59,24 +59,51 @@ def kv_bytes_per_token(graph: ModelGraph, dtype: str) -> int:
     return graph.kv_bytes_per_token(DTYPE_BYTES[dtype])
 
 
-def tensor_bytes(role: WeightRole, shape: tuple[int, ...], dtype: str) -> int:
-    """Bytes of one tensor stored in `dtype`.
+def stored_dtype(role: WeightRole, dtype: str) -> str:
+    """The format an engine of `dtype` weights stores a tensor of `role` in.
 
-    For fp8, linear matrices hold e4m3 values plus one fp32 scale per output channel, while
-    embeddings, lm_head and norms stay bf16, as the FP8 engines store them; int8 and int4 engines
-    treat them alike, and int4 matrices hold half a byte per element plus a fp32 scale and
-    minimum per group (engine_build/quantize.py).
+    fp8, int8 and int4 engines quantize the linear matrices and keep embeddings and norms in
+    bf16. The lm_head stays bf16 in fp8 and int8 engines, and is int8 (per output channel) in
+    int4 engines: there it is the largest read of a decode step (half the bytes per token of the
+    embedded model), and int8 costs +0.5% perplexity, inside int4's 2% but not int8's 0.5%
+    (docs/benchmarks.md, issue 13).
+    """
+    if dtype not in ("fp8", "int8", "int4"):
+        return dtype
+    if role is WeightRole.LINEAR:
+        return dtype
+    if role is WeightRole.LM_HEAD and dtype == "int4":
+        return "int8"
+    return "bf16"
+
+
+def stores_own_lm_head(graph: ModelGraph, dtype: str) -> bool:
+    """Whether an engine of `dtype` weights stores an lm_head tensor of its own.
+
+    Untied graphs always do; a tied graph does where its lm_head is stored in another format than
+    the embedding table (int4 engines: an int8 copy of the table beside the bf16 one).
+    """
+    if not graph.tie_word_embeddings:
+        return True
+    return stored_dtype(WeightRole.LM_HEAD, dtype) != stored_dtype(WeightRole.EMBEDDING, dtype)
+
+
+def tensor_bytes(role: WeightRole, shape: tuple[int, ...], dtype: str) -> int:
+    """Bytes of one tensor of `role` in an engine of `dtype` weights (`stored_dtype`).
+
+    fp8 and int8 matrices hold a byte per element plus one fp32 scale per output channel; int4
+    matrices hold half a byte per element plus a fp32 scale and minimum per group
+    (engine_build/quantize.py).
     """
     numel = 1
     for dim in shape:
         numel *= dim
-    if dtype not in ("fp8", "int8", "int4"):
-        return numel * DTYPE_BYTES[dtype]
-    if role is WeightRole.LINEAR and dtype == "int4":
+    stored = stored_dtype(role, dtype)
+    if stored == "int4":
         return numel // 2 + 2 * (numel // INT4_GROUP) * FP8_SCALE_BYTES
-    if role is WeightRole.LINEAR:
+    if stored in ("fp8", "int8"):
         return numel + shape[0] * FP8_SCALE_BYTES  # one byte per element, one scale per row
-    return numel * DTYPE_BYTES["bf16"]
+    return numel * DTYPE_BYTES[stored]
 
 
 def weight_bytes(graph: ModelGraph, dtype: str) -> int:

@@ -28,7 +28,8 @@ from engine_build.profiles import WEIGHT_ONLY, Dtype, EngineLimits, Precision, P
 from engine_build.progress import Progress
 from engine_build.quantize import convert_precision
 from engine_build.sharding import shard_tensors
-from engine_build.weights import weight_specs
+from engine_build.summary import stores_own_lm_head
+from engine_build.weights import EMBEDDING, LM_HEAD, weight_specs
 
 ENGINE_FILE = "engine.json"
 ENGINE_FORMAT = "nemotron-torch-engine"
@@ -67,10 +68,13 @@ class TorchBackend:
         exact = job.precision.weights in (Dtype.FP32, *WEIGHT_ONLY)
         read_dtype = torch.float32 if exact else torch.bfloat16
         parts = layer_parts(graph, torch.finfo(read_dtype).bits // 8)
+        untie = graph.tie_word_embeddings and stores_own_lm_head(graph, job.precision.weights)
         progress = Progress(f"build {job.profile.name}", len(parts))
         rank_files: dict[int, list[str]] = {rank: [] for rank in range(tp)}
         for index, (layers, include_globals) in enumerate(parts):
             fused = job.checkpoint.read_fused(read_dtype, layers, include_globals)
+            if include_globals and untie:  # the tied lm_head, stored in its own format
+                fused[LM_HEAD.name] = fused[EMBEDDING.name]
             for rank in range(tp):
                 shard = convert_precision(
                     shard_tensors(fused, graph, tp, rank), job.precision.weights

@@ -14,7 +14,7 @@ from engine_build.quantize import compute_dtype, restore_compute_dtype, split_we
 from engine_build.repository import EngineEntry, EngineRepository, EngineRequirement
 from engine_build.sharding import rank_graph
 from engine_build.tensor_parallel import parallelize
-from engine_build.weights import module_name
+from engine_build.weights import LM_HEAD, module_name
 from service.runtime.quantized import quantized_linear
 
 
@@ -57,6 +57,8 @@ def load_rank_model(
         )
     plain, quantized = split_weight_only(engine.read_rank(rank))
     state = map_to_module_names({name: t.to(dtype) for name, t in plain.items()}, local)
+    if LM_HEAD.name in quantized:  # a tied graph's lm_head stored quantized: not the embedding
+        state.pop(LM_HEAD.module, None)
     while quantized:  # each matrix's stored parts are dropped once its module holds them
         name, parts = quantized.popitem()
         path = module_name(name).removesuffix(".weight")

@@ -364,7 +364,17 @@ def test_the_engine_id_covers_build_options_but_not_the_runtime_kv_share(checkpo
     )
     profile = load_profiles().get("cpu")
     shared = replace(profile, limits=replace(profile.limits, kv_cache_free_fraction=0.99))
-    assert engine_build_options(shared) == engine_build_options(profile)
+    precision = profile.default_precision
+    assert engine_build_options(shared, precision) == engine_build_options(profile, precision)
+
+
+def test_an_int4_engine_key_records_its_int8_lm_head(checkpoint):
+    from engine_build.build import engine_build_options
+
+    cpu = load_profiles().get("cpu")
+    assert engine_build_options(cpu, cpu.precision("int4"))["lm_head"] == "int8"
+    assert engine_build_options(cpu, cpu.precision("int8"))["lm_head"] == "bf16"
+    assert "lm_head" not in engine_build_options(cpu, cpu.precision("bf16"))
 
 
 @pytest.mark.parametrize(

@@ -142,13 +142,18 @@ def test_nemotron_build_builds_and_the_loader_serves_weight_only_engines(tmp_pat
     tensors = load_file(entry.directory / "rank0-part0000.safetensors")
     assert tensors[QKV].dtype == (torch.int8 if precision == "int8" else torch.uint8)
     assert tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
-    # The lm_head stays bf16 (quantized it cost +0.54% perplexity): tied, it is the embedding.
-    assert ("lm_head.weight" in tensors) is not tied
-    assert tied or tensors["lm_head.weight"].dtype == torch.bfloat16
+    # int8 engines keep the lm_head bf16 (int8 cost +0.54% perplexity): tied, it is the
+    # embedding; int4 engines store an int8 lm_head, tied or not (a copy of the embedding).
+    assert ("lm_head.weight" in tensors) is (precision == "int4" or not tied)
+    if precision == "int4":
+        assert tensors["lm_head.weight"].dtype == torch.int8
+        assert "lm_head.weight_min" not in tensors
+    elif not tied:
+        assert tensors["lm_head.weight"].dtype == torch.bfloat16
     model = load_rank_model(entry.directory)
     kind = Int8Linear if precision == "int8" else Int4Linear
     assert isinstance(model.get_submodule("layers.0.parts.attention.body.qkv"), kind)
-    assert not isinstance(model.lm_head, (Int8Linear, Int4Linear))
+    assert isinstance(model.lm_head, Int8Linear) is (precision == "int4")
     # Every quantized module sits where its matrix belongs: the model agrees with a plain one
     # holding the same matrices dequantized.
     engine = TorchEngine.open(entry.directory)
@@ -203,3 +208,14 @@ profiles:
 """
     with pytest.raises(ProfileError, match=message):
         parse_profiles(text, "user.yaml")
+
+
+def test_the_plan_counts_the_int8_lm_head_an_int4_engine_stores_for_a_tied_graph():
+    cpu = load_profiles().get("cpu")
+
+    def size(tied: bool, precision: str) -> int:
+        graph = ModelGraph.from_hf_config(synthetic_config(tie_word_embeddings=tied))
+        return plan_profile(graph, cpu, cpu.precision(precision)).weight_bytes_per_device
+
+    assert size(True, "int4") == size(False, "int4")  # both store an int8 lm_head
+    assert size(True, "int8") < size(False, "int8")  # tied: the bf16 embedding serves
