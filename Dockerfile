@@ -12,7 +12,7 @@ ARG TRTLLM_IMAGE=nvcr.io/nvidia/tensorrt-llm/release:1.2.1
 ARG VERSION=0.1.0
 ARG UID=10001
 
-# --- wheel: the package, with the protobuf stubs setup.py generates from proto/ -----------------
+# --- wheel: the package, with the protobuf stubs setup.py generates from proto/ and third_party/ --
 FROM ${PYTHON_IMAGE} AS wheel
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
@@ -20,6 +20,7 @@ WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY tools/gen_proto.py tools/
 COPY proto/ proto/
+COPY third_party/ third_party/
 COPY engine_build/ engine_build/
 COPY service/ service/
 COPY docker/wheel_requirements.py /usr/local/bin/

@@ -1,16 +1,19 @@
-"""What the service costs over the in-process engine, gRPC and HTTP, on the same requests.
+"""What the service costs over the in-process engine, through each API, on the same requests.
 
     python -m bench.service_overhead [--requests 32] [--concurrency 16] [--rounds 8]
 
 The peer is our own engine called in process (`engine.generate`), with the options the server
 uses. The service side is a real `nemotron-serve` process on loopback ports, serving the same
 engine directory, with clients streaming from this process (a closed loop of `--concurrency`
-streams): `GenerateStream` over grpc.aio, and `POST /v1/completions` with `stream: true` over
+streams): `GenerateStream` over grpc.aio; `POST /v1/completions` with `stream: true` over
 aiohttp, the HTTP client of aiperf and `vllm bench serve` (HTTP/1.1 keep-alive connections,
-one per concurrent stream, SSE lines read as they come). Both processes freeze their startup
-heap the same way (`service.runtime.heap`). Rounds alternate in-process, gRPC and HTTP; each
-engine is idle while another runs. Client and server share this machine's cores, so the
-client's work is part of the service's cost here. A shared machine's speed drifts by tens of
+one per concurrent stream, SSE lines read as they come); and KServe v2's `ModelStreamInfer`
+over grpc.aio with the TensorRT-LLM tensors Triton clients send (the prompt as text: the
+decoded prompt ids, so its token count may differ by a token; `end_id` -1 for the fixed output
+length). Both processes freeze their startup heap the same way (`service.runtime.heap`).
+Rounds alternate in-process and the three APIs; each engine is idle while another runs.
+Client and server share this machine's cores, so the client's work is part of the service's
+cost here. A shared machine's speed drifts by tens of
 percent between rounds, more than the differences measured: the ratios are taken within each
 round (the sides ran within a minute of each other) and their median is the result, and each
 round also runs the in-process engine a second time ("in-process again"), whose ratio to the
@@ -43,17 +46,21 @@ import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nemotron.v1 import generation_pb2 as pb
 from nemotron.v1 import generation_pb2_grpc as pb_grpc
+from triton_proto import grpc_service_pb2 as kpb
+from triton_proto import grpc_service_pb2_grpc as kpb_grpc
 
 from bench.compare_hf import machine
 from bench.loadgen import RequestSpec, Workload, make_requests, percentiles
@@ -65,9 +72,11 @@ from service.runtime.heap import freeze_startup_heap
 from service.runtime.interface import Engine, GenerationRequest
 from service.runtime.options import RequestOptions, SamplingParams
 from service.runtime.sizing import RuntimeOptions
+from service.server.kserve.tensors import encode_bytes
 from service.startup.selection import ensure_cpu_engine
 
 CONTROL = "in-process again"  # the peer run twice per round: how far two equal runs differ
+SERVED = ("gRPC", "HTTP", "KServe")  # the server's paths: nemotron.v1, OpenAI HTTP, KServe v2
 
 
 @dataclass
@@ -157,6 +166,43 @@ async def _through_http(
             end = time.time_ns()
             if chunk["choices"][0]["text"]:
                 stamps.append(end)
+    result = _result(name, sent, stamps, end)
+    result.tokens = total
+    return result
+
+
+async def _through_kserve(stub: Any, prompt: str, spec: RequestSpec, name: str) -> StreamResult:
+    """One request on its own ModelStreamInfer call, as Triton's TensorRT-LLM clients send it
+    (`end_id` -1: no end token, exactly `max_tokens`, as the other paths' `ignore_eos`)."""
+    request = kpb.ModelInferRequest(model_name="ensemble", id=name)
+    for tensor, datatype, raw in (
+        ("text_input", "BYTES", encode_bytes([prompt.encode()])),
+        ("max_tokens", "INT32", struct.pack("<i", spec.output_tokens)),
+        ("end_id", "INT32", struct.pack("<i", -1)),
+        ("stream", "BOOL", b"\x01"),
+        ("exclude_input_in_output", "BOOL", b"\x01"),
+        ("return_num_output_tokens", "BOOL", b"\x01"),
+    ):
+        request.inputs.add(name=tensor, datatype=datatype, shape=[1, 1])
+        request.raw_input_contents.append(raw)
+
+    async def one_request() -> AsyncIterator[Any]:
+        yield request
+
+    sent = time.time_ns()
+    stamps: list[int] = []
+    end, total = sent, 0
+    async for message in stub.ModelStreamInfer(one_request(), timeout=600):
+        if message.error_message:
+            raise RuntimeError(message.error_message)
+        end = time.time_ns()
+        response = message.infer_response
+        outputs = {o.name: i for i, o in enumerate(response.outputs)}
+        if len(response.raw_output_contents[outputs["text_output"]]) > 4:  # a non-empty delta
+            stamps.append(end)
+        if response.parameters["triton_final_response"].bool_param:
+            count = response.raw_output_contents[outputs["num_output_tokens"]]
+            total = struct.unpack("<i", count)[0]
     result = _result(name, sent, stamps, end)
     result.tokens = total
     return result
@@ -310,14 +356,26 @@ def main() -> None:
         def http_one(spec: RequestSpec, name: str) -> Awaitable[StreamResult]:
             return _through_http(http, model, spec, name)
 
-        for one in (peer_one, ours_one, http_one):  # warm every path and prefix cache
+        kserve = kpb_grpc.GRPCInferenceServiceStub(channel)
+        texts = {s.prompt_ids: runtime.tokenizer.decode(list(s.prompt_ids)) for s in specs}
+
+        def kserve_one(spec: RequestSpec, name: str) -> Awaitable[StreamResult]:
+            return _through_kserve(kserve, texts[spec.prompt_ids], spec, name)
+
+        for one in (peer_one, ours_one, http_one, kserve_one):  # warm every path, prefix cache
             loop.run_until_complete(closed_loop(one, specs, args.concurrency, "warm"))
-        ones = {CONTROL: peer_one, "gRPC": ours_one, "HTTP": http_one, "in-process": peer_one}
+        ones = {
+            CONTROL: peer_one,
+            "gRPC": ours_one,
+            "HTTP": http_one,
+            "KServe": kserve_one,
+            "in-process": peer_one,
+        }
         sides: dict[str, list[Round]] = {label: [] for label in ones}
         labels = list(ones)
         stolen = Steal()
         for number in range(args.rounds):  # each side first in turn
-            for label in labels[number % 4 :] + labels[: number % 4]:
+            for label in labels[number % len(labels) :] + labels[: number % len(labels)]:
                 tag = f"{label}-round{number}"
                 sides[label].append(
                     loop.run_until_complete(closed_loop(ones[label], specs, args.concurrency, tag))
@@ -329,7 +387,7 @@ def main() -> None:
     finally:
         server.send_signal(signal.SIGTERM)  # flushes its last spans
         server.wait(timeout=120)
-    for label in ("gRPC", "HTTP"):
+    for label in SERVED:
         place_on_spans([r for x in sides[label] for r in x.results], receiver)
     sink.stop(None)
     report(engine_id=engine_dir.name, args=args, sides=sides, steal=steal)
@@ -372,8 +430,10 @@ def report(
         ("gRPC", "in-process"),
         ("HTTP", "in-process"),
         ("HTTP", "gRPC"),
+        ("KServe", "in-process"),
+        ("KServe", "gRPC"),
     )
-    rates = ("in-process", CONTROL, "gRPC", "HTTP")
+    rates = ("in-process", CONTROL, *SERVED)
     print(
         "| round | "
         + " | ".join(f"{label} tokens/s" for label in rates)
@@ -411,7 +471,7 @@ def report(
         "| path | tokens | p50 | p90 | p99 |\n|---|---|---|---|---|"
     )
     p50 = {}
-    for label in ("in-process", "gRPC", "HTTP"):
+    for label in ("in-process", *SERVED):
         results = [r for x in sides[label] for r in x.results]
         for which, values in (
             ("first and last", [d for r in results for d in (r.out_first_s, r.out_last_s)]),
@@ -422,7 +482,7 @@ def report(
             p50.setdefault(label, q["p50"])
             print(f"| {label} | {which} | {q['p50']} | {q['p90']} | {q['p99']} |")
     print()
-    for label in ("gRPC", "HTTP"):
+    for label in SERVED:
         added = p50[label] - p50["in-process"]
         print(f"added by {label} per streamed token, p50: {added:.2f} ms")
         way_in = percentiles([r.way_in_s for x in sides[label] for r in x.results])
@@ -430,7 +490,7 @@ def report(
             f"request way in through {label} (call -> engine arrival): p50 {way_in['p50']} ms, "
             f"p90 {way_in['p90']} ms"
         )
-    for label in ("in-process", "gRPC", "HTTP"):
+    for label in ("in-process", *SERVED):
         q = percentiles([g for x in sides[label] for r in x.results for g in r.itl_s])
         print(
             f"inter-token latency seen by the client, {label}: p50 {q['p50']} ms, p90 {q['p90']} ms"

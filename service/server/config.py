@@ -39,6 +39,8 @@ class ServerConfig:
     startup: StartupOptions  # which engine: profile, repository, checkpoint, build policy
     http_port: int | None = None  # the OpenAI-compatible API (None: off; the flag says 8000)
     served_model_names: tuple[str, ...] = ()  # what the HTTP API answers to (empty: the model's)
+    # More names of the KServe v2 / Triton API (Triton's TensorRT-LLM model names).
+    triton_model_names: tuple[str, ...] = ("ensemble", "tensorrt_llm_bls")
     compute_threads: int | None = None  # engine compute threads (None: all cores)
     measure_kernels: bool = True  # CPU engines: kernels chosen by measurement (--kernel-choice)
     compiled_decode: tuple[int, ...] = ()  # decode batch sizes to compile (--compiled-decode)

@@ -62,6 +62,14 @@ def model_names(text: str) -> tuple[str, ...]:
 model_names.__name__ = "comma-separated list of model names"
 
 
+def alias_names(text: str) -> tuple[str, ...]:
+    """Comma-separated model names, or 'none'."""
+    return () if text.strip().lower() == "none" else model_names(text)
+
+
+alias_names.__name__ = "comma-separated list of model names, or 'none'"
+
+
 SIZE_UNITS = {
     "": 1,
     "k": 10**3, "kb": 10**3, "ki": 2**10, "kib": 2**10,
@@ -133,6 +141,18 @@ SERVE_ARGUMENTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
             "default": (),
             "help": "name(s) the HTTP API answers to as `model`, comma-separated (default: the "
             "checkpoint's own name)",
+        },
+    ),
+    (
+        "--triton-model-names",
+        "NEMOTRON_TRITON_MODEL_NAMES",
+        {
+            "type": alias_names,
+            "default": ("ensemble", "tensorrt_llm_bls"),
+            "help": "more names the KServe v2 / Triton gRPC API answers to, beside the served "
+            "name(s): the model names of Triton's TensorRT-LLM deployments, so their clients "
+            "work unchanged (comma-separated; 'none': no more names; default: "
+            "ensemble,tensorrt_llm_bls)",
         },
     ),
     (
@@ -426,6 +446,7 @@ def parse_serve_config(argv: Sequence[str], environ: Mapping[str, str]) -> Serve
         port=args.port,
         http_port=args.http_port,
         served_model_names=args.served_model_name,
+        triton_model_names=args.triton_model_names,
         startup=StartupOptions(
             cache_dir=args.cache_dir or default_cache_dir(environ),
             profile=args.profile,

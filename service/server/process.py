@@ -31,6 +31,9 @@ from service.server.config import ServerConfig
 from service.server.engine_start import server_version, start_engine
 from service.server.health import HEALTH_SERVICE, Health, watch_engine
 from service.server.http_server import HttpServer
+from service.server.kserve.servicer import DESCRIPTOR as KSERVE_DESCRIPTOR
+from service.server.kserve.servicer import SERVICE_NAME as KSERVE_SERVICE
+from service.server.kserve.servicer import KServeServicer, KServeSettings
 from service.server.openai.app import HttpApi, HttpApiSettings
 from service.server.operations import ModelInfo
 from service.server.rpc import add_servicer
@@ -54,9 +57,17 @@ async def serve(config: ServerConfig) -> int:
     servicer = GenerationServicer(observability, callers=Callers(api_keys is not None))
     servicer.max_response_bytes = config.max_message_bytes
     add_servicer(servicer, server, pb.DESCRIPTOR.services_by_name["GenerationService"])
+    kserve_settings = KServeSettings(
+        config.served_model_names, config.triton_model_names, server_version()
+    )
+    kserve = KServeServicer(
+        observability, servicer.serving, servicer.callers, health, kserve_settings
+    )
+    kserve.max_response_bytes = config.max_message_bytes
+    add_servicer(kserve, server, KSERVE_DESCRIPTOR)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME), server
+        (SERVICE_NAME, KSERVE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server
     )
     port = _listen(server, config)
     await server.start()

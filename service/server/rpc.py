@@ -31,13 +31,21 @@ from service.server.status import abort_with
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
-API_PREFIX = "/nemotron.v1.GenerationService/"
+API_SERVICE = "nemotron.v1.GenerationService"
+API_PREFIX = f"/{API_SERVICE}/"
 
 
 class _GrpcCall(Call):
     """One RPC in flight: the shared call record plus what gRPC adds (metadata, abort)."""
 
-    def __init__(self, obs: Observability, method: str, request: Message, context: Any) -> None:
+    def __init__(
+        self,
+        obs: Observability,
+        method: str,
+        request: Message | Undecodable,
+        context: Any,
+        service: str = API_SERVICE,
+    ) -> None:
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
@@ -45,8 +53,8 @@ class _GrpcCall(Call):
             request_id, self.id_problem = f"req-{uuid.uuid4().hex[:16]}", request.problem
         else:
             request_id, self.id_problem = _ensure_request_id(request)
-        super().__init__(obs, method, request_id, metadata, f"{API_PREFIX[1:]}{method}", deadline)
-        self.context = context
+        super().__init__(obs, method, request_id, metadata, f"{service}/{method}", deadline)
+        self.context, self.service = context, service
         self.request_body = (
             json_format.MessageToDict(request)
             if obs.log_prompts and not isinstance(request, Undecodable)
@@ -92,7 +100,7 @@ class _GrpcCall(Call):
         """End with the RPC attributes of the span."""
         attributes = {
             "rpc.system": "grpc",
-            "rpc.service": API_PREFIX[1:-1],
+            "rpc.service": self.service,
             "rpc.method": self.record.method,
             "rpc.grpc.status_code": code.value[0],
         }
@@ -126,16 +134,18 @@ def _decoder(message_class: type[Message]) -> Callable[[bytes], Message | Undeco
 
 
 def add_servicer(servicer: Any, server: grpc.aio.Server, descriptor: ServiceDescriptor) -> None:
-    """Register `servicer`'s RPCs with request decoding that never fails the call unrecorded."""
+    """Register `servicer`'s RPCs with request decoding that never fails the call unrecorded.
+
+    Only the RPCs the servicer implements are registered (`rpc_service` checks which); gRPC
+    answers the others UNIMPLEMENTED.
+    """
     handlers = {}
     for method in descriptor.methods:
+        if not hasattr(servicer, method.name):
+            continue
         request_class = GetMessageClass(method.input_type)
         response_class = GetMessageClass(method.output_type)
-        make = (
-            grpc.unary_stream_rpc_method_handler
-            if method.server_streaming
-            else grpc.unary_unary_rpc_method_handler
-        )
+        make = _HANDLER_KINDS[method.client_streaming, method.server_streaming]
         handlers[method.name] = make(
             getattr(servicer, method.name),
             request_deserializer=_decoder(request_class),
@@ -147,13 +157,28 @@ def add_servicer(servicer: Any, server: grpc.aio.Server, descriptor: ServiceDesc
     server.add_registered_method_handlers(descriptor.full_name, handlers)
 
 
+_HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
 def _ensure_request_id(request: Message) -> tuple[str, str | None]:
     """The call's request id, and what is wrong with the client's (None: nothing).
 
-    An empty id gets a generated one, written into the request for the handler. An unusable one
-    (too long, odd characters) is not logged: the call is named by a generated id and refused.
+    An empty `request_id` gets a generated one, written into the request for the handler. An
+    unusable one (too long, odd characters) is not logged: the call is named by a generated id
+    and refused. A KServe request's `id` is the client's to echo back: an empty one stays empty
+    and the call is named by a generated id.
     """
     fields = request.DESCRIPTOR.fields_by_name
+    if "request_id" not in fields and "id" in fields:
+        client_id = str(request.id)  # type: ignore[attr-defined]
+        if not client_id:
+            return f"req-{uuid.uuid4().hex[:16]}", None
+        problem = request_id_problem(client_id, "id")
+        return (f"req-{uuid.uuid4().hex[:16]}", problem) if problem else (client_id, None)
     if "request_id" not in fields:
         return f"rpc-{uuid.uuid4().hex[:16]}", None
     if not request.request_id:  # type: ignore[attr-defined]
@@ -185,7 +210,7 @@ def unary(handler: F) -> F:
     @_marked
     @functools.wraps(handler)
     async def wrapped(self: Any, request: Message, context: grpc.aio.ServicerContext) -> Any:
-        call = _GrpcCall(self.observability, method, request, context)
+        call = _GrpcCall(self.observability, method, request, context, _service_of(self))
         with call.active(call.request_body):
             try:
                 call.check_id()
@@ -210,7 +235,7 @@ def streaming(handler: F) -> F:
     async def wrapped(
         self: Any, request: Message, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
-        call = _GrpcCall(self.observability, method, request, context)
+        call = _GrpcCall(self.observability, method, request, context, _service_of(self))
         messages = handler(self, request, context)
         delivered = False  # the final message (the one with a finish reason) was handed over
 
@@ -243,6 +268,38 @@ def streaming(handler: F) -> F:
             call.finish_sent()
 
     return wrapped  # type: ignore[return-value]
+
+
+def bidirectional(handler: F) -> F:
+    """Wrap a bidirectional-streaming handler: its messages are closed when the call ends.
+
+    Such a call carries many requests, each with its own outcome: the handler opens a call
+    record per request (`request_call`), not one for the stream.
+    """
+
+    @_marked
+    @functools.wraps(handler)
+    async def wrapped(
+        self: Any, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        messages = handler(self, requests, context)
+        close_when_done(context, messages, lambda: None)
+        async with contextlib.aclosing(messages):
+            async for message in messages:
+                yield message
+
+    return wrapped  # type: ignore[return-value]
+
+
+def request_call(
+    servicer: Any, method: str, request: Message | Undecodable, context: Any
+) -> _GrpcCall:
+    """The call record of one request carried by a bidirectional stream."""
+    return _GrpcCall(servicer.observability, method, request, context, _service_of(servicer))
+
+
+def _service_of(servicer: Any) -> str:
+    return str(getattr(servicer, "service_name", API_SERVICE))
 
 
 def close_when_done(
@@ -292,21 +349,31 @@ def _marked(wrapper: F) -> F:
     return wrapper
 
 
-def rpc_service(descriptor: ServiceDescriptor) -> Callable[[type[T]], type[T]]:
+def rpc_service(
+    descriptor: ServiceDescriptor, served: tuple[str, ...] | None = None
+) -> Callable[[type[T]], type[T]]:
     """Class decorator: wrap every RPC of `descriptor` on the servicer, so none is forgotten.
 
-    Unary RPCs get `unary`, server-streaming ones `streaming`; a missing method, or an RPC shape
-    this server does not serve, is an error when the class is defined.
+    `served` names the RPCs the class serves (None: all; `add_servicer` registers no others).
+    Unary RPCs get `unary`, server-streaming ones `streaming`, bidirectional ones
+    `bidirectional`; a missing method, or an RPC shape this server does not serve
+    (client streaming alone), is an error when the class is defined.
     """
 
     def decorate(cls: type[T]) -> type[T]:
         for method in descriptor.methods:
+            if served is not None and method.name not in served:
+                continue
             handler = cls.__dict__.get(method.name)
             if handler is None:
                 raise TypeError(f"{cls.__name__} does not implement {method.full_name}")
-            if method.client_streaming:
+            if method.client_streaming and not method.server_streaming:
                 raise TypeError(f"{method.full_name}: client streaming is not supported")
-            setattr(cls, method.name, (streaming if method.server_streaming else unary)(handler))
+            if method.client_streaming:
+                wrap = bidirectional
+            else:
+                wrap = streaming if method.server_streaming else unary
+            setattr(cls, method.name, wrap(handler))
         return cls
 
     return decorate

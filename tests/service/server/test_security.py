@@ -64,6 +64,30 @@ def test_api_keys_refuse_with_the_right_status_and_serve_with_a_good_key(keyed):
     assert server.status("readiness") == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_the_kserve_api_takes_the_same_keys_and_leaves_its_probes_open(keyed):
+    import numpy as np
+    import tritonclient.grpc as triton
+    from tritonclient.utils import InferenceServerException
+
+    server, _ = keyed
+    text = triton.InferInput("text_input", [1, 1], "BYTES")
+    text.set_data_from_numpy(np.array([[b"Hi"]], dtype=object))
+    with triton.InferenceServerClient(server.address) as client:
+        assert client.is_server_live() and client.is_server_ready()  # probes: no key
+        for headers, status in (
+            (None, "StatusCode.UNAUTHENTICATED"),
+            ({"authorization": "Bearer wrong"}, "StatusCode.UNAUTHENTICATED"),
+            ({"authorization": f"Bearer {CHAT_ONLY}"}, "StatusCode.PERMISSION_DENIED"),
+        ):
+            with pytest.raises(InferenceServerException) as refused:
+                client.infer("ensemble", [text], headers=headers)
+            assert refused.value.status() == status
+        good = {"authorization": f"Bearer {GOOD}"}
+        assert client.is_model_ready("ensemble", headers=good)
+        (out,) = client.infer("ensemble", [text], headers=good).as_numpy("text_output")
+        assert out.decode().startswith("Hi")
+
+
 def test_reflection_stays_open_for_grpcurl(keyed, grpcurl):
     server, _ = keyed
     listed = subprocess.run(
