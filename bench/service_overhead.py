@@ -228,7 +228,11 @@ def place_on_spans(results: list[StreamResult], receiver: OtlpReceiver) -> None:
     phases = {(s.parent_span_id, s.name): s for s in receiver.spans}
     for r in results:
         span = rpc[r.request_id]
-        queue, prefill, decode = (phases[(span, n)] for n in ("queue", "prefill", "decode"))
+        found = {n: phases.get((span, n)) for n in ("queue", "prefill", "decode")}
+        if None in found.values():
+            lacking = [n for n, s in found.items() if s is None]
+            raise SystemExit(f"the server span of {r.request_id} has no {', '.join(lacking)} span")
+        queue, prefill, decode = found["queue"], found["prefill"], found["decode"]
         r.way_in_s = (queue.start_ns - r.sent_ns) / 1e9
         r.out_first_s = (r.first_ns - prefill.end_ns) / 1e9
         r.out_last_s = (r.last_ns - decode.end_ns) / 1e9

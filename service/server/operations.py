@@ -9,6 +9,7 @@ convert their own messages to and from these domain calls.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -85,6 +86,7 @@ def generate(context: ChatContext, request: GenerationRequest) -> AsyncIterator[
     record = current_record()
     if record is not None:
         record.prompt_tokens = len(request.prompt_ids)
+        record.submitted_ns = time.time_ns()  # token-id prompts have no tokenize phase to say it
     return _counted(context, request, context.engine.generate(request), record)
 
 

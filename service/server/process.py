@@ -61,7 +61,7 @@ async def serve(config: ServerConfig) -> int:
         config.served_model_names, config.triton_model_names, server_version()
     )
     kserve = KServeServicer(
-        observability, servicer.serving, servicer.callers, health, kserve_settings
+        observability, servicer.serving, servicer.callers, health, kserve_settings, api_keys
     )
     kserve.max_response_bytes = config.max_message_bytes
     add_servicer(kserve, server, KSERVE_DESCRIPTOR)

@@ -10,6 +10,8 @@ refuses it (`unexpected inference input`). docs/service.md ("For Triton users") 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,14 +137,27 @@ class InferCall:
     outputs: frozenset[str] = field(default_factory=frozenset)  # the outputs to send
 
 
+MAX_ELEMENTS = 1024  # per list input (stop words): far above what the engine accepts
+
+
+def check_header(model: str) -> Callable[[str, str, tuple[int, ...]], None]:
+    """The check of an input's name, datatype and shape against the contract, run before its
+    data is decoded."""
+
+    def check(name: str, datatype: str, shape: tuple[int, ...]) -> None:
+        spec = INPUT_SPECS.get(name)
+        if spec is None:
+            raise RequestError(f"unexpected inference input '{name}' for model '{model}'")
+        _check_header(spec, datatype, shape, model)
+
+    return check
+
+
 def infer_call(
     tensors: dict[str, Tensor], requested: list[str], model: str, deadline: float | None
 ) -> InferCall:
-    """Check every input against the contract and build the call; the first problem raises."""
-    for name in tensors:
-        if name not in INPUT_SPECS:
-            raise RequestError(f"unexpected inference input '{name}' for model '{model}'")
-    values = {name: _value(INPUT_SPECS[name], t, model) for name, t in tensors.items()}
+    """Build the call from inputs `check_header` passed; the first problem raises."""
+    values = {name: t.values.reshape(-1).tolist() for name, t in tensors.items()}
     if "text_input" not in values:
         raise RequestError(
             f"missing required input 'text_input' for model '{model}' (BYTES, shape [1, 1])"
@@ -174,16 +189,15 @@ def infer_call(
     )
 
 
-def _value(spec: InputSpec, tensor: Tensor, model: str) -> list[Any]:
-    """The input's elements for one request, its datatype and shape checked."""
+def _check_header(spec: InputSpec, datatype: str, shape: tuple[int, ...], model: str) -> None:
+    """Refuse a datatype or shape the contract does not take for `spec`."""
     allowed = _datatypes(spec)
-    if tensor.datatype not in allowed:
+    if datatype not in allowed:
         raise RequestError(
-            f"inference input '{spec.name}' data-type is '{tensor.datatype}', but model "
+            f"inference input '{spec.name}' data-type is '{datatype}', but model "
             f"'{model}' expects '{spec.datatype}'"
             + (f" (or {', '.join(allowed[1:])})" if len(allowed) > 1 else "")
         )
-    shape = tensor.shape
     batch_free = shape[1:] if len(shape) == len(spec.dims) + 1 else shape
     if len(shape) == len(spec.dims) + 1 and shape[0] != 1:
         raise RequestError(
@@ -198,10 +212,11 @@ def _value(spec: InputSpec, tensor: Tensor, model: str) -> list[Any]:
             f"unexpected shape for input '{spec.name}' for model '{model}': expected "
             f"{expected} (a batch of one) or {list(spec.dims)}, got {list(shape)}"
         )
-    values = tensor.values.reshape(-1).tolist()
-    if spec.dims == (1,) and len(values) != 1:
-        raise RequestError(f"input '{spec.name}': expected one value, got {len(values)}")
-    return values
+    if math.prod(shape) > MAX_ELEMENTS:
+        raise RequestError(
+            f"input '{spec.name}': {math.prod(shape)} elements, more than the {MAX_ELEMENTS} "
+            "this server reads"
+        )
 
 
 def _datatypes(spec: InputSpec) -> tuple[str, ...]:
@@ -213,9 +228,8 @@ def _datatypes(spec: InputSpec) -> tuple[str, ...]:
 
 
 def _is_neutral(spec: InputSpec, values: list[Any]) -> bool:
-    if spec.neutral is None:
-        return False
-    return all(v == spec.neutral for v in values)
+    """An empty input, or one holding only the value that asks for nothing."""
+    return all(spec.neutral is not None and v == spec.neutral for v in values)
 
 
 def _text(value: Any, name: str) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -21,11 +21,12 @@ import numpy as np
 from triton_proto import grpc_service_pb2 as kpb
 from triton_proto import model_config_pb2 as mc
 
-from service.runtime.interface import GenerationRequest, RequestError, TokenEvent
+from service.runtime.interface import GenerationRequest, NotReadyError, RequestError, TokenEvent
 from service.server import convert, operations
+from service.server.api_keys import ApiKeys
 from service.server.callers import Callers, engine_request_id
 from service.server.health import Health
-from service.server.kserve.contract import INPUTS, OUTPUTS, InferCall, infer_call
+from service.server.kserve.contract import INPUTS, OUTPUTS, InferCall, check_header, infer_call
 from service.server.kserve.tensors import decode_inputs, encode_bytes, encode_output
 from service.server.operations import Serving
 from service.server.rpc import Undecodable, request_call, rpc_service
@@ -48,6 +49,7 @@ DEFAULT_ALIASES = ("ensemble", "tensorrt_llm_bls")
 MODEL_VERSION = "1"
 PLATFORM = "nemotron-serve"
 EMPTY_FINAL = "triton_enable_empty_final_response"
+STREAM_QUEUE = 64  # responses a stream holds for writing before its requests wait
 FINAL = "triton_final_response"
 _CONFIG_TYPES = {
     "BYTES": mc.TYPE_STRING,
@@ -82,6 +84,7 @@ class KServeServicer:
         callers: Callers,
         health: Health,
         settings: KServeSettings | None = None,
+        api_keys: ApiKeys | None = None,
     ) -> None:
         self.observability, self.serving, self.callers, self.health = (
             observability,
@@ -90,6 +93,7 @@ class KServeServicer:
             health,
         )
         self.settings = settings or KServeSettings()
+        self.api_keys = api_keys
         self.max_response_bytes: int | None = None
 
     # -- names -----------------------------------------------------------------------------
@@ -207,26 +211,36 @@ class KServeServicer:
     ) -> AsyncIterator[kpb.ModelStreamInferResponse]:
         """Each request's responses as its tokens come (deltas of `text_output`), requests
         served concurrently; the last response of each carries `triton_final_response`."""
-        queue: asyncio.Queue[kpb.ModelStreamInferResponse | None] = asyncio.Queue()
+        # Bounded: a request whose responses are not being written waits here, and its engine
+        # stream merges the tokens meanwhile (as for a slow nemotron.v1 reader).
+        queue: asyncio.Queue[kpb.ModelStreamInferResponse | None] = asyncio.Queue(STREAM_QUEUE)
         running: set[asyncio.Task[None]] = set()
 
         async def read() -> None:
-            try:
-                async for request in requests:
-                    task = asyncio.create_task(self._stream_one(request, context, queue.put_nowait))
-                    running.add(task)
-                    task.add_done_callback(running.discard)
-                while running:  # the client half-closed: finish what it sent, then end
-                    await asyncio.wait(set(running))
-            finally:
-                queue.put_nowait(None)
+            async for request in requests:
+                task = asyncio.create_task(self._stream_one(request, context, queue.put))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            while running:  # the client half-closed: finish what it sent, then end
+                await asyncio.wait(set(running))
+            await queue.put(None)
 
         reader = asyncio.create_task(read())
+        getting: asyncio.Future[kpb.ModelStreamInferResponse | None] | None = None
         try:
-            while (message := await queue.get()) is not None:
+            while True:
+                getting = asyncio.ensure_future(queue.get())
+                await asyncio.wait({getting, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if not getting.done() and reader.done() and reader.exception() is not None:
+                    getting.cancel()  # reading the requests failed: the call ends with that
+                    await reader
+                message = await getting  # after a reader that ended well: the rest, its mark
+                if message is None:
+                    break
                 yield message
-            await reader  # an error reading the requests ends the call with it
         finally:
+            if getting is not None:
+                getting.cancel()
             reader.cancel()
             for task in list(running):
                 task.cancel()
@@ -236,19 +250,30 @@ class KServeServicer:
         self,
         request: kpb.ModelInferRequest | Undecodable,
         context: Any,
-        send: Callable[[kpb.ModelStreamInferResponse], None],
+        send: Callable[[kpb.ModelStreamInferResponse], Awaitable[None]],
     ) -> None:
         """One request of a stream, start to end, under its own call record."""
         record = request_call(self, "ModelStreamInfer", request, context)
         response_id = request.id if isinstance(request, kpb.ModelInferRequest) else ""
+
+        async def checked(message: kpb.ModelStreamInferResponse) -> None:
+            size, limit = message.ByteSize(), self.max_response_bytes
+            if limit is not None and size > limit:
+                raise RequestError(
+                    f"the response would be {size} bytes, over the server's message limit of "
+                    f"{limit} bytes (--max-message-bytes): ask for less, or stream the text"
+                )
+            await send(message)
+
         with record.active(record.request_body):
             try:
                 record.check_id()
                 assert isinstance(request, kpb.ModelInferRequest)
+                self._check_key(context)  # on every request: a stream outlives key rotations
                 call = self._infer_call(request, context)
                 empty_final = _empty_final(request)
                 async with aclosing(await self._generate(call, request, context)) as events:
-                    await _stream_responses(request, call, events, empty_final, send)
+                    await _stream_responses(request, call, events, empty_final, checked)
             except asyncio.CancelledError:
                 record.finish(record.cancel_code())
                 raise
@@ -261,16 +286,27 @@ class KServeServicer:
                     failed.infer_response.model_name = request.model_name
                     failed.infer_response.model_version = request.model_version
                 failed.infer_response.parameters[FINAL].bool_param = True
-                send(failed)
+                await send(failed)
                 return
             record.finish_sent()
 
+    def _check_key(self, context: Any) -> None:
+        """Refuse a stream's request when its key is no longer valid (or no longer may)."""
+        if self.api_keys is None:
+            return
+        metadata = dict(context.invocation_metadata() or ())
+        refusal = self.api_keys.check(str(metadata.get("authorization", "")), "ModelStreamInfer")
+        if refusal is not None:
+            raise refusal
+
     def _infer_call(self, request: kpb.ModelInferRequest, context: Any) -> InferCall:
         self.serving.ready()
+        if not self.health.live:  # draining: calls in flight finish, new requests go elsewhere
+            raise NotReadyError("the server is shutting down; send the request to another replica")
         name = self._resolve(request.model_name, request.model_version)
         _empty_final(request)  # its type is checked on every request (perf_analyzer sends it)
         deadline = convert.deadline_from(context.time_remaining())
-        tensors = decode_inputs(request, name)
+        tensors = decode_inputs(request, name, check_header(name))
         return infer_call(tensors, [o.name for o in request.outputs], name, deadline)
 
     async def _generate(
@@ -302,7 +338,7 @@ async def _stream_responses(
     call: InferCall,
     events: AsyncIterator[TokenEvent],
     empty_final: bool,
-    send: Callable[[kpb.ModelStreamInferResponse], None],
+    send: Callable[[kpb.ModelStreamInferResponse], Awaitable[None]],
 ) -> None:
     """With `stream`, a response per event that brings text (`text_output` is the delta);
     without, one response with the whole text. The last response is flagged final
@@ -320,17 +356,25 @@ async def _stream_responses(
         text = "".join(e.text for e in pending)
         if not call.stream and not call.exclude_input:
             text = call.prompt + text
-        if last and empty_final and call.stream and not text:
+        if last and empty_final and call.stream and not _carries(call, text, pending):
             break  # nothing new to say: the empty final response ends it
         response = _response(request)
         _outputs(response, call, text, pending, seen)
         response.parameters[FINAL].bool_param = last and not empty_final
-        send(kpb.ModelStreamInferResponse(infer_response=response))
+        await send(kpb.ModelStreamInferResponse(infer_response=response))
         pending = []
     if empty_final:
         final = _response(request)
         final.parameters[FINAL].bool_param = True
-        send(kpb.ModelStreamInferResponse(infer_response=final))
+        await send(kpb.ModelStreamInferResponse(infer_response=final))
+
+
+def _carries(call: InferCall, text: str, events: list[TokenEvent]) -> bool:
+    """Whether the last events bring anything the client asked for: text, tokens held back
+    (their log-probabilities, their count) or the token counts of the finished request."""
+    if text or any(e.token_ids for e in events):
+        return True
+    return bool(call.outputs & {"num_input_tokens", "num_output_tokens"})
 
 
 def _response(request: kpb.ModelInferRequest) -> kpb.ModelInferResponse:

@@ -9,7 +9,9 @@ Triton sends them (the C++ client indexes that list for every output).
 
 from __future__ import annotations
 
+import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,8 +48,15 @@ class Tensor:
     values: np.ndarray
 
 
-def decode_inputs(request: Any, model: str) -> dict[str, Tensor]:
-    """Every input of a ModelInferRequest, by name; malformed ones refused with their name."""
+HeaderCheck = Callable[[str, str, tuple[int, ...]], None]
+
+
+def decode_inputs(request: Any, model: str, check: HeaderCheck | None = None) -> dict[str, Tensor]:
+    """Every input of a ModelInferRequest, by name; malformed ones refused with their name.
+
+    `check(name, datatype, shape)` refuses an input before its data is read (so a shape the
+    contract refuses costs nothing to decode).
+    """
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
         raise RequestError(
@@ -68,7 +77,9 @@ def decode_inputs(request: Any, model: str) -> dict[str, Tensor]:
         shape = tuple(int(d) for d in tensor.shape)
         if any(d < 0 for d in shape):
             raise RequestError(f"input '{name}': shape {list(shape)} has a negative dimension")
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if check is not None:
+            check(name, tensor.datatype, shape)
+        count = math.prod(shape)
         if raw:
             if tensor.HasField("contents"):
                 raise RequestError(
@@ -109,6 +120,8 @@ def _split_bytes(name: str, data: bytes, count: int) -> list[bytes]:
             )
         items.append(bytes(data[offset : offset + length]))
         offset += length
+        if len(items) > count:
+            break
     if len(items) != count:
         raise RequestError(
             f"unexpected number of string elements {len(items)} for input '{name}': its shape "

@@ -151,17 +151,17 @@ def _stream(client, requests: list[tuple[str, list]], empty_final: bool = False)
                 MODEL, inputs, request_id=request_id, enable_empty_final_response=empty_final
             )
         by_id: dict[str, list] = {request_id: [] for request_id, _ in requests}
-        open_ids = set(by_id)
-        while open_ids:
+        by_id["errors"] = []
+        finished = 0
+        while finished < len(requests):  # each request ends with a final response or an error
             result, error = got.get(timeout=120)
             if error is not None:  # tritonclient gives errors without the response's id
-                open_ids.pop()
-                by_id.setdefault("errors", []).append(error)
+                by_id["errors"].append(error)
+                finished += 1
                 continue
             response = result.get_response()
             by_id[response.id].append(result)
-            if response.parameters["triton_final_response"].bool_param:
-                open_ids.discard(response.id)
+            finished += response.parameters["triton_final_response"].bool_param
         return by_id
     finally:
         client.stop_stream()
@@ -185,13 +185,18 @@ def test_a_stream_yields_the_deltas_in_order_and_flags_the_last(server, client):
 
 def test_an_empty_final_response_when_the_client_asks_for_one(server, client):
     prompt = GREEDY_TEXT_PROMPTS[2]
-    by_id = _stream(client, [("e", _inputs(prompt, 8, stream=_flag(True)))], empty_final=True)
-    results = by_id["e"]
+    counts = {"return_num_input_tokens": _flag(True), "return_num_output_tokens": _flag(True)}
+    inputs = _inputs(prompt, 8, stream=_flag(True), **counts)
+    results = _stream(client, [("e", inputs)], empty_final=True)["e"]
     last = results[-1]
     assert last.as_numpy("text_output") is None  # no outputs at all
     assert last.get_response().parameters["triton_final_response"].bool_param
     text = "".join(r.as_numpy("text_output")[0].decode() for r in results[:-1])
-    assert text == _generate(server, prompt, 8).text
+    expected = _generate(server, prompt, 8)
+    assert text == expected.text
+    # The finished request's counts still come, on the response before the empty one.
+    assert int(results[-2].as_numpy("num_input_tokens")[0][0]) == expected.usage.prompt_tokens
+    assert int(results[-2].as_numpy("num_output_tokens")[0][0]) == len(expected.token_ids)
 
 
 def _bad_requests() -> list[tuple[str, object, str]]:

@@ -76,6 +76,48 @@ def test_spans_join_the_callers_trace_with_phase_children(traced):
     assert rpc.start_ns <= order[0].start_ns and order[-1].end_ns <= rpc.end_ns + 5_000_000
 
 
+def test_a_prompt_of_token_ids_gets_the_engine_phase_spans_too(traced):
+    server, receiver = traced
+    request = pb.GenerateStreamRequest(
+        request_id="ids-traced",
+        prompt=pb.Prompt(token_ids=pb.TokenIds(ids=[1, 2, 3, 4])),
+        limits=pb.GenerationLimits(max_new_tokens=3),
+    )
+    list(server.api.GenerateStream(request, timeout=60))
+    (rpc,) = receiver.wait_for(lambda s: s.attributes.get("nemotron.request_id") == "ids-traced")
+    children = receiver.wait_for(lambda s: s.parent_span_id == rpc.span_id)
+    assert {s.name for s in children} == {"queue", "prefill", "decode"}  # no tokenize phase
+
+
+def test_kserve_stream_requests_join_the_callers_trace_as_their_own_spans(traced):
+    import numpy as np
+    import tritonclient.grpc as triton
+
+    server, receiver = traced
+    text = triton.InferInput("text_input", [1, 1], "BYTES")
+    text.set_data_from_numpy(np.array([[b"Hello"]], dtype=object))
+    done = []
+    with triton.InferenceServerClient(server.address) as client:
+        client.start_stream(
+            callback=lambda result, error: done.append((result, error)),
+            headers={"traceparent": f"00-{TRACE_ID}-{CALLER_SPAN}-01"},
+        )
+        client.async_stream_infer("ensemble", [text], request_id="kserve-traced")
+        client.stop_stream()  # waits until the server has answered it
+    assert done and done[-1][1] is None
+    (rpc,) = receiver.wait_for(
+        lambda s: (
+            s.name == "inference.GRPCInferenceService/ModelStreamInfer"
+            and s.attributes.get("nemotron.request_id") == "kserve-traced"
+        )
+    )
+    assert rpc.trace_id == TRACE_ID and rpc.parent_span_id == CALLER_SPAN
+    assert rpc.attributes["rpc.service"] == "inference.GRPCInferenceService"
+    assert rpc.attributes["gen_ai.operation.name"] == "text_completion"
+    children = receiver.wait_for(lambda s: s.parent_span_id == rpc.span_id)
+    assert {s.name for s in children} == {"tokenize", "queue", "prefill", "decode"}
+
+
 def test_a_call_without_traceparent_starts_its_own_trace_and_errors_mark_the_span(traced):
     server, receiver = traced
     _chat_stream(server, "traced-2")

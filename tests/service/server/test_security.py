@@ -108,11 +108,30 @@ def _serves(server, key: str) -> bool:
 
 
 def test_a_rotated_key_file_takes_effect_without_a_restart(keyed):
+    import queue
+
+    import numpy as np
+    import tritonclient.grpc as triton
+
     server, keys = keyed
+    text = triton.InferInput("text_input", [1, 1], "BYTES")
+    text.set_data_from_numpy(np.array([[b"Hi"]], dtype=object))
+    answers: queue.Queue = queue.Queue()
+    client = triton.InferenceServerClient(server.address)
+    client.start_stream(  # a KServe stream opened with a key that is about to go
+        callback=lambda result, error: answers.put(error),
+        headers={"authorization": f"Bearer {GOOD}"},
+    )
+    client.async_stream_infer("ensemble", [text], request_id="before")
+    assert answers.get(timeout=60) is None
     keys.write_text(f"{ROTATED}\n")
     # The server looks at the file at most once a second (RELOAD_CHECK_S), on a call.
     wait_until(lambda: _serves(server, ROTATED), "the new key to be picked up", interval_s=0.3)
     assert _code(server.api.Generate, HI, _bearer(GOOD))[0] == grpc.StatusCode.UNAUTHENTICATED
+    client.async_stream_infer("ensemble", [text], request_id="after")  # the stream is still open
+    assert "invalid API key" in str(answers.get(timeout=60))
+    client.stop_stream()
+    client.close()
     keys.write_text(f"{GOOD}\n{CHAT_ONLY} Chat,ChatStream\n")  # back for the other tests
     wait_until(lambda: _serves(server, GOOD), "the first keys to be back", interval_s=0.3)
 
