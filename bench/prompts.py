@@ -26,3 +26,28 @@ CHAT_PARITY_PROMPTS = (
     "Translate 'good morning' into German and Spanish.",
     "Why is the sky blue? Answer in one sentence.",
 )
+
+# Open-ended chat prompts for the repetition measure of the sampling defaults (bench/repetition.py):
+# answers long enough for a greedy model to loop.
+OPEN_PROMPTS = (
+    "Write a haiku about Kubernetes.",
+    "Tell me a short story about a lighthouse keeper.",
+    "Describe a walk through a forest in autumn.",
+    "Write a poem about the sea.",
+    "What would you do with a free day in Paris?",
+    "Describe your ideal breakfast.",
+    "Write a letter to a friend you have not seen in years.",
+    "Tell me about a dragon who is afraid of fire.",
+    "Describe the city of the future.",
+    "Write a song about rain.",
+    "What makes a good teacher?",
+    "Describe a thunderstorm to someone who has never seen one.",
+    "Write a short fable with a moral.",
+    "Tell me about life on a space station.",
+    "Describe the taste of chocolate.",
+    "Write a motivational speech for a sports team.",
+    "What is it like to learn a new language?",
+    "Describe a busy market in the morning.",
+    "Write a diary entry of a cat.",
+    "Tell me a story that begins with a knock at the door.",
+)

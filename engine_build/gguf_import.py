@@ -32,7 +32,7 @@ from engine_build.digest import file_sha256
 from engine_build.graph import ffn_width
 
 # Bump when the output format changes, so cached imports are redone.
-IMPORTER_VERSION = "1"
+IMPORTER_VERSION = "2"  # 2: generation_config.json
 MARKER_FILE = "import.json"
 
 _GLOBAL_TENSORS = {
@@ -109,6 +109,9 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, source_sha256: str =
     save_file(_convert_tensors(reader, meta), str(out_dir / "model.safetensors"), {"format": "pt"})
     (out_dir / "tokenizer.json").write_text(meta.tokenizer().to_str(pretty=True) + "\n")
     _write_json(out_dir / "tokenizer_config.json", meta.tokenizer_config())
+    generation = meta.generation_config()
+    if generation:
+        _write_json(out_dir / "generation_config.json", generation)
     Checkpoint.open(out_dir)
     _write_json(
         out_dir / MARKER_FILE,
@@ -249,6 +252,26 @@ class _LlamaMetadata:
         return [
             t for t, kind in zip(self.tokens, self.token_types, strict=True) if kind == token_type
         ]
+
+    def generation_config(self) -> dict[str, Any]:
+        """generation_config.json: sampling defaults where the model's publisher gives them.
+
+        GGUF files carry none; for the SmolLM2 family (the embedded model) they are the
+        model card's (HuggingFaceTB/SmolLM2-135M-Instruct: its example generates with
+        temperature 0.2, top-p 0.9), said so in `nemotron_source`.
+        """
+        if (self.get("general.organization"), self.get("general.basename")) != (
+            "HuggingFaceTB",
+            "smollm2",
+        ):
+            return {}
+        return {
+            "do_sample": True,
+            "temperature": 0.2,
+            "top_p": 0.9,
+            "nemotron_source": "the SmolLM2-Instruct model card (temperature 0.2, top-p 0.9); "
+            "the GGUF file carries no sampling metadata",
+        }
 
     def tokenizer_config(self) -> dict[str, Any]:
         """tokenizer_config.json: chat template and special token strings."""

@@ -99,7 +99,12 @@ class EngineEntry:
 
 
 # Checkpoint files an engine depends on: the graph, the weights and the tokenizer it carries.
-_FINGERPRINTED = ("config.json", "tokenizer.json", "tokenizer_config.json")
+_FINGERPRINTED = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+)
 
 
 def checkpoint_fingerprint(directory: Path) -> str:

@@ -25,6 +25,10 @@ REFERENCE_49B = REPO_ROOT / "tests" / "data" / "nemotron-super-49b-v1.config.jso
 # batch size, in the background) would only slow the suite. Tests of the compiled step and of the
 # flag's default set it themselves (tests/service/runtime/test_compiled.py).
 os.environ.setdefault("NEMOTRON_COMPILED_DECODE", "off")
+# ... and greedily unless a request asks otherwise: most tests compare exact tokens across paths.
+# The model's sampling defaults are tested where they are meant (tests/service/chat/
+# test_sampling_defaults.py), with --sampling-defaults model.
+os.environ.setdefault("NEMOTRON_SAMPLING_DEFAULTS", "none")
 
 
 # SmolLM2-135M-Instruct's architecture as a plain Llama config (the field guide's figures).

@@ -34,7 +34,8 @@ from engine_build.weights import EMBEDDING, LM_HEAD, weight_specs
 ENGINE_FILE = "engine.json"
 ENGINE_FORMAT = "nemotron-torch-engine"
 FORMAT_VERSION = 1
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# Copied from the checkpoint when present (generation_config.json: its sampling defaults).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 # Source bytes read per part: bounds the builder's memory for big checkpoints.
 PART_BYTES = 2 * 10**9
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from importlib import resources
@@ -19,6 +19,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from service.chat.sampling import family_defaults
 from service.runtime.interface import RequestError
 from service.runtime.tokenizer import ChatMessage
 
@@ -46,6 +47,9 @@ class Family:
     reasoning_off: str = ""
     reasoning_default: Reasoning = Reasoning.OFF
     tools_in_system: bool = False
+    # Sampling defaults per reasoning mode, as the model card recommends (service/chat/sampling.py).
+    sampling_on: Mapping[str, Any] = field(default_factory=dict)
+    sampling_off: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def supports_reasoning(self) -> bool:
@@ -65,6 +69,7 @@ def load_families() -> list[Family]:
     families = []
     for name, entry in raw["families"].items():
         reasoning = entry.get("reasoning") or {}
+        sampling_on, sampling_off = family_defaults(entry.get("sampling"))
         families.append(
             Family(
                 name=name,
@@ -74,6 +79,8 @@ def load_families() -> list[Family]:
                 reasoning_off=reasoning.get("when_off", ""),
                 reasoning_default=Reasoning(reasoning.get("default", "off")),
                 tools_in_system=bool(entry.get("tools_in_system", False)),
+                sampling_on=sampling_on,
+                sampling_off=sampling_off,
             )
         )
     return families

@@ -28,6 +28,7 @@ from service.chat.formats import (
     prepare_messages,
     validate_tools,
 )
+from service.chat.sampling import NO_DEFAULTS, SamplingDefaults
 from service.observability.tracing import phase
 from service.runtime.interface import (
     Engine,
@@ -84,6 +85,7 @@ class ChatContext:
 
     engine: Engine
     family: Family
+    sampling: SamplingDefaults = NO_DEFAULTS  # the model's, for fields a request leaves unset
 
     @property
     def tokenizer(self) -> TextTokenizer:
@@ -129,7 +131,9 @@ def prepare_chat_turn(context: ChatContext, turn: ChatTurn) -> PreparedTurn:
     if turn.reasoning_budget_tokens is not None and turn.reasoning_budget_tokens < 1:
         raise RequestError(f"reasoning_budget_tokens {turn.reasoning_budget_tokens} must be >= 1")
     mode, messages = asked_reasoning(turn.messages, context.family, turn.reasoning)
-    turn = replace(turn, messages=messages, reasoning=mode)
+    thinking = context.family.reasoning_enabled(mode) if context.family.supports_reasoning else None
+    options = context.sampling.apply(turn.options, thinking)
+    turn = replace(turn, messages=messages, reasoning=mode, options=options)
     return PreparedTurn(turn, render_prompt(context, turn))
 
 

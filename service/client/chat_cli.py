@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="thinking (default: the model family's)",
     )
     add("--reasoning-budget", type=int, metavar="N", help="close the thinking after N tokens")
-    add("--temperature", type=float, help="0 is greedy (the server's default)")
+    add("--temperature", type=float, help="0 is greedy; unset: the model's defaults")
     add("--top-p", type=float, help="nucleus sampling, in (0, 1]")
     add("--max-tokens", type=int, metavar="N", help="generated tokens per turn at most")
     add("--seed", type=int, help="makes sampling reproducible")

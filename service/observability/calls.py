@@ -118,6 +118,11 @@ class Call:
             }
             if record.timings is not None:
                 fields["ttft_ms"] = round(record.timings.time_to_first_token_s * 1000, 2)
+            # The sampling that ran (the request's fields, else the model's defaults).
+            attributes = record.request_attributes
+            for name in ("temperature", "top_p"):
+                if f"gen_ai.request.{name}" in attributes:
+                    fields[name] = attributes[f"gen_ai.request.{name}"]
         if message:
             fields["error"] = message
         if self.obs.log_prompts and self.response_text:

@@ -95,6 +95,9 @@ class RequestOptions:
     # such a request computes its whole prompt (no prefix-cache reuse).
     prompt_logprobs: int | None = None
     deadline: float | None = None  # time.monotonic() value after which the request is dropped
+    # The sampling fields the client set (front ends fill it in): the model's defaults fill the
+    # others (service/chat/sampling.py). None: the request runs exactly as given.
+    sampling_set: frozenset[str] | None = None
 
 
 def max_new_tokens_for(requested: int | None, room: int) -> int:

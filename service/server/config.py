@@ -44,6 +44,7 @@ class ServerConfig:
     compute_threads: int | None = None  # engine compute threads (None: all cores)
     measure_kernels: bool = True  # CPU engines: kernels chosen by measurement (--kernel-choice)
     compiled_decode: tuple[int, ...] = ()  # decode batch sizes to compile (--compiled-decode)
+    sampling_defaults: str = "model"  # "model" | "none" (--sampling-defaults)
     kv_cache_memory: int | None = None  # KV cache bytes per device (None: from free memory)
     grace_s: float = 30.0
     max_message_bytes: int = 4 * 1024 * 1024

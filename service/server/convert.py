@@ -63,6 +63,7 @@ def options_from_pb(
         ignore_eos=limits.ignore_eos,
         logprobs=limits.logprobs if limits.HasField("logprobs") else None,
         deadline=deadline,
+        sampling_set=frozenset(n for n in SamplingParams.option_names() if sampling.HasField(n)),
     )
 
 

@@ -13,12 +13,14 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 
 import grpc
 
 from engine_build.events import log_event
 from engine_build.repository import EngineEntry
 from service.chat.formats import family_of, load_families
+from service.chat.sampling import model_defaults
 from service.chat.turns import ChatContext
 from service.runtime.compute import run_in_compute_thread
 from service.runtime.factory import open_engine
@@ -71,7 +73,13 @@ async def start_engine(
         log_event("startup_refused", logging.ERROR, reason=str(error))
         raise
     family = family_of(engine.tokenizer.chat_template_source, load_families())
-    servicer.attach(ChatContext(engine, family), model_info(choice.entry, engine, family.name))
+    sampling = model_defaults(
+        config.sampling_defaults, family.sampling_on, family.sampling_off, choice.directory
+    )
+    report = sampling.report(family.supports_reasoning)
+    log_event("sampling_defaults", **report)
+    info = replace(model_info(choice.entry, engine, family.name), sampling_defaults=report)
+    servicer.attach(ChatContext(engine, family, sampling), info)
     log_event(
         "engine_started",
         engine=str(choice.directory),

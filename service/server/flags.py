@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine_build.events import LOG_LEVELS
 from engine_build.profiles import Dtype
+from service.chat.sampling import CHOICES as SAMPLING_CHOICES
 from service.observability.logs import LOG_FORMATS
 from service.runtime.compiled import SIZES as COMPILED_SIZES
 
@@ -284,6 +285,17 @@ SERVE_ARGUMENTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
         },
     ),
     (
+        "--sampling-defaults",
+        "NEMOTRON_SAMPLING_DEFAULTS",
+        {
+            "choices": SAMPLING_CHOICES,
+            "default": "model",
+            "help": "what sampling fields a request leaves unset become: 'model' (the family's "
+            "defaults for the turn's reasoning mode, as the model card recommends, then the "
+            "checkpoint's generation_config.json, then greedy) or 'none' (greedy)",
+        },
+    ),
+    (
         "--grace-s",
         "NEMOTRON_GRACE_S",
         {
@@ -461,6 +473,7 @@ def parse_serve_config(argv: Sequence[str], environ: Mapping[str, str]) -> Serve
         compute_threads=args.compute_threads,
         measure_kernels=args.kernel_choice == "measure",
         compiled_decode=args.compiled_decode,
+        sampling_defaults=args.sampling_defaults,
         kv_cache_memory=args.kv_cache_memory,
         grace_s=args.grace_s,
         max_message_bytes=args.max_message_bytes,

@@ -12,7 +12,8 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from service.chat.turns import (
     ChatContext,
@@ -47,6 +48,8 @@ class ModelInfo:
     engine_id: str
     engine_name: str
     versions: dict[str, str]
+    # reasoning_on / reasoning_off / without_reasoning: {option: value}; checkpoint_source
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
 
 
 class Serving:
@@ -81,7 +84,9 @@ class Serving:
 
 def generate(context: ChatContext, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
     """Submit a plain generation now (a refusal raises here); stream its events, counting
-    tokens as they come (a cancelled stream still counts)."""
+    tokens as they come (a cancelled stream still counts). Sampling fields the request left
+    unset take the model's defaults for a completion without a reasoning mode."""
+    request = replace(request, options=context.sampling.apply(request.options, None))
     note_request("text_completion", request.options)
     record = current_record()
     if record is not None:

@@ -261,6 +261,7 @@ def _options(
         raise RequestError(f"input 'max_tokens': {max_tokens} is not allowed; it must be >= 1")
     return RequestOptions(
         sampling=SamplingParams(**sampling),
+        sampling_set=frozenset(sampling),
         max_new_tokens=max_tokens,
         stop_strings=stop_words,
         stop_token_ids=stop_ids,

@@ -102,7 +102,7 @@ def request_options(
     logprobs: int | None,
     deadline: float | None = None,
 ) -> RequestOptions:
-    """The engine options of an OpenAI request (unset fields keep the engine's defaults)."""
+    """The engine options of an OpenAI request (unset fields take the model's defaults)."""
     _refuse_unsupported(request)
     extras = _extras(request)
     given = {
@@ -114,8 +114,10 @@ def request_options(
         **{k: v for k, v in extras.items() if k in SamplingParams.option_names()},
     }
     stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    chosen = {k: v for k, v in given.items() if v is not None}
     return RequestOptions(
-        sampling=SamplingParams(**{k: v for k, v in given.items() if v is not None}),
+        sampling=SamplingParams(**chosen),
+        sampling_set=frozenset(chosen),
         max_new_tokens=max_tokens,
         stop_strings=tuple(stops),
         stop_token_ids=tuple(extras.get("stop_token_ids", ())),

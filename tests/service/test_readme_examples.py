@@ -1,7 +1,8 @@
-"""The README's HTTP examples (curl and the openai SDK), run as written against a real server.
+"""The README's examples (grpcurl, curl, the openai SDK, tritonclient), run as written against a
+real server.
 
-Only the address changes: the README says `localhost:8000`, the test server listens on a free
-loopback port.
+Only the address changes: the README says `localhost:8000` (HTTP) and `localhost:50051` (gRPC),
+the test server listens on free loopback ports.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ def example(name: str) -> str:
 
 
 def _at(server, text: str) -> str:
-    assert "localhost:8000" in text
-    return text.replace("localhost:8000", f"127.0.0.1:{server.http_port}")
+    assert "localhost:8000" in text or "localhost:50051" in text
+    text = text.replace("localhost:8000", f"127.0.0.1:{server.http_port}")
+    return text.replace("localhost:50051", server.address)
 
 
 def test_the_readme_curl_example_answers(server):
@@ -55,3 +57,22 @@ def test_the_readme_openai_sdk_example_answers(server):
         check=True,
     )
     assert "Paris" in result.stdout, result.stdout + result.stderr
+
+
+def test_the_readme_grpcurl_example_answers(server, grpcurl):
+    command = _at(server, example("grpcurl")).replace("grpcurl ", f"{grpcurl} ", 1)
+    result = subprocess.run(
+        ["bash", "-c", command], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert "Paris" in result.stdout, result.stdout
+
+
+def test_the_readme_triton_client_example_answers(server):
+    result = subprocess.run(
+        [sys.executable, "-c", _at(server, example("triton"))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert result.stdout.strip(), result.stderr  # a continuation of the prompt
