@@ -35,44 +35,29 @@ def _at(server, text: str) -> str:
     return text.replace("localhost:50051", server.address)
 
 
+def _run(*command: str) -> str:
+    """The example's standard output (it must exit 0)."""
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
 def test_the_readme_curl_example_answers(server):
-    curl = shutil.which("curl")
-    assert curl, "curl is needed to run the README's example"
-    result = subprocess.run(
-        ["bash", "-c", _at(server, example("curl"))],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    assert "Paris" in result.stdout, result.stdout
+    assert shutil.which("curl"), "curl is needed to run the README's example"
+    out = _run("bash", "-c", _at(server, example("curl")))
+    assert "Paris" in out, out
 
 
 def test_the_readme_openai_sdk_example_answers(server):
-    result = subprocess.run(
-        [sys.executable, "-c", _at(server, example("python"))],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    assert "Paris" in result.stdout, result.stdout + result.stderr
+    out = _run(sys.executable, "-c", _at(server, example("python")))
+    assert "Paris" in out, out
 
 
 def test_the_readme_grpcurl_example_answers(server, grpcurl):
     command = _at(server, example("grpcurl")).replace("grpcurl ", f"{grpcurl} ", 1)
-    result = subprocess.run(
-        ["bash", "-c", command], capture_output=True, text=True, timeout=300, check=True
-    )
-    assert "Paris" in result.stdout, result.stdout
+    out = _run("bash", "-c", command)
+    assert "Paris" in out, out
 
 
 def test_the_readme_triton_client_example_answers(server):
-    result = subprocess.run(
-        [sys.executable, "-c", _at(server, example("triton"))],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    assert result.stdout.strip(), result.stderr  # a continuation of the prompt
+    assert _run(sys.executable, "-c", _at(server, example("triton"))).strip()  # a continuation
