@@ -7,6 +7,7 @@ the test server listens on free loopback ports.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -61,3 +62,15 @@ def test_the_readme_grpcurl_example_answers(server, grpcurl):
 
 def test_the_readme_triton_client_example_answers(server):
     assert _run(sys.executable, "-c", _at(server, example("triton"))).strip()  # a continuation
+
+
+def test_the_readme_nemotron_chat_example_answers(server):
+    command = example("nemotron-chat").strip().replace(".venv/bin/", f"{sys.prefix}/bin/", 1)
+    result = subprocess.run(
+        ["bash", "-c", command],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NEMOTRON_ADDRESS": server.address},  # the README's default address
+    )
+    assert result.returncode == 0 and "Paris" in result.stdout, result.stdout + result.stderr

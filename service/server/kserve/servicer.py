@@ -213,34 +213,30 @@ class KServeServicer:
         served concurrently; the last response of each carries `triton_final_response`."""
         # Bounded: a request whose responses are not being written waits here, and its engine
         # stream merges the tokens meanwhile (as for a slow nemotron.v1 reader).
-        queue: asyncio.Queue[kpb.ModelStreamInferResponse | None] = asyncio.Queue(STREAM_QUEUE)
+        queue: asyncio.Queue[kpb.ModelStreamInferResponse | _ReadFailed | None]
+        queue = asyncio.Queue(STREAM_QUEUE)
         running: set[asyncio.Task[None]] = set()
 
         async def read() -> None:
-            async for request in requests:
-                task = asyncio.create_task(self._stream_one(request, context, queue.put))
-                running.add(task)
-                task.add_done_callback(running.discard)
-            while running:  # the client half-closed: finish what it sent, then end
-                await asyncio.wait(set(running))
+            try:
+                async for request in requests:
+                    task = asyncio.create_task(self._stream_one(request, context, queue.put))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                while running:  # the client half-closed: finish what it sent, then end
+                    await asyncio.wait(set(running))
+            except Exception as error:  # reading the requests failed: the call ends with it
+                await queue.put(_ReadFailed(error))
+                return
             await queue.put(None)
 
         reader = asyncio.create_task(read())
-        getting: asyncio.Future[kpb.ModelStreamInferResponse | None] | None = None
         try:
-            while True:
-                getting = asyncio.ensure_future(queue.get())
-                await asyncio.wait({getting, reader}, return_when=asyncio.FIRST_COMPLETED)
-                if not getting.done() and reader.done() and reader.exception() is not None:
-                    getting.cancel()  # reading the requests failed: the call ends with that
-                    await reader
-                message = await getting  # after a reader that ended well: the rest, its mark
-                if message is None:
-                    break
+            while (message := await queue.get()) is not None:
+                if isinstance(message, _ReadFailed):
+                    raise message.error
                 yield message
         finally:
-            if getting is not None:
-                getting.cancel()
             reader.cancel()
             for task in list(running):
                 task.cancel()
@@ -321,6 +317,13 @@ class KServeServicer:
         own_id = request.id or f"kserve-{uuid.uuid4().hex[:16]}"
         engine_request = GenerationRequest(engine_request_id(tag, own_id), tuple(ids), call.options)
         return operations.generate(chat, engine_request)
+
+
+@dataclass(frozen=True)
+class _ReadFailed:
+    """What ends a stream whose requests could not be read (the call fails with `error`)."""
+
+    error: Exception
 
 
 def _empty_final(request: kpb.ModelInferRequest) -> bool:

@@ -96,13 +96,15 @@ def test_kserve_stream_requests_join_the_callers_trace_as_their_own_spans(traced
     server, receiver = traced
     text = triton.InferInput("text_input", [1, 1], "BYTES")
     text.set_data_from_numpy(np.array([[b"Hello"]], dtype=object))
+    limit = triton.InferInput("max_tokens", [1, 1], "INT32")
+    limit.set_data_from_numpy(np.array([[3]], dtype=np.int32))
     done = []
     with triton.InferenceServerClient(server.address) as client:
         client.start_stream(
             callback=lambda result, error: done.append((result, error)),
             headers={"traceparent": f"00-{TRACE_ID}-{CALLER_SPAN}-01"},
         )
-        client.async_stream_infer("ensemble", [text], request_id="kserve-traced")
+        client.async_stream_infer("ensemble", [text, limit], request_id="kserve-traced")
         client.stop_stream()  # waits until the server has answered it
     assert done and done[-1][1] is None
     (rpc,) = receiver.wait_for(

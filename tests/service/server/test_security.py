@@ -64,14 +64,28 @@ def test_api_keys_refuse_with_the_right_status_and_serve_with_a_good_key(keyed):
     assert server.status("readiness") == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_the_kserve_api_takes_the_same_keys_and_leaves_its_probes_open(keyed):
+def _triton_inputs() -> list:
+    """A short KServe request (two tokens: quick on a loaded machine)."""
     import numpy as np
+    import tritonclient.grpc as triton
+
+    tensors = []
+    for name, datatype, value in (
+        ("text_input", "BYTES", np.array([[b"Hi"]], dtype=object)),
+        ("max_tokens", "INT32", np.array([[2]], dtype=np.int32)),
+    ):
+        tensor = triton.InferInput(name, [1, 1], datatype)
+        tensor.set_data_from_numpy(value)
+        tensors.append(tensor)
+    return tensors
+
+
+def test_the_kserve_api_takes_the_same_keys_and_leaves_its_probes_open(keyed):
     import tritonclient.grpc as triton
     from tritonclient.utils import InferenceServerException
 
     server, _ = keyed
-    text = triton.InferInput("text_input", [1, 1], "BYTES")
-    text.set_data_from_numpy(np.array([[b"Hi"]], dtype=object))
+    text = _triton_inputs()
     with triton.InferenceServerClient(server.address) as client:
         assert client.is_server_live() and client.is_server_ready()  # probes: no key
         for headers, status in (
@@ -80,11 +94,11 @@ def test_the_kserve_api_takes_the_same_keys_and_leaves_its_probes_open(keyed):
             ({"authorization": f"Bearer {CHAT_ONLY}"}, "StatusCode.PERMISSION_DENIED"),
         ):
             with pytest.raises(InferenceServerException) as refused:
-                client.infer("ensemble", [text], headers=headers)
+                client.infer("ensemble", text, headers=headers)
             assert refused.value.status() == status
         good = {"authorization": f"Bearer {GOOD}"}
         assert client.is_model_ready("ensemble", headers=good)
-        (out,) = client.infer("ensemble", [text], headers=good).as_numpy("text_output")
+        (out,) = client.infer("ensemble", text, headers=good).as_numpy("text_output")
         assert out.decode().startswith("Hi")
 
 
@@ -110,25 +124,23 @@ def _serves(server, key: str) -> bool:
 def test_a_rotated_key_file_takes_effect_without_a_restart(keyed):
     import queue
 
-    import numpy as np
     import tritonclient.grpc as triton
 
     server, keys = keyed
-    text = triton.InferInput("text_input", [1, 1], "BYTES")
-    text.set_data_from_numpy(np.array([[b"Hi"]], dtype=object))
+    text = _triton_inputs()
     answers: queue.Queue = queue.Queue()
     client = triton.InferenceServerClient(server.address)
     client.start_stream(  # a KServe stream opened with a key that is about to go
         callback=lambda result, error: answers.put(error),
         headers={"authorization": f"Bearer {GOOD}"},
     )
-    client.async_stream_infer("ensemble", [text], request_id="before")
+    client.async_stream_infer("ensemble", text, request_id="before")
     assert answers.get(timeout=60) is None
     keys.write_text(f"{ROTATED}\n")
     # The server looks at the file at most once a second (RELOAD_CHECK_S), on a call.
     wait_until(lambda: _serves(server, ROTATED), "the new key to be picked up", interval_s=0.3)
     assert _code(server.api.Generate, HI, _bearer(GOOD))[0] == grpc.StatusCode.UNAUTHENTICATED
-    client.async_stream_infer("ensemble", [text], request_id="after")  # the stream is still open
+    client.async_stream_infer("ensemble", text, request_id="after")  # the stream is still open
     assert "invalid API key" in str(answers.get(timeout=60))
     client.stop_stream()
     client.close()
