@@ -284,6 +284,9 @@ def start_server(
         str(http_port),
     ]
     command += ["--cache-dir", cache_dir, "--log-level", "warning"]
+    # Greedy, as the in-process peer: the requests set no sampling field, and the model's
+    # defaults (SmolLM2's temperature 0.2, top-p 0.9) would make the server sample.
+    command += ["--sampling-defaults", "none"]
     command += ["--compute-threads", str(threads)] if threads else []
     env = {
         **os.environ,
