@@ -153,3 +153,21 @@ def test_nemotron_serve_reads_the_http_variables_the_chart_sets(chart):
     args = build_serve_parser(env).parse_args(argv)  # --http-port, --served-model-name
     assert args.http_port == 8000
     assert args.served_model_name == ("nvidia/llama-3.3-nemotron-super-49b-v1",)
+
+
+def test_the_kserve_names_and_sampling_defaults_reach_the_server(chart):
+    objects = chart.objects(
+        "--set", "server.tritonModelNames=ensemble",
+        "--set", "server.samplingDefaults=none",
+    )  # fmt: skip
+    env = server_env(objects)
+    assert {"NEMOTRON_TRITON_MODEL_NAMES", "NEMOTRON_SAMPLING_DEFAULTS"} <= SERVE_VARIABLES
+    config = parse_serve_config(server_container(objects)["args"][1:], env)
+    assert config.triton_model_names == ("ensemble",)
+    assert config.sampling_defaults == "none"
+    defaults = parse_serve_config(
+        server_container(chart.objects())["args"][1:], server_env(chart.objects())
+    )
+    assert defaults.triton_model_names == ("ensemble", "tensorrt_llm_bls")
+    assert defaults.sampling_defaults == "model"
+    assert "samplingDefaults" in refusal(chart, "--set", "server.samplingDefaults=random")
