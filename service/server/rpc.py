@@ -189,7 +189,9 @@ def _ensure_request_id(request: Message) -> tuple[str, str | None]:
     return str(request.request_id), None  # type: ignore[attr-defined]
 
 
-def _check_size(response: Message, limit: int | None) -> None:
+def check_size(
+    response: Message, limit: int | None, instead: str = "use the streaming RPC"
+) -> None:
     """Refuse a response over the send limit: gRPC would fail it with RESOURCE_EXHAUSTED, which
     the API documents as "overloaded, retry later", after the call was recorded as OK."""
     if limit is None:
@@ -199,7 +201,7 @@ def _check_size(response: Message, limit: int | None) -> None:
         raise RequestError(
             f"the response would be {size} bytes, over the server's message limit of {limit} "
             "bytes (--max-message-bytes): ask for less (a shorter text, fewer tokens or "
-            "log-probabilities), or use the streaming RPC"
+            f"log-probabilities), or {instead}"
         )
 
 
@@ -215,7 +217,7 @@ def unary(handler: F) -> F:
             try:
                 call.check_id()
                 response = await handler(self, request, context)
-                _check_size(response, getattr(self, "max_response_bytes", None))
+                check_size(response, getattr(self, "max_response_bytes", None))
             except BaseException as error:
                 await call.fail(error)
                 raise

@@ -15,8 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from service.runtime.interface import RequestError
 from service.runtime.options import RequestOptions, SamplingParams
 from service.server.kserve.tensors import Tensor
@@ -133,7 +131,6 @@ class InferCall:
     options: RequestOptions
     stream: bool = False
     exclude_input: bool = False
-    log_probs: bool = False
     outputs: frozenset[str] = field(default_factory=frozenset)  # the outputs to send
 
 
@@ -184,7 +181,6 @@ def infer_call(
         options=_options(values, log_probs, deadline),
         stream=bool(values.get("stream", [False])[0]),
         exclude_input=bool(values.get("exclude_input_in_output", [False])[0]),
-        log_probs=log_probs,
         outputs=frozenset(wanted),
     )
 
@@ -243,9 +239,9 @@ def _options(
     values: dict[str, list[Any]], log_probs: bool, deadline: float | None
 ) -> RequestOptions:
     sampling: dict[str, Any] = {}
-    for name in _SAMPLING_INPUTS:
+    for name in _SAMPLING_INPUTS:  # ranges (and NaN) are the engine's one validation's
         if name in values:
-            sampling[name] = _number(values[name][0], name)
+            sampling[name] = values[name][0]
     seeds = [values[n][0] for n in ("seed", "random_seed") if n in values]
     if seeds:
         sampling["seed"] = int(seeds[0])
@@ -269,9 +265,3 @@ def _options(
         logprobs=0 if log_probs else None,
         deadline=deadline,
     )
-
-
-def _number(value: Any, name: str) -> float | int:
-    if isinstance(value, float) and not np.isfinite(value):
-        raise RequestError(f"input '{name}': {value} is not a finite number")
-    return value

@@ -29,7 +29,7 @@ from service.server.health import Health
 from service.server.kserve.contract import INPUTS, OUTPUTS, InferCall, check_header, infer_call
 from service.server.kserve.tensors import decode_inputs, encode_bytes, encode_output
 from service.server.operations import Serving
-from service.server.rpc import Undecodable, request_call, rpc_service
+from service.server.rpc import Undecodable, check_size, request_call, rpc_service
 from service.server.status import NotFoundError, status_for
 
 DESCRIPTOR = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
@@ -253,12 +253,7 @@ class KServeServicer:
         response_id = request.id if isinstance(request, kpb.ModelInferRequest) else ""
 
         async def checked(message: kpb.ModelStreamInferResponse) -> None:
-            size, limit = message.ByteSize(), self.max_response_bytes
-            if limit is not None and size > limit:
-                raise RequestError(
-                    f"the response would be {size} bytes, over the server's message limit of "
-                    f"{limit} bytes (--max-message-bytes): ask for less, or stream the text"
-                )
+            check_size(message, self.max_response_bytes, "stream the text (input 'stream')")
             await send(message)
 
         with record.active(record.request_body):
