@@ -55,7 +55,8 @@ class SamplingDefaults:
         }
         if not unset:
             return options
-        return replace(options, sampling=replace(options.sampling, **unset))
+        sampling = replace(options.sampling, **unset)
+        return replace(options, sampling=sampling, sampling_applied=unset)
 
     def report(self, has_reasoning: bool) -> dict[str, Any]:
         """The defaults as GetModelInfo and the HTTP model list report them."""

@@ -18,6 +18,8 @@ from typing import Any
 
 from engine_build.events import LOG_LEVELS, log_event
 from service.chat.formats import family_of, load_families
+from service.chat.sampling import CHOICES as SAMPLING_CHOICES
+from service.chat.sampling import model_defaults
 from service.chat.turns import ChatContext, ChatTurn, run_chat_turn
 from service.runtime.options import DEFAULT_MAX_NEW_TOKENS, RequestOptions, SamplingParams
 from service.runtime.tokenizer import ChatMessage
@@ -35,13 +37,14 @@ class TerminalChatConfig:
     cache_dir: Path
     prompts: tuple[str, ...]
     system: str | None
-    temperature: float
-    top_p: float
+    temperature: float | None  # None: the model's default (sampling_defaults)
+    top_p: float | None
     max_new_tokens: int | None
     seed: int | None
     precision: str
     log_level: str
     log_json: bool
+    sampling_defaults: str = "model"  # "model" | "none", as nemotron-serve's flag
 
 
 _CHAT_ARGUMENTS: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -82,8 +85,21 @@ _CHAT_ARGUMENTS: tuple[tuple[str, dict[str, Any]], ...] = (
         },
     ),
     ("--system", {"default": None, "help": "system prompt"}),
-    ("--temperature", {"type": float, "default": 0.0, "help": "0 = greedy (default)"}),
-    ("--top-p", {"type": float, "default": 1.0}),
+    (
+        "--temperature",
+        {"type": float, "default": None, "help": "0 is greedy; unset: the model's default"},
+    ),
+    ("--top-p", {"type": float, "default": None, "help": "unset: the model's default"}),
+    (
+        "--sampling-defaults",
+        {
+            "choices": SAMPLING_CHOICES,
+            "default": None,
+            "help": "what sampling options left unset become: 'model' (the family's defaults "
+            "for the turn's reasoning mode, then the checkpoint's generation_config.json, then "
+            "greedy) or 'none' (greedy); env NEMOTRON_SAMPLING_DEFAULTS, default model",
+        },
+    ),
     (
         "--max-new-tokens",
         {
@@ -134,7 +150,20 @@ def parse_chat_config(argv: Sequence[str], environ: Mapping[str, str]) -> Termin
         precision=args.precision,
         log_level=args.log_level,
         log_json=args.log_json,
+        sampling_defaults=_sampling_choice(args.sampling_defaults, environ),
     )
+
+
+def _sampling_choice(flag: str | None, environ: Mapping[str, str]) -> str:
+    """--sampling-defaults, else NEMOTRON_SAMPLING_DEFAULTS (checked as the flag), else model."""
+    if flag is not None:
+        return flag
+    value = environ.get("NEMOTRON_SAMPLING_DEFAULTS", "model")
+    if value not in SAMPLING_CHOICES:
+        build_chat_parser().error(
+            f"NEMOTRON_SAMPLING_DEFAULTS={value!r}: use one of {', '.join(SAMPLING_CHOICES)}"
+        )
+    return value
 
 
 def run_chat(config: TerminalChatConfig) -> int:
@@ -149,8 +178,22 @@ async def _chat(config: TerminalChatConfig) -> int:
     from service.startup.selection import ensure_cpu_engine
 
     reserve_cores_for_compute_threads()
-    sampling = SamplingParams(temperature=config.temperature, top_p=config.top_p, seed=config.seed)
-    options = RequestOptions(sampling, max_new_tokens=config.max_new_tokens)
+    given = {
+        name: value
+        for name, value in (
+            ("temperature", config.temperature),
+            ("top_p", config.top_p),
+            ("seed", config.seed),
+        )
+        if value is not None
+    }
+    # As the server's front ends: the fields given are the request's own, the model's
+    # defaults fill the others.
+    options = RequestOptions(
+        SamplingParams(**given),
+        max_new_tokens=config.max_new_tokens,
+        sampling_set=frozenset(given),
+    )
     started = time.perf_counter()
     engine_dir = run_in_compute_thread(  # build tensors away from the main thread
         lambda: ensure_cpu_engine(
@@ -165,8 +208,12 @@ async def _chat(config: TerminalChatConfig) -> int:
     )
     try:
         family = family_of(runtime.tokenizer.chat_template_source, load_families())
+        defaults = model_defaults(
+            config.sampling_defaults, family.sampling_on, family.sampling_off, engine_dir
+        )
+        log_event("sampling_defaults", **defaults.report(family.supports_reasoning))
         system = [ChatMessage("system", config.system)] if config.system else []
-        session = ChatSession(ChatContext(runtime, family), options, system)
+        session = ChatSession(ChatContext(runtime, family, defaults), options, system)
         if config.prompts:
             for prompt in config.prompts:
                 await _answer(session, prompt)

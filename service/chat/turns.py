@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -77,6 +77,9 @@ class ChatDelta:
     usage: ChatUsage | None = None
     timings: Timings | None = None
     logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens generated since the last delta
+    # On the last delta: the model's sampling defaults the turn ran with (RequestOptions'
+    # `sampling_applied`).
+    sampling_applied: Mapping[str, float | int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -201,7 +204,8 @@ async def _run_turn(
                 yield delta
         events, tail = events + events2, events2[-1]
     final = splitter.finish()
-    yield _final(context, splitter, final, events, tail, len(prompt))
+    last = _final(context, splitter, final, events, tail, len(prompt))
+    yield replace(last, sampling_applied=turn.options.sampling_applied)
 
 
 def _request(

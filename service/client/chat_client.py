@@ -250,6 +250,8 @@ def collect(
             final.usage.CopyFrom(message.usage)
         if message.HasField("timings"):
             final.timings.CopyFrom(message.timings)
+        if message.HasField("sampling_defaults_applied"):
+            final.sampling_defaults_applied.CopyFrom(message.sampling_defaults_applied)
     final.content, final.reasoning = "".join(content), "".join(reasoning)
     if printer is not None:
         printer.finish()
@@ -311,11 +313,16 @@ def usage_line(response: pb.ChatResponse) -> str:
         else ""
     )
     finish = pb.FinishReason.Name(response.finish_reason).removeprefix("FINISH_REASON_").lower()
+    applied = json_format.MessageToDict(
+        response.sampling_defaults_applied, preserving_proto_field_name=True
+    )
+    defaults = ", ".join(f"{name} {value:g}" for name, value in sorted(applied.items()))
     return (
         f"[usage] prompt {usage.prompt_tokens} tokens ({usage.cached_prompt_tokens} cached), "
         f"completion {usage.completion_tokens} tokens ({usage.reasoning_tokens} reasoning) | "
         f"[timings] queue {timings.queue_ms:.1f} ms, ttft {timings.time_to_first_token_ms:.1f} "
         f"ms, total {timings.total_ms:.1f} ms{rate} | finish {finish}"
+        + (f" | [model's sampling defaults] {defaults}" if defaults else "")
     )
 
 

@@ -9,7 +9,7 @@ from the engine's manifest.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
@@ -141,6 +141,9 @@ class TokenEvent:
     stop_logprob: TokenLogprob | None = None
     timings: Timings | None = None
     error: str | None = None
+    # On the last event: the model's sampling defaults the request ran with, for the fields its
+    # client left unset (the engine leaves it empty; `service.server.operations` sets it).
+    sampling_applied: Mapping[str, float | int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ adapter passes options through under the same names.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -98,6 +99,9 @@ class RequestOptions:
     # The sampling fields the client set (front ends fill it in): the model's defaults fill the
     # others (service/chat/sampling.py). None: the request runs exactly as given.
     sampling_set: frozenset[str] | None = None
+    # The model's defaults that filled the fields the client left unset (set with them): what
+    # responses report, so that nobody has to guess what ran.
+    sampling_applied: Mapping[str, float | int] = field(default_factory=dict)
 
 
 def max_new_tokens_for(requested: int | None, room: int) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
@@ -228,6 +228,11 @@ def logprobs_to_pb(logprobs: tuple[TokenLogprob, ...]) -> list[pb.TokenLogprob]:
     ]
 
 
+def applied_to_pb(applied: Mapping[str, float | int]) -> pb.SamplingParams | None:
+    """The sampling defaults a request ran with (None, the field unset, when none applied)."""
+    return pb.SamplingParams(**applied) if applied else None
+
+
 def stream_event_to_pb(request_id: str, event: TokenEvent) -> pb.GenerateStreamResponse:
     """One engine event as a stream message (under the client's request id)."""
     return pb.GenerateStreamResponse(
@@ -238,6 +243,7 @@ def stream_event_to_pb(request_id: str, event: TokenEvent) -> pb.GenerateStreamR
         usage=usage_to_pb(event.usage),
         timings=timings_to_pb(event.timings),
         logprobs=logprobs_to_pb(event.logprobs),
+        sampling_defaults_applied=applied_to_pb(event.sampling_applied),
     )
 
 
@@ -252,6 +258,7 @@ def generate_response_to_pb(request_id: str, events: list[TokenEvent]) -> pb.Gen
         usage=usage_to_pb(last.usage),
         timings=timings_to_pb(last.timings),
         logprobs=logprobs_to_pb(tuple(lp for e in events for lp in e.logprobs)),
+        sampling_defaults_applied=applied_to_pb(last.sampling_applied),
     )
 
 
@@ -293,6 +300,7 @@ def chat_delta_to_pb(request_id: str, delta: ChatDelta) -> pb.ChatStreamResponse
         usage=_chat_usage_to_pb(delta),
         timings=timings_to_pb(delta.timings),
         logprobs=logprobs_to_pb(delta.logprobs),
+        sampling_defaults_applied=applied_to_pb(delta.sampling_applied),
     )
 
 
@@ -308,6 +316,7 @@ def chat_response_to_pb(request_id: str, deltas: list[ChatDelta]) -> pb.ChatResp
         usage=_chat_usage_to_pb(last),
         timings=timings_to_pb(last.timings),
         logprobs=logprobs_to_pb(tuple(lp for d in deltas for lp in d.logprobs)),
+        sampling_defaults_applied=applied_to_pb(last.sampling_applied),
     )
 
 

@@ -111,6 +111,7 @@ async def _counted(
                 record.completion_tokens = completion
             if event.finish_reason is not None:
                 _note_finish(request, completion, event)
+                event = replace(event, sampling_applied=request.options.sampling_applied)
             yield event
     finally:
         await stream.aclose()  # a client that went away aborts its request

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -277,3 +278,43 @@ def test_kv_cache_memory_is_refused_for_a_tensorrt_llm_engine_naming_what_sizes_
     assert result.returncode == 2, result.stderr
     assert f"engine {entry.name} is a tensorrt-llm engine" in result.stderr
     assert "kv_cache_free_fraction" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_terminal_chat_takes_the_checkpoints_sampling_defaults(
+    synthetic_checkpoint, tmp_path, capsys
+):
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(synthetic_checkpoint, checkpoint)
+    config = {"do_sample": True, "temperature": 0.7, "top_p": 0.8}
+    (checkpoint / "generation_config.json").write_text(json.dumps(config))
+    common = ["--checkpoint", str(checkpoint), "--cache-dir", str(tmp_path / "cache")]
+    common += ["--log-json", "--log-level", "info", "--max-new-tokens", "2", "--prompt", "x"]
+
+    def defaults(*flags: str) -> dict:
+        assert main(["chat", *common, *flags]) == 0
+        lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+        (line,) = [x for x in lines if x.get("event") == "sampling_defaults"]
+        return line["without_reasoning"]
+
+    # The engine built from the checkpoint kept its generation_config.json; the chat uses it.
+    assert defaults("--sampling-defaults", "model", "--seed", "1") == {
+        "temperature": 0.7,
+        "top_p": 0.8,
+    }
+    assert defaults() == {}  # NEMOTRON_SAMPLING_DEFAULTS=none (tests/conftest.py)
+
+
+def test_a_bad_sampling_defaults_value_is_refused_with_the_allowed_values(
+    monkeypatch, tmp_path, capsys
+):
+    with pytest.raises(SystemExit) as exit_:
+        main(["chat", "--sampling-defaults", "greedy"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'greedy' (choose from 'model', 'none')" in capsys.readouterr().err
+    monkeypatch.setenv("NEMOTRON_SAMPLING_DEFAULTS", "sometimes")
+    with pytest.raises(SystemExit) as exit_:
+        main(["chat", "--cache-dir", str(tmp_path), "--prompt", "x"])
+    assert exit_.value.code == 2
+    assert "NEMOTRON_SAMPLING_DEFAULTS='sometimes': use one of model, none" in (
+        capsys.readouterr().err
+    )

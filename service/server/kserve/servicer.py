@@ -11,6 +11,7 @@ with its own call record and its own outcome: a refused request gets a response 
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -51,6 +52,8 @@ PLATFORM = "nemotron-serve"
 EMPTY_FINAL = "triton_enable_empty_final_response"
 STREAM_QUEUE = 64  # responses a stream holds for writing before its requests wait
 FINAL = "triton_final_response"
+# A final response's parameter: the model's sampling defaults the request ran with (JSON).
+APPLIED = "sampling_defaults_applied"
 _CONFIG_TYPES = {
     "BYTES": mc.TYPE_STRING,
     "BOOL": mc.TYPE_BOOL,
@@ -204,6 +207,7 @@ class KServeServicer:
         response = _response(request)
         text = "".join(e.text for e in events)
         _outputs(response, call, text if call.exclude_input else call.prompt + text, events, events)
+        _note_applied(response, events[-1])
         return response
 
     async def ModelStreamInfer(
@@ -359,12 +363,24 @@ async def _stream_responses(
         response = _response(request)
         _outputs(response, call, text, pending, seen)
         response.parameters[FINAL].bool_param = last and not empty_final
+        if last and not empty_final:
+            _note_applied(response, event)
         await send(kpb.ModelStreamInferResponse(infer_response=response))
         pending = []
     if empty_final:
         final = _response(request)
         final.parameters[FINAL].bool_param = True
+        if seen:
+            _note_applied(final, seen[-1])
         await send(kpb.ModelStreamInferResponse(infer_response=final))
+
+
+def _note_applied(response: kpb.ModelInferResponse, event: TokenEvent) -> None:
+    """The final response's `sampling_defaults_applied` parameter: the model's sampling
+    defaults the request ran with (JSON), for the tensors it did not send."""
+    if event.sampling_applied:
+        text = json.dumps(dict(event.sampling_applied), sort_keys=True)
+        response.parameters[APPLIED].string_param = text
 
 
 def _carries(call: InferCall, text: str, events: list[TokenEvent]) -> bool:

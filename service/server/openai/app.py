@@ -508,7 +508,9 @@ class HttpApi:
         tokenizer = self.serving.ready().tokenizer
         created = int(time.time())
 
-        def chunk(delta: api.AssistantMessage | None, **fields: Any) -> api.ChatCompletion:
+        def chunk(
+            delta: api.AssistantMessage | None, applied: Any = None, **fields: Any
+        ) -> api.ChatCompletion:
             choice = api.ChatChoice(index=0, delta=delta, **fields)
             return api.ChatCompletion(
                 id=response_id,
@@ -516,6 +518,7 @@ class HttpApi:
                 created=created,
                 model=model,
                 choices=[choice],
+                sampling_defaults_applied=applied,
             )
 
         content = TextChunk(lambda t: chunk(api.AssistantMessage(content=t)))
@@ -542,7 +545,9 @@ class HttpApi:
                 calls = convert.tool_calls(delta.tool_calls, stream=True)
                 yield chunk(api.AssistantMessage(tool_calls=calls))
             yield chunk(
-                api.AssistantMessage(), finish_reason=convert.finish_reason(delta.finish_reason)
+                api.AssistantMessage(),
+                convert.applied(delta.sampling_applied),
+                finish_reason=convert.finish_reason(delta.finish_reason),
             )
             if include_usage and delta.usage is not None:
                 yield api.ChatCompletion(
@@ -629,7 +634,12 @@ class HttpApi:
         usage = self._completion_usage(requests, events)
         self._note_usage(usage)
         return api.Completion(
-            id=response_id, created=int(time.time()), model=model, choices=choices, usage=usage
+            id=response_id,
+            created=int(time.time()),
+            model=model,
+            choices=choices,
+            usage=usage,
+            sampling_defaults_applied=convert.applied(events[0][-1].sampling_applied),
         )
 
     @staticmethod
@@ -666,9 +676,16 @@ class HttpApi:
         offsets = [len(e) for e in echoes]
         events: list[list[TokenEvent]] = [[] for _ in requests]
 
-        def chunk(choices: list[api.CompletionChoice], usage: api.Usage | None = None) -> Any:
+        def chunk(
+            choices: list[api.CompletionChoice], usage: api.Usage | None = None, applied: Any = None
+        ) -> Any:
             return api.Completion(
-                id=response_id, created=created, model=model, choices=choices, usage=usage
+                id=response_id,
+                created=created,
+                model=model,
+                choices=choices,
+                usage=usage,
+                sampling_defaults_applied=applied,
             )
 
         plain: dict[int, TextChunk] = {}  # by prompt: a token's text and nothing else
@@ -710,13 +727,10 @@ class HttpApi:
                 )
             offsets[index] += len(event.text)
             finish = convert.finish_reason(event.finish_reason)
-            yield chunk(
-                [
-                    api.CompletionChoice(
-                        index=index, text=event.text, logprobs=logprobs, finish_reason=finish
-                    )
-                ]
+            choice = api.CompletionChoice(
+                index=index, text=event.text, logprobs=logprobs, finish_reason=finish
             )
+            yield chunk([choice], applied=convert.applied(event.sampling_applied))
         usage = self._completion_usage(requests, events)
         self._note_usage(usage)  # the call's record counts every prompt, usage asked or not
         if include_usage:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -352,7 +352,13 @@ def chat_completion(
         model=model,
         choices=[choice],
         usage=chat_usage(last.usage) if last.usage else None,
+        sampling_defaults_applied=applied(last.sampling_applied),
     )
+
+
+def applied(values: Mapping[str, float | int]) -> dict[str, float | int] | None:
+    """The sampling defaults a request ran with, as the response reports them (None: none)."""
+    return dict(values) or None
 
 
 def finish_reason(reason: FinishReason | None) -> str | None:

@@ -286,6 +286,9 @@ class ChatCompletion(Loose):
     choices: list[ChatChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+    # The model's sampling defaults the request ran with, for the fields it left unset (on a
+    # stream's chunk with the finish reason); absent when none applied.
+    sampling_defaults_applied: dict[str, float | int] | None = None
 
 
 class CompletionLogprobs(Loose):
@@ -316,3 +319,6 @@ class Completion(Loose):
     choices: list[CompletionChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+    # The model's sampling defaults the request ran with, for the fields it left unset (on a
+    # stream's chunk with the finish reason); absent when none applied.
+    sampling_defaults_applied: dict[str, float | int] | None = None

@@ -4,9 +4,12 @@ the checkpoint's generation_config.json, then greedy; `--sampling-defaults none`
 from __future__ import annotations
 
 import json
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
+from google.protobuf import json_format
 from nemotron.v1 import generation_pb2 as pb
 
 from service.chat.formats import Reasoning, family_of, load_families
@@ -107,8 +110,8 @@ def test_the_embedded_models_card_defaults_survive_import_and_build_and_are_appl
         engine_dir = Path(started["engine"])
         assert json.loads((engine_dir / "generation_config.json").read_text()) == config
 
-        def ran(request_id: str, sampling: pb.SamplingParams) -> dict:
-            server.api.Generate(
+        def ran(request_id: str, sampling: pb.SamplingParams) -> tuple[dict, dict]:
+            response = server.api.Generate(
                 pb.GenerateRequest(
                     request_id=request_id,
                     prompt=pb.Prompt(text="Kubernetes is"),
@@ -117,14 +120,72 @@ def test_the_embedded_models_card_defaults_survive_import_and_build_and_are_appl
                 ),
                 timeout=60,
             )
-            return server.wait_for_log(
+            record = server.wait_for_log(
                 lambda r: r.get("event") == "rpc_finished" and r.get("request_id") == request_id,
                 "the call's record",
             )[0]
+            return record, _reported(response.sampling_defaults_applied)
 
-        unset = ran("defaults", pb.SamplingParams())
+        unset, reported = ran("defaults", pb.SamplingParams())
         assert (unset["temperature"], unset["top_p"]) == (0.2, 0.9)
-        own = ran("own", pb.SamplingParams(temperature=0.0))
+        assert reported == {"temperature": 0.2, "top_p": 0.9}
+        own, reported = ran("own", pb.SamplingParams(temperature=0.0))
         assert (own["temperature"], own["top_p"]) == (0.0, 0.9)
+        assert reported == {"top_p": 0.9}  # the request's own temperature is not a default
+        # The HTTP API and the KServe API report them too, in their own way.
+        with urllib.request.urlopen(server.http_url + "/v1/models", timeout=30) as models:
+            model = json.loads(models.read())["data"][0]["id"]
+        chat = _post(
+            server.http_url + "/v1/chat/completions",
+            {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+        )
+        assert chat["sampling_defaults_applied"] == pytest.approx(
+            {"temperature": 0.2, "top_p": 0.9}
+        )
+        own_top_p = {"model": model, "prompt": "Hi", "max_tokens": 2, "top_p": 0.5}
+        completion = _post(server.http_url + "/v1/completions", own_top_p)
+        assert completion["sampling_defaults_applied"] == pytest.approx({"temperature": 0.2})
+        greedy = {"model": model, "prompt": "Hi", "max_tokens": 2, "temperature": 0, "top_p": 1}
+        assert "sampling_defaults_applied" not in _post(server.http_url + "/v1/completions", greedy)
+        infer = _kserve_infer(server.address)
+        assert json.loads(infer.parameters["sampling_defaults_applied"].string_param) == (
+            pytest.approx({"temperature": 0.2, "top_p": 0.9})
+        )
     finally:
         assert stop_server(server) == 0
+
+
+def _reported(applied: pb.SamplingParams) -> dict[str, float]:
+    """A response's sampling_defaults_applied, rounded from float32."""
+    values = json_format.MessageToDict(applied, preserving_proto_field_name=True)
+    return {name: round(value, 6) for name, value in values.items()}
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def _kserve_infer(address: str) -> Any:
+    """A TensorRT-LLM-style ModelInfer with a prompt and a token limit, nothing else."""
+    import numpy as np
+    import tritonclient.grpc as triton
+
+    client = triton.InferenceServerClient(address)
+    try:
+        inputs = []
+        for name, value, dtype in (
+            ("text_input", [["Hi"]], "BYTES"),
+            ("max_tokens", [[2]], "INT32"),
+        ):
+            tensor = triton.InferInput(name, [1, 1], dtype)
+            tensor.set_data_from_numpy(
+                np.array(value, dtype=object if dtype == "BYTES" else np.int32)
+            )
+            inputs.append(tensor)
+        return client.infer("ensemble", inputs).get_response()
+    finally:
+        client.close()

@@ -447,3 +447,13 @@ def test_mutual_tls_with_a_private_ca_and_a_server_name_override(tmp_path):
         assert len(running.servicer.requests) == 1
     finally:
         running.server.stop(grace=None)
+
+
+def test_usage_names_the_models_sampling_defaults_the_turn_ran_with():
+    from service.client.chat_client import usage_line
+
+    response = pb.ChatResponse(finish_reason=pb.FINISH_REASON_STOP)
+    assert "sampling defaults" not in usage_line(response)
+    response.sampling_defaults_applied.CopyFrom(pb.SamplingParams(temperature=0.6, top_p=0.95))
+    line = usage_line(response)
+    assert line.endswith("| [model's sampling defaults] temperature 0.6, top_p 0.95"), line

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import asyncio
 
-import grpc
 import pytest
 from google.protobuf import json_format
 from nemotron.v1 import generation_pb2 as pb
-from nemotron.v1 import generation_pb2_grpc as pb_grpc
 
 from service.chat.formats import family_of, load_families
 from service.chat.turns import ChatContext
-from service.server.operations import ModelInfo
-from service.server.servicer import GenerationServicer
 from tests.service.chat.chat_templates import byte_tokenizer
 from tests.service.scripted_engine import Reply, ScriptedEngine
+from tests.service.server.grpc_in_process import grpc_stub
 
 # A generic ChatML template that writes an assistant turn's calls and a tool turn's call id.
 TOOL_TEMPLATE = (
@@ -32,7 +29,6 @@ TOOL_TEMPLATE = (
 FORECAST_CALL = (
     '<TOOLCALL>[{"name": "forecast", "arguments": {"days": 2, "city": "Paris"}}]</TOOLCALL>'
 )
-INFO = ModelInfo("tiny", "generic", "cpu", "scripted", "fp32", 1, 4096, "e1", "scripted", {})
 QUESTION = pb.ChatMessage(role=pb.ROLE_USER, content="Weather in Paris?")
 FORECAST = pb.Tool(name="forecast", description="Weather for a city.")
 
@@ -48,28 +44,18 @@ async def _two_turns(
     engine: ScriptedEngine,
 ) -> tuple[list[pb.ChatStreamResponse], pb.ChatResponse]:
     """Turn one streamed; turn two sends back the call it returned with the tool's result."""
-    servicer = GenerationServicer()
     family = family_of(engine.tokenizer.chat_template_source, load_families())
-    servicer.attach(ChatContext(engine, family), INFO)
-    server = grpc.aio.server()
-    pb_grpc.add_GenerationServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = pb_grpc.GenerationServiceStub(channel)
-            request = pb.ChatStreamRequest(messages=[QUESTION], tools=[FORECAST])
-            first = [m async for m in stub.ChatStream(request, timeout=10)]
-            (call,) = first[-1].tool_calls
-            messages = [
-                QUESTION,
-                pb.ChatMessage(role=pb.ROLE_ASSISTANT, tool_calls=[call]),
-                pb.ChatMessage(role=pb.ROLE_TOOL, content="sunny", tool_call_id=call.id),
-            ]
-            second_request = pb.ChatRequest(messages=messages, tools=[FORECAST])
-            second = await stub.Chat(second_request, timeout=10)
-    finally:
-        await server.stop(None)
+    async with grpc_stub(ChatContext(engine, family)) as stub:
+        request = pb.ChatStreamRequest(messages=[QUESTION], tools=[FORECAST])
+        first = [m async for m in stub.ChatStream(request, timeout=10)]
+        (call,) = first[-1].tool_calls
+        messages = [
+            QUESTION,
+            pb.ChatMessage(role=pb.ROLE_ASSISTANT, tool_calls=[call]),
+            pb.ChatMessage(role=pb.ROLE_TOOL, content="sunny", tool_call_id=call.id),
+        ]
+        second_request = pb.ChatRequest(messages=messages, tools=[FORECAST])
+        second = await stub.Chat(second_request, timeout=10)
     return first, second
 
 
