@@ -7,7 +7,7 @@ after warm-up stayed bounded. A call cancelled or past its deadline before it re
 server is only the client's; a stream whose final message arrived counts as OK for the client
 too (the rule of docs/service.md), even if it cancelled before the stream's end.
 
-The default suite runs `SOAK_REQUESTS` calls (default 1,500); `make soak` runs 30,000 (about
+The default suite runs `SOAK_REQUESTS` calls (default 1,000); `make soak` runs 30,000 (about
 ten minutes) and prints the figures that docs/service.md records.
 """
 
@@ -35,7 +35,7 @@ from tests.service.server_process import (
 
 pytestmark = pytest.mark.slow
 
-REQUESTS = int(os.environ.get("SOAK_REQUESTS", "1500"))
+REQUESTS = int(os.environ.get("SOAK_REQUESTS", "1000"))
 CONCURRENCY = 48
 CHANNELS = 6
 RSS_GROWTH_LIMIT = 200 * 2**20  # after warm-up (the first fifth), the server's RSS may grow this
