@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
@@ -158,6 +159,16 @@ def test_a_chat_from_the_host_says_paris(served):
     done = served.chat(QUESTION)
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout
+
+
+def test_the_http_api_and_metrics_answer_from_the_host(served, ports):
+    served.wait_ready()
+    http = f"http://127.0.0.1:{ports['NEMOTRON_HTTP_PORT']}"
+    with urllib.request.urlopen(f"{http}/v1/health/ready", timeout=30) as response:
+        assert response.status == 200
+    metrics = f"http://127.0.0.1:{ports['NEMOTRON_METRICS_PORT']}/metrics"
+    with urllib.request.urlopen(metrics, timeout=30) as response:
+        assert response.status == 200 and b"# TYPE" in response.read()
 
 
 def test_the_images_healthcheck_command_passes_inside_the_container(served, config, ports):
