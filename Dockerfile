@@ -4,8 +4,8 @@
 #   docker build --target gpu -t nemotron-serve:gpu .  # TensorRT-LLM's image, its torch and CUDA
 # Base images are pinned by tag here; pin them by digest too in production, e.g.
 #   --build-arg PYTHON_IMAGE=python:3.11.15-slim-bookworm@sha256:<digest>
-# The image build is not exercised in CI (no Docker engine there); tests/deploy/test_dockerfile.py
-# checks this file statically.
+# CI has no Docker engine: tests/deploy/test_dockerfile.py checks this file statically, and the
+# opt-in `make test-image` builds both targets with buildah on a stand-in base and runs them.
 
 ARG PYTHON_IMAGE=python:3.11.15-slim-bookworm
 ARG TRTLLM_IMAGE=nvcr.io/nvidia/tensorrt-llm/release:1.2.1

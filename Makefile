@@ -42,6 +42,7 @@ test-apiserver: $(VENV)/.installed-test
 test-image: $(VENV)/.installed-test
 	tools/container_image.sh build cpu
 	tools/container_image.sh build gpu-standin
+	tools/container_image.sh clean
 	NEMOTRON_IMAGE_TESTS=1 $(BIN)/pytest -m image tests/deploy/test_image.py tests/deploy/test_image_pod.py $(PYTEST_ARGS)
 
 # lm-evaluation-harness in its own venv (its dependencies stay out of ours), run against the

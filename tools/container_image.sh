@@ -6,6 +6,7 @@
 #   tools/container_image.sh build [TARGET]  build TARGET (cpu, wheel, gpu-standin) on it
 #   tools/container_image.sh name [TARGET]   print the image name a build of TARGET tags
 #   tools/container_image.sh layers [TARGET] print the built image's layers and their sizes
+#   tools/container_image.sh clean           remove containers an interrupted test run left
 #
 # gpu-standin is the Dockerfile's gpu target on a stand-in for NVIDIA's TensorRT-LLM image (which
 # cannot be pulled here): this base plus the CPU torch from TORCH_WHEELS, as that image brings its
@@ -157,11 +158,26 @@ layers() {
     | cut -c1-160
 }
 
+# Working containers and memory cgroups of tests/deploy/image_container.py that an interrupted
+# run did not remove (a cgroup goes only once no process is left in it).
+clean() {
+  local name
+  for name in $($SUDO buildah containers --format '{{.ContainerName}}'); do
+    case "$name" in
+      nemotron-image-test-*) $SUDO buildah rm "$name" >/dev/null ;;
+    esac
+  done
+  find /sys/fs/cgroup -mindepth 2 -maxdepth 8 -type d -name 'nemotron-image-test-*' \
+    -exec $SUDO rmdir {} + 2>/dev/null || true
+}
+
 case "${1:-}" in
   tools) ensure_tools ;;
   base) base ;;
   build) build "${2:-cpu}" ;;
   name) image_name "${2:-cpu}" ;;
   layers) layers "${2:-cpu}" ;;
-  *) echo "usage: $0 tools | base | build [TARGET] | name [TARGET] | layers [TARGET]" >&2; exit 2 ;;
+  clean) clean ;;
+  *) echo "usage: $0 tools | base | build [TARGET] | name [TARGET] | layers [TARGET] | clean" >&2
+     exit 2 ;;
 esac
