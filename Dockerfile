@@ -4,13 +4,17 @@
 #   docker build --target gpu -t nemotron-serve:gpu .  # TensorRT-LLM's image, its torch and CUDA
 # Base images are pinned by tag here; pin them by digest too in production, e.g.
 #   --build-arg PYTHON_IMAGE=python:3.11.15-slim-bookworm@sha256:<digest>
-# The image build is not exercised in CI (no Docker engine there); tests/deploy/test_dockerfile.py
-# checks this file statically.
+# CI has no Docker engine: tests/deploy/test_dockerfile.py checks this file statically, and the
+# opt-in `make test-image` builds both targets with buildah on a stand-in base and runs them.
 
 ARG PYTHON_IMAGE=python:3.11.15-slim-bookworm
 ARG TRTLLM_IMAGE=nvcr.io/nvidia/tensorrt-llm/release:1.2.1
 ARG VERSION=0.1.0
 ARG UID=10001
+
+# --- torch-wheels: a directory of torch wheels for the cpu target, empty unless the build is given
+# one (`--build-context torch-wheels=DIR`): an offline build's stand-in for PyTorch's index ------
+FROM scratch AS torch-wheels
 
 # --- wheel: the package, with the protobuf stubs setup.py generates from proto/ and third_party/ --
 FROM ${PYTHON_IMAGE} AS wheel
@@ -70,8 +74,10 @@ FROM ${PYTHON_IMAGE} AS cpu
 ARG PYTHON_IMAGE
 ARG VERSION
 ARG UID
-# The CPU wheel from PyTorch's own index: PyPI's torch is the multi-GB CUDA build. Keep this
-# equal to the torch pin in pyproject.toml (a test checks it).
+# The CPU build of torch (`+cpu`; PyPI's torch is the multi-GB CUDA build), from PyTorch's CPU
+# index, or from the `torch-wheels` build context with its dependencies from another index:
+#   --build-context torch-wheels=DIR --build-arg TORCH_INDEX_URL=https://pypi.org/simple
+# Keep TORCH_VERSION equal to the torch pin in pyproject.toml (a test checks it).
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 LABEL org.opencontainers.image.title="nemotron-serve" \
@@ -93,7 +99,9 @@ RUN groupadd --system --gid "${UID}" nemotron \
 RUN apt-get update \
  && apt-get install -y --no-install-recommends g++=4:12.2.0-3 \
  && rm -rf /var/lib/apt/lists/*
-RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+RUN --mount=type=bind,from=torch-wheels,target=/tmp/torch-wheels \
+    pip install --index-url "${TORCH_INDEX_URL}" --find-links /tmp/torch-wheels \
+      "torch==${TORCH_VERSION}+cpu"
 COPY --from=wheel /dist/ /tmp/dist/
 # torch is already satisfied by the CPU build, so the wheel's dependencies leave it alone.
 RUN pip install /tmp/dist/nemotron_serve-*.whl \

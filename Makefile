@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet
 
-.PHONY: run test test-apiserver test-lm-eval soak lint clean
+.PHONY: run test test-apiserver test-image test-lm-eval soak lint clean
 
 # A stamp per extra set: reinstall when pyproject.toml changes.
 $(VENV)/.installed-base: pyproject.toml
@@ -35,6 +35,15 @@ soak: $(VENV)/.installed-test
 test-apiserver: $(VENV)/.installed-test
 	tools/kube_apiserver.sh build
 	NEMOTRON_APISERVER_TESTS=1 $(BIN)/pytest -m apiserver tests/deploy/test_chart_apiserver.py $(PYTEST_ARGS)
+
+# The container images built for real with buildah (no Docker daemon) and run: the cpu target as
+# `docker run IMAGE` and with the chart's cpu pod settings, the gpu target's steps on a stand-in
+# base (tools/container_image.sh; needs root; the Debian base is made once and cached).
+test-image: $(VENV)/.installed-test
+	tools/container_image.sh build cpu
+	tools/container_image.sh build gpu-standin
+	tools/container_image.sh clean
+	NEMOTRON_IMAGE_TESTS=1 $(BIN)/pytest -m image tests/deploy/test_image.py tests/deploy/test_image_pod.py $(PYTEST_ARGS)
 
 # lm-evaluation-harness in its own venv (its dependencies stay out of ours), run against the
 # HTTP API; every log-likelihood is compared with transformers (tools/lm_eval_parity.py).

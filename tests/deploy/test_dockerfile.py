@@ -33,6 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 DOCKERIGNORE = REPO_ROOT / ".dockerignore"
 TARGETS = ("cpu", "gpu")
+CONTEXT_STAGES = ("torch-wheels",)  # empty stages a build may replace with a directory
 RUNTIME_UID = 10001
 _VARIABLE = re.compile(r"\$(?:\{(\w+)(?::-([^}]*))?\}|(\w+))")
 
@@ -266,11 +267,19 @@ def test_the_dockerignore_matcher_reads_from_the_root_where_gitignore_would_not(
 
 def test_both_targets_exist_with_the_wheel_stage_before_them():
     names = [stage.name for stage in dockerfile().stages]
-    assert names == ["wheel", "gpu", "cpu"]  # cpu last: a plain `docker build .` builds it
+    # cpu last: a plain `docker build .` builds it
+    assert names == [*CONTEXT_STAGES, "wheel", "gpu", "cpu"]
+
+
+def test_the_build_context_stages_are_empty_unless_the_build_is_given_one():
+    """`--build-context torch-wheels=DIR` replaces the stage; without one it holds nothing."""
+    for name in CONTEXT_STAGES:
+        stage = dockerfile().stage(name)
+        assert stage.base == "scratch" and not stage.instructions, name
 
 
 def test_every_base_image_is_pinned_to_a_full_version_or_a_digest():
-    stages = dockerfile().stages
+    stages = [s for s in dockerfile().stages if s.name not in CONTEXT_STAGES]
     for stage in stages:
         image = dockerfile().base_image(stage)
         assert image not in {s.name for s in stages}, f"{stage.name} starts from a stage"
@@ -385,6 +394,29 @@ def test_the_cpu_target_installs_the_torch_pinned_in_pyproject_from_the_cpu_inde
     torch_step = next(r for r in runs if "torch==" in r)
     assert "--index-url https://download.pytorch.org/whl/cpu" in torch_step
     assert runs.index(torch_step) < next(i for i, r in enumerate(runs) if "nemotron_serve-" in r)
+
+
+def test_the_cpu_targets_torch_can_come_from_a_wheel_directory_and_is_never_the_cuda_build():
+    """Offline builds (and `make test-image`) hand the wheels in as the torch-wheels context."""
+    stage = dockerfile().stage("cpu")
+    variables = dockerfile().variables(stage)
+    (step,) = [i for i in stage.all("RUN") if "torch==" in i.value[0]]
+    mount = dict(part.partition("=")[::2] for part in flags(step)["mount"].split(","))
+    assert mount == {"type": "bind", "from": "torch-wheels", "target": "/tmp/torch-wheels"}
+    text = shell_text(step, variables)
+    assert "--find-links /tmp/torch-wheels" in text
+    # +cpu: PyPI's torch==2.13.0 is the CUDA build, which an index other than PyTorch's CPU one
+    # (PyPI, for the dependencies of a wheel directory's torch) would otherwise hand out.
+    assert f"torch=={variables['TORCH_VERSION']}+cpu" in text.split()
+
+
+def test_the_image_script_builds_in_dockers_format_which_keeps_the_healthcheck():
+    """buildah and podman build OCI images by default, and the OCI format has no HEALTHCHECK:
+    buildah drops it with a warning (found by the first real build, `make test-image`)."""
+    script = (REPO_ROOT / "tools" / "container_image.sh").read_text()
+    build = script[script.index("$SUDO buildah bud") :].split("\n\n")[0]
+    assert "--format docker" in build
+    assert "--build-context torch-wheels=" in build and "TORCH_INDEX_URL=" in build
 
 
 def test_the_gpu_target_keeps_the_base_images_torch():

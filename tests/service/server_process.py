@@ -42,6 +42,34 @@ def wait_until(
         time.sleep(interval_s)
 
 
+def json_log_lines(log_path: Path) -> list[dict]:
+    """A server's JSON log lines so far (a last line still being written is left out)."""
+    text = log_path.read_text()
+    lines = []
+    for raw in text[: text.rfind("\n") + 1].splitlines():
+        try:
+            lines.append(json.loads(raw))
+        except json.JSONDecodeError:
+            lines.append({"event": "<not json>", "raw": raw})
+    return lines
+
+
+def wait_for_log_lines(
+    log_path: Path,
+    match: Callable[[dict], bool],
+    what: str,
+    count: int = 1,
+    timeout_s: float = WAIT_S,
+) -> list[dict]:
+    """The log lines of `log_path` matching `match`, once there are at least `count` of them."""
+
+    def matching() -> list[dict]:
+        found = [line for line in json_log_lines(log_path) if match(line)]
+        return found if len(found) >= count else []
+
+    return wait_until(matching, f"{what} in the server log", timeout_s)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -66,25 +94,13 @@ class RunningServer:
 
     def log_lines(self) -> list[dict]:
         """The server's JSON log lines so far (a last line still being written is left out)."""
-        text = self.log_path.read_text()
-        lines = []
-        for raw in text[: text.rfind("\n") + 1].splitlines():
-            try:
-                lines.append(json.loads(raw))
-            except json.JSONDecodeError:
-                lines.append({"event": "<not json>", "raw": raw})
-        return lines
+        return json_log_lines(self.log_path)
 
     def wait_for_log(
         self, match: Callable[[dict], bool], what: str, count: int = 1, timeout_s: float = WAIT_S
     ) -> list[dict]:
         """The log lines matching `match`, once there are at least `count` of them."""
-
-        def matching() -> list[dict]:
-            found = [line for line in self.log_lines() if match(line)]
-            return found if len(found) >= count else []
-
-        return wait_until(matching, f"{what} in the server log", timeout_s)
+        return wait_for_log_lines(self.log_path, match, what, count, timeout_s)
 
     @property
     def api(self) -> pb_grpc.GenerationServiceStub:
