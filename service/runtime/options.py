@@ -104,6 +104,11 @@ class RequestOptions:
     sampling_applied: Mapping[str, float | int] = field(default_factory=dict)
 
 
+# Batch sizes whose decode step is compiled by default (service/runtime/compiled.py): here, in a
+# module without torch, so that parsing nemotron-serve's flags does not import it.
+COMPILED_DECODE_SIZES = (1, 2, 4, 8, 16, 32)
+
+
 def max_new_tokens_for(requested: int | None, room: int) -> int:
     """The token limit of a request: what it asked for, else the default within the room left.
 

@@ -16,7 +16,7 @@ from engine_build.events import LOG_LEVELS
 from engine_build.profiles import Dtype
 from service.chat.sampling import CHOICES as SAMPLING_CHOICES
 from service.observability.logs import LOG_FORMATS
-from service.runtime.compiled import SIZES as COMPILED_SIZES
+from service.runtime.options import COMPILED_DECODE_SIZES as COMPILED_SIZES
 
 if TYPE_CHECKING:
     from service.server.config import ServerConfig
@@ -439,12 +439,13 @@ def _from_env(parser: argparse.ArgumentParser, env: str, raw: str, options: dict
 
 def parse_serve_config(argv: Sequence[str], environ: Mapping[str, str]) -> ServerConfig:
     """Parse serve flags (environment as defaults) into the server's `ServerConfig`."""
+    parser = build_serve_parser(environ)
+    args = parser.parse_args(argv)  # --help and refused flags exit here, before torch is imported
+
     from engine_build.embedded import default_cache_dir
     from service.server.config import ServerConfig, TlsConfig
     from service.startup.selection import StartupOptions
 
-    parser = build_serve_parser(environ)
-    args = parser.parse_args(argv)
     _check_ranges(parser, args)
     tls = None
     if args.tls_cert_file or args.tls_key_file:

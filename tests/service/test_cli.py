@@ -318,3 +318,20 @@ def test_a_bad_sampling_defaults_value_is_refused_with_the_allowed_values(
     assert "NEMOTRON_SAMPLING_DEFAULTS='sometimes': use one of model, none" in (
         capsys.readouterr().err
     )
+
+
+def test_help_and_refused_flags_answer_without_importing_torch():
+    # `--help` (and a flag error) should answer at once: torch's import takes seconds.
+    probe = (
+        "import sys\n"
+        "from service.cli import main\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "except SystemExit as done:\n"
+        "    print('torch' in sys.modules, done.code)\n"
+    )
+    for args in (["--help"], ["--precision", "fp16"], ["chat", "--help"]):
+        result = subprocess.run(
+            [sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120
+        )
+        assert result.stdout.splitlines()[-1] in ("False 0", "False 2"), (args, result.stdout)
