@@ -39,11 +39,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             parse_serve_config(args[1:] if args[:1] == ["serve"] else args, os.environ)
         )
     except Exception as err:
-        # Imported here: its modules import torch, which --help and flag errors need not wait for.
-        from service.user_errors import USER_ERRORS
+        if not isinstance(err, OSError):
+            # Imported here: its modules import torch, which --help and flag errors need not
+            # wait for.
+            from service.user_errors import USER_ERRORS
 
-        if not isinstance(err, (*USER_ERRORS, OSError)):
-            raise
+            if not isinstance(err, USER_ERRORS):
+                raise
         if isinstance(err, BrokenPipeError):  # the reader went away (`| head`): stop quietly
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0

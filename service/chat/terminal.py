@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine_build.events import LOG_LEVELS, log_event
 from service.chat.formats import family_of, load_families
@@ -23,6 +23,9 @@ from service.chat.sampling import model_defaults
 from service.chat.turns import ChatContext, ChatTurn, run_chat_turn
 from service.runtime.options import DEFAULT_MAX_NEW_TOKENS, RequestOptions, SamplingParams
 from service.runtime.tokenizer import ChatMessage
+
+if TYPE_CHECKING:
+    from service.runtime.interface import Engine
 
 _TURNS = itertools.count()
 PRECISIONS = ("bf16", "fp32")  # of the cpu engine built for the model
@@ -178,22 +181,6 @@ async def _chat(config: TerminalChatConfig) -> int:
     from service.startup.selection import ensure_cpu_engine
 
     reserve_cores_for_compute_threads()
-    given = {
-        name: value
-        for name, value in (
-            ("temperature", config.temperature),
-            ("top_p", config.top_p),
-            ("seed", config.seed),
-        )
-        if value is not None
-    }
-    # As the server's front ends: the fields given are the request's own, the model's
-    # defaults fill the others.
-    options = RequestOptions(
-        SamplingParams(**given),
-        max_new_tokens=config.max_new_tokens,
-        sampling_set=frozenset(given),
-    )
     started = time.perf_counter()
     engine_dir = run_in_compute_thread(  # build tensors away from the main thread
         lambda: ensure_cpu_engine(
@@ -207,13 +194,7 @@ async def _chat(config: TerminalChatConfig) -> int:
         "engine_started", engine=str(engine_dir), seconds=round(time.perf_counter() - started, 2)
     )
     try:
-        family = family_of(runtime.tokenizer.chat_template_source, load_families())
-        defaults = model_defaults(
-            config.sampling_defaults, family.sampling_on, family.sampling_off, engine_dir
-        )
-        log_event("sampling_defaults", **defaults.report(family.supports_reasoning))
-        system = [ChatMessage("system", config.system)] if config.system else []
-        session = ChatSession(ChatContext(runtime, family, defaults), options, system)
+        session = chat_session(runtime, engine_dir, config)
         if config.prompts:
             for prompt in config.prompts:
                 await _answer(session, prompt)
@@ -221,6 +202,32 @@ async def _chat(config: TerminalChatConfig) -> int:
         return await _answer_stdin(session)
     finally:
         await runtime.shutdown()
+
+
+def chat_session(engine: Engine, engine_dir: Path, config: TerminalChatConfig) -> ChatSession:
+    """The conversation over a started engine: the flags' sampling fields as the request's own
+    (as the server's front ends do), the model's defaults (`--sampling-defaults`) for the rest."""
+    given = {
+        name: value
+        for name, value in (
+            ("temperature", config.temperature),
+            ("top_p", config.top_p),
+            ("seed", config.seed),
+        )
+        if value is not None
+    }
+    options = RequestOptions(
+        SamplingParams(**given),
+        max_new_tokens=config.max_new_tokens,
+        sampling_set=frozenset(given),
+    )
+    family = family_of(engine.tokenizer.chat_template_source, load_families())
+    defaults = model_defaults(
+        config.sampling_defaults, family.sampling_on, family.sampling_off, engine_dir
+    )
+    log_event("sampling_defaults", **defaults.report(family.supports_reasoning))
+    system = [ChatMessage("system", config.system)] if config.system else []
+    return ChatSession(ChatContext(engine, family, defaults), options, system)
 
 
 async def _answer_stdin(session: ChatSession) -> int:

@@ -79,7 +79,9 @@ class ChatDelta:
     logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens generated since the last delta
     # On the last delta: the model's sampling defaults the turn ran with (RequestOptions'
     # `sampling_applied`).
-    sampling_applied: Mapping[str, float | int] = field(default_factory=dict)
+    sampling_applied: Mapping[str, float | int] = field(
+        default_factory=dict, compare=False, hash=False
+    )
 
 
 @dataclass(frozen=True)

@@ -316,7 +316,10 @@ def usage_line(response: pb.ChatResponse) -> str:
     applied = json_format.MessageToDict(
         response.sampling_defaults_applied, preserving_proto_field_name=True
     )
-    defaults = ", ".join(f"{name} {value:g}" for name, value in sorted(applied.items()))
+    defaults = ", ".join(
+        f"{name} {value:g}" if isinstance(value, float | int) else f"{name} {value}"
+        for name, value in sorted(applied.items())
+    )
     return (
         f"[usage] prompt {usage.prompt_tokens} tokens ({usage.cached_prompt_tokens} cached), "
         f"completion {usage.completion_tokens} tokens ({usage.reasoning_tokens} reasoning) | "

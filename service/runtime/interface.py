@@ -143,7 +143,9 @@ class TokenEvent:
     error: str | None = None
     # On the last event: the model's sampling defaults the request ran with, for the fields its
     # client left unset (the engine leaves it empty; `service.server.operations` sets it).
-    sampling_applied: Mapping[str, float | int] = field(default_factory=dict)
+    sampling_applied: Mapping[str, float | int] = field(
+        default_factory=dict, compare=False, hash=False
+    )
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,9 @@ class RequestOptions:
     sampling_set: frozenset[str] | None = None
     # The model's defaults that filled the fields the client left unset (set with them): what
     # responses report, so that nobody has to guess what ran.
-    sampling_applied: Mapping[str, float | int] = field(default_factory=dict)
+    sampling_applied: Mapping[str, float | int] = field(
+        default_factory=dict, compare=False, hash=False
+    )
 
 
 # Batch sizes whose decode step is compiled by default (service/runtime/compiled.py): here, in a

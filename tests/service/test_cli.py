@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -335,3 +336,32 @@ def test_help_and_refused_flags_answer_without_importing_torch():
             [sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120
         )
         assert result.stdout.splitlines()[-1] in ("False 0", "False 2"), (args, result.stdout)
+
+
+def test_the_terminal_chats_flags_are_the_requests_own_and_the_defaults_fill_the_rest(
+    tmp_path,
+):
+    from service.chat.terminal import chat_session, parse_chat_config
+    from tests.service.chat.chat_templates import NEMOTRON_V1_5_TEMPLATE, byte_tokenizer
+    from tests.service.scripted_engine import Reply, ScriptedEngine
+
+    engine = ScriptedEngine(
+        byte_tokenizer(tmp_path / "tok", NEMOTRON_V1_5_TEMPLATE), [Reply("Hi.")] * 3
+    )
+
+    def ran(*flags: str) -> tuple[float, float]:
+        config = parse_chat_config([*flags, "--cache-dir", str(tmp_path)], {})
+        session = chat_session(engine, tmp_path, config)
+
+        async def answer() -> None:
+            async for _ in session.reply("Write a haiku."):
+                pass
+
+        asyncio.run(answer())
+        sampling = engine.requests[-1].options.sampling
+        return round(sampling.temperature, 6), round(sampling.top_p, 6)
+
+    # v1.5 thinks by default: its card's reasoning-on values, unless the flags say otherwise.
+    assert ran() == (0.6, 0.95)
+    assert ran("--temperature", "0.3") == (0.3, 0.95)
+    assert ran("--sampling-defaults", "none") == (0.0, 1.0)

@@ -457,3 +457,5 @@ def test_usage_names_the_models_sampling_defaults_the_turn_ran_with():
     response.sampling_defaults_applied.CopyFrom(pb.SamplingParams(temperature=0.6, top_p=0.95))
     line = usage_line(response)
     assert line.endswith("| [model's sampling defaults] temperature 0.6, top_p 0.95"), line
+    response.sampling_defaults_applied.seed = 7  # a uint64: JSON writes it as a string
+    assert usage_line(response).endswith("seed 7, temperature 0.6, top_p 0.95")

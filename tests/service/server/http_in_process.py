@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from service.chat.formats import family_of, load_families
+from service.chat.sampling import NO_DEFAULTS, SamplingDefaults
 from service.chat.turns import ChatContext
 from service.observability.calls import Observability
 from service.observability.metrics import ServiceMetrics
@@ -62,9 +63,13 @@ def model_info(max_context_tokens: int) -> ModelInfo:
 
 @contextmanager
 def http_in_process(
-    engine: Engine, api_keys_file: Path | None = None, max_body_bytes: int = 1 << 20
+    engine: Engine,
+    api_keys_file: Path | None = None,
+    max_body_bytes: int = 1 << 20,
+    sampling: SamplingDefaults = NO_DEFAULTS,
 ) -> Iterator[InProcessHttp]:
-    """Start `engine`, serve the HTTP API over it on a free loopback port until the block ends."""
+    """Start `engine`, serve the HTTP API over it on a free loopback port until the block ends
+    (with the model's `sampling` defaults for fields a request leaves unset)."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -74,7 +79,8 @@ def http_in_process(
         await engine.start()
         serving = Serving()
         family = family_of(engine.tokenizer.chat_template_source, load_families())
-        serving.attach(ChatContext(engine, family), model_info(engine.limits.max_seq_len))
+        context = ChatContext(engine, family, sampling)
+        serving.attach(context, model_info(engine.limits.max_seq_len))
         health = Health("nemotron.v1.GenerationService")
         await health.starting()
         await health.ready()

@@ -6,6 +6,7 @@ nothing. Each report is checked against what the engine was really asked to run.
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from google.protobuf import json_format
@@ -15,12 +16,14 @@ from service.chat.formats import family_of, load_families
 from service.chat.sampling import model_defaults
 from service.chat.turns import ChatContext
 from tests.service.chat.chat_templates import (
+    CHATML_TOOLS_TEMPLATE,
     NEMOTRON_V1_5_TEMPLATE,
     NEMOTRON_V1_TEMPLATE,
     byte_tokenizer,
 )
 from tests.service.scripted_engine import Reply, ScriptedEngine
 from tests.service.server.grpc_in_process import grpc_stub
+from tests.service.server.http_in_process import MODEL, http_in_process
 
 HELLO = pb.ChatMessage(role=pb.ROLE_USER, content="Write a haiku about Kubernetes.")
 ANSWER = "<think>Pods.</think>Ships sail."
@@ -95,3 +98,81 @@ def test_with_sampling_defaults_none_nothing_is_reported_and_turns_run_greedily(
     ((whole, last),) = asyncio.run(_turns(context, [request]))
     assert _reported(whole) is _reported(last) is None
     assert all(r.options.sampling.greedy for r in context.engine.requests)  # type: ignore[attr-defined]
+
+
+CARD = {"temperature": 0.2, "top_p": 0.9}  # a checkpoint's generation_config.json values
+
+
+def _generic(tmp_path, replies: int) -> ChatContext:
+    """A model without a reasoning switch whose checkpoint recommends CARD."""
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": True, **CARD}))
+    return _context(tmp_path, CHATML_TOOLS_TEMPLATE, "model", replies)
+
+
+async def _generations(
+    context: ChatContext,
+) -> tuple[pb.GenerateResponse, pb.GenerateStreamResponse]:
+    prompt = pb.Prompt(token_ids=pb.TokenIds(ids=[72, 105]))
+    own_top_p = pb.SamplingParams(top_p=0.5)
+    async with grpc_stub(context) as stub:
+        whole = await stub.Generate(pb.GenerateRequest(prompt=prompt), timeout=30)
+        request = pb.GenerateStreamRequest(prompt=prompt, sampling=own_top_p)
+        messages = [m async for m in stub.GenerateStream(request, timeout=30)]
+    assert not any(m.HasField("sampling_defaults_applied") for m in messages[:-1])
+    return whole, messages[-1]
+
+
+def test_generate_and_the_last_stream_message_report_the_checkpoints_defaults(tmp_path):
+    whole, last = asyncio.run(_generations(_generic(tmp_path, 2)))
+    assert _reported(whole) == CARD
+    assert _reported(last) == {"temperature": 0.2}  # the request's own top_p is not a default
+
+
+def test_a_turn_cut_by_its_reasoning_budget_reports_what_both_generations_ran_with(tmp_path):
+    # The thinking stops at the budget; the answer is a second generation with the same values.
+    context = _context(tmp_path, NEMOTRON_V1_5_TEMPLATE, "model", 2)
+    context.engine._replies[:] = [Reply("<think>a long thought"), Reply("Ships sail.")]  # type: ignore[attr-defined]
+    request = pb.ChatRequest(
+        messages=[HELLO], reasoning=pb.REASONING_MODE_ON, reasoning_budget_tokens=3
+    )
+
+    async def turn() -> pb.ChatResponse:
+        async with grpc_stub(context) as stub:
+            return await stub.Chat(request, timeout=30)
+
+    response = asyncio.run(turn())
+    assert response.content == "Ships sail."
+    assert _reported(response) == {"temperature": 0.6, "top_p": 0.95}
+    first, second = context.engine.requests  # type: ignore[attr-defined]
+    assert first.options.sampling == second.options.sampling
+    assert round(second.options.sampling.temperature, 6) == 0.6
+
+
+def test_the_http_api_reports_them_to_the_openai_sdk_streamed_and_whole(tmp_path):
+    import openai
+
+    context = _generic(tmp_path, 4)
+    defaults = context.sampling
+    with http_in_process(context.engine, sampling=defaults) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+        hello = [{"role": "user", "content": "Hi"}]
+        whole = client.chat.completions.create(model=MODEL, messages=hello)
+        assert whole.model_extra["sampling_defaults_applied"] == pytest.approx(CARD)
+        chunks = list(
+            client.chat.completions.create(
+                model=MODEL,
+                messages=hello,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+        reported = [c.model_extra.get("sampling_defaults_applied") for c in chunks]
+        finishing = [i for i, c in enumerate(chunks) if c.choices and c.choices[0].finish_reason]
+        assert [i for i, r in enumerate(reported) if r] == finishing  # that chunk only
+        assert reported[finishing[0]] == pytest.approx({"top_p": 0.9})
+        stream = client.completions.create(
+            model=MODEL, prompt=["Hi", "Yo"], max_tokens=3, stream=True
+        )
+        per_choice = [c.model_extra.get("sampling_defaults_applied") for c in stream if c.choices]
+        assert [r for r in per_choice if r] == [pytest.approx(CARD)] * 2  # each prompt's end

@@ -164,14 +164,19 @@ def run_soak(server: RunningServer, requests: int) -> dict:
     counted += collections.Counter()  # drop zeros
     records = _server_records(server)
     by_id = {(method, rid): code for method, rid, code in outcomes if rid}
+    disagree = {k: (code, by_id[k]) for k, code in records.items() if by_id.get(k) != code}
     return {
         "requests": requests,
         "seen": seen,
         "counted": counted,
-        "disagree": {k: (code, by_id[k]) for k, code in records.items() if by_id.get(k) != code},
+        "disagree": disagree,
         "unrecorded": {k: code for k, code in by_id.items() if k not in records},
-        "raced": sum(
-            abs(counted[k] - seen[k]) for k in counted.keys() | seen.keys() if k[1] == "OK"
+        # Each generating call's race is named by its record; the others' only by the counts.
+        "raced": len(disagree)
+        + sum(
+            abs(counted[k] - seen[k])
+            for k in counted.keys() | seen.keys()
+            if k[1] == "OK" and k[0] not in GENERATING
         ),
         "rss_after_warmup": rss[len(rss) // 5],
         "rss_end": rss[-1],
