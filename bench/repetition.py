@@ -25,7 +25,7 @@ from service.chat.sampling import model_defaults
 from service.chat.turns import ChatContext, ChatTurn, run_chat_turn
 from service.runtime.compute import reserve_cores_for_compute_threads, run_in_compute_thread
 from service.runtime.factory import open_runtime
-from service.runtime.options import RequestOptions, SamplingParams
+from service.runtime.options import RequestOptions
 from service.runtime.tokenizer import ChatMessage
 from service.startup.selection import ensure_cpu_engine
 
@@ -64,10 +64,8 @@ def main() -> None:
         context = ChatContext(runtime, family, defaults)
         ratios, lengths = [], []
         for index, prompt in enumerate(OPEN_PROMPTS):
-            options = RequestOptions(
-                SamplingParams(seed=args.seed + index),
-                max_new_tokens=args.new_tokens,
-                sampling_set=frozenset({"seed"}),  # everything else from the defaults
+            options = RequestOptions.asked(  # everything but the seed from the defaults
+                {"seed": args.seed + index}, max_new_tokens=args.new_tokens
             )
             tokens = loop.run_until_complete(answer(context, prompt, options, f"{mode}-{index}"))
             ratios.append(distinct_ngram_ratio(tokens))

@@ -21,7 +21,7 @@ from service.chat.formats import family_of, load_families
 from service.chat.sampling import CHOICES as SAMPLING_CHOICES
 from service.chat.sampling import model_defaults
 from service.chat.turns import ChatContext, ChatTurn, run_chat_turn
-from service.runtime.options import DEFAULT_MAX_NEW_TOKENS, RequestOptions, SamplingParams
+from service.runtime.options import DEFAULT_MAX_NEW_TOKENS, RequestOptions
 from service.runtime.tokenizer import ChatMessage
 
 if TYPE_CHECKING:
@@ -216,11 +216,7 @@ def chat_session(engine: Engine, engine_dir: Path, config: TerminalChatConfig) -
         )
         if value is not None
     }
-    options = RequestOptions(
-        SamplingParams(**given),
-        max_new_tokens=config.max_new_tokens,
-        sampling_set=frozenset(given),
-    )
+    options = RequestOptions.asked(given, max_new_tokens=config.max_new_tokens)
     family = family_of(engine.tokenizer.chat_template_source, load_families())
     defaults = model_defaults(
         config.sampling_defaults, family.sampling_on, family.sampling_off, engine_dir

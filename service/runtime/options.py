@@ -105,6 +105,12 @@ class RequestOptions:
         default_factory=dict, compare=False, hash=False
     )
 
+    @classmethod
+    def asked(cls, sampling: Mapping[str, Any], **others: Any) -> RequestOptions:
+        """The options of a client's request that set exactly these sampling fields (the model's
+        defaults fill the others); `others` are the remaining options."""
+        return cls(SamplingParams(**sampling), sampling_set=frozenset(sampling), **others)
+
 
 # Batch sizes whose decode step is compiled by default (service/runtime/compiled.py): here, in a
 # module without torch, so that parsing nemotron-serve's flags does not import it.

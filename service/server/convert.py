@@ -47,23 +47,26 @@ _EXACT_INTS = 2**53  # doubles hold every whole number up to here exactly
 
 def sampling_from_pb(message: pb.SamplingParams) -> SamplingParams:
     """The options the client set (same names in the API and the domain); unset ones default."""
+    return SamplingParams(**_set_fields(message))
+
+
+def _set_fields(message: pb.SamplingParams) -> dict[str, Any]:
     names = SamplingParams.option_names()
-    return SamplingParams(**{n: getattr(message, n) for n in names if message.HasField(n)})
+    return {n: getattr(message, n) for n in names if message.HasField(n)}
 
 
 def options_from_pb(
     sampling: pb.SamplingParams, limits: pb.GenerationLimits, deadline: float | None
 ) -> RequestOptions:
     """The request options of a Generate or Chat call (unset max_new_tokens stays unset)."""
-    return RequestOptions(
-        sampling=sampling_from_pb(sampling),
+    return RequestOptions.asked(
+        _set_fields(sampling),
         max_new_tokens=limits.max_new_tokens if limits.HasField("max_new_tokens") else None,
         stop_strings=tuple(limits.stop_sequences),
         stop_token_ids=tuple(limits.stop_token_ids),
         ignore_eos=limits.ignore_eos,
         logprobs=limits.logprobs if limits.HasField("logprobs") else None,
         deadline=deadline,
-        sampling_set=frozenset(n for n in SamplingParams.option_names() if sampling.HasField(n)),
     )
 
 

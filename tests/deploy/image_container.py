@@ -44,6 +44,14 @@ HOST_SCRIPTS = Path(sys.executable).parent  # the venv's nemotron-chat and nemot
 SCRIPT = REPO_ROOT / "tools" / "container_image.sh"
 RUNTIME_UID = 10001  # the Dockerfile's UID
 QUESTION = "What is the capital of France?"  # greedy answer: "The capital of France is Paris."
+# The marks of every image test: opt-in, after `make test-image` has built the images.
+IMAGE_TESTS = [
+    pytest.mark.image,
+    pytest.mark.skipif(
+        os.environ.get("NEMOTRON_IMAGE_TESTS") != "1",
+        reason="needs the built image: `make test-image` (NEMOTRON_IMAGE_TESTS=1)",
+    ),
+]
 
 
 def built_image(target: str) -> str:

@@ -13,7 +13,6 @@ tests/deploy/test_image_pod.py runs the same image with the chart's cpu pod sett
 
 from __future__ import annotations
 
-import os
 import tomllib
 import urllib.request
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ import pytest
 
 from tests.deploy.helm_chart import REPO_ROOT
 from tests.deploy.image_container import (
+    IMAGE_TESTS,
     QUESTION,
     RUNTIME_UID,
     Container,
@@ -33,13 +33,7 @@ from tests.deploy.image_container import (
 )
 from tests.service.server_process import free_port
 
-pytestmark = [
-    pytest.mark.image,
-    pytest.mark.skipif(
-        os.environ.get("NEMOTRON_IMAGE_TESTS") != "1",
-        reason="needs the built image: `make test-image` (NEMOTRON_IMAGE_TESTS=1)",
-    ),
-]
+pytestmark = IMAGE_TESTS
 
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
 

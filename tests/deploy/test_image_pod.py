@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from tests.deploy.image_container import (
+    IMAGE_TESTS,
     QUESTION,
     RUNTIME_UID,
     Container,
@@ -39,13 +40,7 @@ from tests.deploy.image_container import (
 )
 from tools.render_k8s import K8S_DIR
 
-pytestmark = [
-    pytest.mark.image,
-    pytest.mark.skipif(
-        os.environ.get("NEMOTRON_IMAGE_TESTS") != "1",
-        reason="needs the built image: `make test-image` (NEMOTRON_IMAGE_TESTS=1)",
-    ),
-]
+pytestmark = IMAGE_TESTS
 
 MANIFEST = K8S_DIR / "cpu.yaml"
 NODE_NAME = "image-test-node"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.runtime.interface import RequestError
-from service.runtime.options import RequestOptions, SamplingParams
+from service.runtime.options import RequestOptions
 from service.server.kserve.tensors import Tensor
 
 
@@ -255,9 +255,8 @@ def _options(
     max_tokens = int(values["max_tokens"][0]) if "max_tokens" in values else None
     if max_tokens is not None and max_tokens < 1:
         raise RequestError(f"input 'max_tokens': {max_tokens} is not allowed; it must be >= 1")
-    return RequestOptions(
-        sampling=SamplingParams(**sampling),
-        sampling_set=frozenset(sampling),
+    return RequestOptions.asked(
+        sampling,
         max_new_tokens=max_tokens,
         stop_strings=stop_words,
         stop_token_ids=stop_ids,

@@ -114,10 +114,8 @@ def request_options(
         **{k: v for k, v in extras.items() if k in SamplingParams.option_names()},
     }
     stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
-    chosen = {k: v for k, v in given.items() if v is not None}
-    return RequestOptions(
-        sampling=SamplingParams(**chosen),
-        sampling_set=frozenset(chosen),
+    return RequestOptions.asked(
+        {k: v for k, v in given.items() if v is not None},
         max_new_tokens=max_tokens,
         stop_strings=tuple(stops),
         stop_token_ids=tuple(extras.get("stop_token_ids", ())),

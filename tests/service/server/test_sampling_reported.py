@@ -55,11 +55,13 @@ def _reported(message: pb.ChatResponse | pb.ChatStreamResponse) -> dict[str, flo
     return {name: round(value, 6) for name, value in values.items()}
 
 
-def _context(tmp_path, template: str, choice: str, replies: int) -> ChatContext:
+def _context(tmp_path, template: str, choice: str, replies: int | list[Reply]) -> ChatContext:
+    """A scripted model of `template`'s family: `replies` of its own, or that many ANSWERs."""
     tokenizer = byte_tokenizer(tmp_path, template)
     family = family_of(template, load_families())
     defaults = model_defaults(choice, family.sampling_on, family.sampling_off, tmp_path)
-    engine = ScriptedEngine(tokenizer, [Reply(ANSWER)] * replies)
+    script = replies if isinstance(replies, list) else [Reply(ANSWER)] * replies
+    engine = ScriptedEngine(tokenizer, script)
     return ChatContext(engine, family, defaults)
 
 
@@ -130,8 +132,8 @@ def test_generate_and_the_last_stream_message_report_the_checkpoints_defaults(tm
 
 def test_a_turn_cut_by_its_reasoning_budget_reports_what_both_generations_ran_with(tmp_path):
     # The thinking stops at the budget; the answer is a second generation with the same values.
-    context = _context(tmp_path, NEMOTRON_V1_5_TEMPLATE, "model", 2)
-    context.engine._replies[:] = [Reply("<think>a long thought"), Reply("Ships sail.")]  # type: ignore[attr-defined]
+    replies = [Reply("<think>a long thought"), Reply("Ships sail.")]
+    context = _context(tmp_path, NEMOTRON_V1_5_TEMPLATE, "model", replies)
     request = pb.ChatRequest(
         messages=[HELLO], reasoning=pb.REASONING_MODE_ON, reasoning_budget_tokens=3
     )
