@@ -52,9 +52,20 @@ TIMING_CONTEXT = 512
 
 
 def inductor_cache_dir(environ: dict[str, str] | os._Environ[str]) -> Path:
-    """Where inductor keeps what it compiled: TORCHINDUCTOR_CACHE_DIR, else the product cache."""
+    """Where inductor keeps what it compiled: TORCHINDUCTOR_CACHE_DIR, else the product cache.
+
+    Importing `torch._dynamo` (which loading a model may do) writes torch's own default,
+    `/tmp/torchinductor_<user>`, into TORCHINDUCTOR_CACHE_DIR when it is unset; that value is
+    not the user's choice, and in a pod /tmp is an emptyDir lost at every restart, so it counts
+    as unset here.
+    """
+    # Imported here: importing torch._inductor imports torch._dynamo (seconds).
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir as torch_default
+
     chosen = environ.get("TORCHINDUCTOR_CACHE_DIR")
-    return Path(chosen) if chosen else default_cache_dir(environ) / "inductor"
+    if chosen and Path(chosen) != Path(torch_default()).absolute():
+        return Path(chosen)
+    return default_cache_dir(environ) / "inductor"
 
 
 class DecodeAttention:
@@ -265,7 +276,7 @@ def compile_decode(
     if reason is not None:
         log_event("decode_not_compiled", logging.INFO, reason=reason)
         return None
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir(os.environ)))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache_dir(os.environ))
     return CompiledDecode(model, store, sizes)
 
 

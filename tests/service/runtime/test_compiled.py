@@ -11,9 +11,10 @@ import pytest
 import torch
 from nemotron.v1 import generation_pb2 as pb
 from torch._dynamo.utils import counters
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir as torch_default_cache_dir
 
 from engine_build.model import NemotronModel
-from service.runtime.compiled import CompiledDecode, can_compile
+from service.runtime.compiled import CompiledDecode, can_compile, inductor_cache_dir
 from service.runtime.kv_pages import PagedKVStore
 from service.runtime.runner import ModelRunner, StepPlan
 from service.server.flags import parse_serve_config
@@ -164,7 +165,8 @@ def test_nemotron_serve_compiles_after_ready_serves_with_it_and_stops_cleanly_mi
         "bf16",
         "--compiled-decode",
         "1,2",
-        env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")},
+        # What importing torch._dynamo writes when the variable is unset: not a user's choice.
+        env={"TORCHINDUCTOR_CACHE_DIR": torch_default_cache_dir()},
     )
     try:
         wait_ready(server)
@@ -174,6 +176,9 @@ def test_nemotron_serve_compiles_after_ready_serves_with_it_and_stops_cleanly_mi
             timeout_s=COMPILE_WAIT_S,
         )
         assert compiled[0]["batch_size"] == 1
+        # Compiled into --cache-dir, which survives a restart (torch's default is under /tmp).
+        assert compiled[0]["cache"] == str(tmp_path / "cache" / "inductor")
+        assert any((tmp_path / "cache" / "inductor").iterdir())
         request = pb.GenerateRequest(
             prompt=pb.Prompt(token_ids=pb.TokenIds(ids=[5, 6, 7])),
             limits=pb.GenerationLimits(max_new_tokens=8, ignore_eos=True),
@@ -188,3 +193,13 @@ def test_nemotron_serve_compiles_after_ready_serves_with_it_and_stops_cleanly_mi
         # SIGTERM while batch 2 compiles (or just after): a clean stop, not an abort (134).
         code = stop_server(server)
     assert code == 0, server.log_path.read_text()[-2000:]
+
+
+def test_inductor_cache_is_the_users_choice_else_the_product_cache(tmp_path):
+    product = {"NEMOTRON_CACHE_DIR": str(tmp_path)}
+    assert inductor_cache_dir(product) == tmp_path / "inductor"
+    # torch._dynamo's import writes torch's default into the variable when it is unset
+    dynamo_default = {**product, "TORCHINDUCTOR_CACHE_DIR": torch_default_cache_dir()}
+    assert inductor_cache_dir(dynamo_default) == tmp_path / "inductor"
+    chosen = {**product, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "mine")}
+    assert inductor_cache_dir(chosen) == tmp_path / "mine"
