@@ -15,7 +15,6 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine_build.events import configure_logging
@@ -35,11 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             config = parse_chat_config(args[1:], os.environ)
             configure_logging(config.log_level, config.log_json)
-            use_cache_dir(config.cache_dir)
             return run_chat(config)
-        serve_config = parse_serve_config(args[1:] if args[:1] == ["serve"] else args, os.environ)
-        use_cache_dir(serve_config.startup.cache_dir)
-        return run_server(serve_config)
+        return run_server(
+            parse_serve_config(args[1:] if args[:1] == ["serve"] else args, os.environ)
+        )
     except Exception as err:
         if not isinstance(err, OSError):
             # Imported here: its modules import torch, which --help and flag errors need not
@@ -55,13 +53,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-
-
-def use_cache_dir(cache_dir: Path) -> None:
-    """Make `--cache-dir` this process's NEMOTRON_CACHE_DIR: what is cached outside the engine
-    repository (inductor's compiled kernels, kernel choices of a read-only repository) goes
-    there too, not only downloads, imports and engines."""
-    os.environ["NEMOTRON_CACHE_DIR"] = str(cache_dir)
 
 
 def run_server(config: ServerConfig) -> int:

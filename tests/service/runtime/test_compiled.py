@@ -166,7 +166,10 @@ def test_nemotron_serve_compiles_after_ready_serves_with_it_and_stops_cleanly_mi
         "--compiled-decode",
         "1,2",
         # What importing torch._dynamo writes when the variable is unset: not a user's choice.
-        env={"TORCHINDUCTOR_CACHE_DIR": torch_default_cache_dir()},
+        env={
+            "TORCHINDUCTOR_CACHE_DIR": torch_default_cache_dir(),
+            "NEMOTRON_CACHE_DIR": str(tmp_path / "cache"),
+        },
     )
     try:
         wait_ready(server)
@@ -176,7 +179,7 @@ def test_nemotron_serve_compiles_after_ready_serves_with_it_and_stops_cleanly_mi
             timeout_s=COMPILE_WAIT_S,
         )
         assert compiled[0]["batch_size"] == 1
-        # Compiled into --cache-dir, which survives a restart (torch's default is under /tmp).
+        # Compiled into NEMOTRON_CACHE_DIR, which survives a restart (torch's is under /tmp).
         assert compiled[0]["cache"] == str(tmp_path / "cache" / "inductor")
         assert any((tmp_path / "cache" / "inductor").iterdir())
         request = pb.GenerateRequest(
