@@ -5,7 +5,11 @@ residuals, SwiGLU) around 121 matrix products; in eager mode each costs a dispat
 and on two cores that was about as much time as the products themselves. Compiled, the model's
 whole step (every layer, the paged KV writes, the attention over gathered slots, the LM head) is
 one graph: the elementwise work fused into generated C++ loops, the products still the kernels
-chosen by measurement (service/runtime/kernels.py).
+chosen by measurement (service/runtime/kernels.py). Attention, one query per row, is either
+SDPA over a gathered copy of each row's slots (masked to the longest row) or
+`torch.ops.nemotron.decode_attention` (service/runtime/native: it reads the slots where they
+lie, each row only as far as its own length): per size, whichever timed faster here, just
+before that size's graph is made (`choose_attention`).
 
 As vLLM does for CUDA graphs, the graph is made for a fixed set of batch sizes (SIZES); a
 decode-only step of B sequences runs the smallest listed size >= B once that size is ready, the
@@ -26,10 +30,10 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -39,7 +43,10 @@ from torch import Tensor
 from engine_build.embedded import default_cache_dir
 from engine_build.events import log_event
 from engine_build.model import NemotronModel
+from service.runtime import native
+from service.runtime.kernels import best_seconds
 from service.runtime.kv_pages import PagedKVStore
+from service.runtime.native import cxx_compiler
 from service.runtime.options import COMPILED_DECODE_SIZES
 
 SIZES = COMPILED_DECODE_SIZES
@@ -72,7 +79,10 @@ class DecodeAttention:
     """`StepAttention` of a compiled decode step: plain tensors, one new token per row.
 
     `write_slots` [B] is where each row's new key and value go, `read_slots` [B, L] the slots it
-    attends over (its context, then padding), `bias` [B, 1, 1, L] 0 or -inf.
+    attends over (its context, then padding), `bias` [B, 1, 1, L] 0 or -inf, `lengths` [B] how
+    many of its read slots each row attends over. `native`: attend through
+    `torch.ops.nemotron.decode_attention` (reads the slots where they are, `lengths` of each
+    row) instead of SDPA over a gathered copy of every row's L slots with the bias.
     """
 
     def __init__(
@@ -82,23 +92,38 @@ class DecodeAttention:
         write_slots: Tensor,
         read_slots: Tensor,
         bias: Tensor,
+        lengths: Tensor,
+        native: bool = False,
     ) -> None:
         self.store, self.positions = store, positions
         self.write_slots, self.read_slots, self.bias = write_slots, read_slots, bias
+        self.lengths, self.native = lengths, native
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Write the rows' keys and values, then attend over the gathered slots."""
+        """Write the rows' keys and values, then attend over their slots."""
         keys, values = self.store.keys[layer], self.store.values[layer]
         keys.index_copy_(0, self.write_slots, k[0])
         values.index_copy_(0, self.write_slots, v[0])
-        attended = F.scaled_dot_product_attention(
-            q[0][:, :, None],  # [B, heads, 1, hd]
-            keys[self.read_slots].transpose(1, 2),  # [B, kv, L, hd]
-            values[self.read_slots].transpose(1, 2),
-            attn_mask=self.bias,
-            enable_gqa=keys.shape[1] != q.shape[2],
-        )
-        return attended[:, :, 0][None]
+        if self.native:
+            return torch.ops.nemotron.decode_attention(
+                q[0].contiguous(), keys, values, self.read_slots, self.lengths, q.shape[-1] ** -0.5
+            )[None]
+        return gathered_attention(q[0], keys, values, self.read_slots, self.bias)[None]
+
+
+def gathered_attention(
+    q: Tensor, keys: Tensor, values: Tensor, read: Tensor, bias: Tensor
+) -> Tensor:
+    """SDPA of q [B, heads, hd] over the gathered slots `read` [B, L] of the store, masked by
+    `bias` [B, 1, 1, L]: [B, heads, hd]."""
+    attended = F.scaled_dot_product_attention(
+        q[:, :, None],  # [B, heads, 1, hd]
+        keys[read].transpose(1, 2),  # [B, kv, L, hd]
+        values[read].transpose(1, 2),
+        attn_mask=bias,
+        enable_gqa=keys.shape[1] != q.shape[1],
+    )
+    return attended[:, :, 0]
 
 
 class DecodeBatch:
@@ -131,8 +156,20 @@ class DecodeBatch:
         self.bias = torch.zeros(visible.shape, dtype=store.dtype).masked_fill(
             ~visible, float("-inf")
         )
+        self.lengths = visible[:, 0, 0].sum(dim=1)
         torch._dynamo.mark_dynamic(self.read_slots, 1)
         torch._dynamo.mark_dynamic(self.bias, 3)
+
+    def inputs(self) -> tuple[Tensor, ...]:
+        """The compiled step's arguments."""
+        return (
+            self.tokens,
+            self.positions,
+            self.write_slots,
+            self.read_slots,
+            self.bias,
+            self.lengths,
+        )
 
 
 class CompiledDecode:
@@ -142,6 +179,9 @@ class CompiledDecode:
         self.model, self.store, self.sizes = model, store, tuple(sorted(sizes))
         self.ready: tuple[int, ...] = ()
         self.failed: str | None = None
+        # Per size: "native" (torch.ops.nemotron.decode_attention) or "sdpa", timed before its
+        # graph is made (service/runtime/native; "sdpa" where the native kernels are absent).
+        self.attention: dict[int, str] = {}
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._compiled: Callable[..., Tensor] = torch.compile(self._step, fullgraph=True)
@@ -151,9 +191,16 @@ class CompiledDecode:
             torch._dynamo.mark_dynamic(tensor, 0)
 
     def _step(
-        self, tokens: Tensor, positions: Tensor, write: Tensor, read: Tensor, bias: Tensor
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        write: Tensor,
+        read: Tensor,
+        bias: Tensor,
+        lengths: Tensor,
     ) -> Tensor:
-        attention = DecodeAttention(self.store, positions, write, read, bias)
+        native = self.attention.get(tokens.shape[1]) == "native"
+        attention = DecodeAttention(self.store, positions, write, read, bias, lengths, native)
         return self.model.forward_step(tokens, attention)[0].float()  # [size, vocab]
 
     def size_for(self, batch: int) -> int | None:
@@ -182,9 +229,7 @@ class CompiledDecode:
     def run(self, size: int, rows: Sequence[tuple[int, Tensor]]) -> Tensor:
         """Logits [len(rows), vocab] (float32) of one decode-only step, padded to `size`."""
         batch = DecodeBatch(size, rows, self.store)
-        logits = self._compiled(
-            batch.tokens, batch.positions, batch.write_slots, batch.read_slots, batch.bias
-        )
+        logits = self._compiled(*batch.inputs())
         return logits[: len(rows)]
 
     def compile_all(self) -> None:
@@ -200,6 +245,7 @@ class CompiledDecode:
             log_event("decode_compiling", logging.INFO, batch_size=size)
             started = time.perf_counter()
             try:
+                self.attention[size] = self.choose_attention(size)
                 # Batch sizes stay static: each size is its own graph (with its own kernels).
                 with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
                     self.run(size, [])  # padding rows only: writes nothing but the scratch slot
@@ -218,6 +264,7 @@ class CompiledDecode:
                 seconds=round(time.perf_counter() - started, 2),
                 eager_ms=round(eager_s * 1e3, 2),
                 compiled_ms=round(compiled_s * 1e3, 2),
+                attention=self.attention[size],
                 used=faster,
                 cache=str(inductor_cache_dir(os.environ)),
             )
@@ -225,15 +272,36 @@ class CompiledDecode:
     @torch.inference_mode()
     def _time(self, size: int) -> tuple[float, float]:
         """Best seconds of a padding-only step of `size` rows, eager and compiled, in turns."""
-        batch = DecodeBatch(size, [], self.store, TIMING_CONTEXT)
-        inputs = (batch.tokens, batch.positions, batch.write_slots, batch.read_slots, batch.bias)
-        best = {"eager": float("inf"), "compiled": float("inf")}
-        for _ in range(TIMING_REPEATS):
-            for name, step in (("eager", self._step), ("compiled", self._compiled)):
-                start = time.perf_counter()
-                step(*inputs)
-                best[name] = min(best[name], time.perf_counter() - start)
+        inputs = DecodeBatch(size, [], self.store, TIMING_CONTEXT).inputs()
+        best = best_seconds(
+            {"eager": partial(self._step, *inputs), "compiled": partial(self._compiled, *inputs)},
+            TIMING_REPEATS,
+            warmups=0,
+        )
         return best["eager"], best["compiled"]
+
+    @torch.inference_mode()
+    def choose_attention(self, size: int) -> str:
+        """ "native" or "sdpa" for steps of `size` rows: the faster over TIMING_CONTEXT slots
+        (distinct ones per row) of the first attention layer, timed in turns."""
+        if not native.load() or not self.store.keys:
+            return "sdpa"
+        keys, values = next(iter(self.store.keys.values())), next(iter(self.store.values.values()))
+        slots, _, head_dim = keys.shape
+        heads = self.model.graph.num_attention_heads
+        q = torch.randn(size, heads, head_dim).to(keys.dtype)
+        read = (torch.arange(size * TIMING_CONTEXT) % slots).reshape(size, TIMING_CONTEXT)
+        lengths = torch.full((size,), TIMING_CONTEXT, dtype=torch.long)
+        bias = torch.zeros(size, 1, 1, TIMING_CONTEXT, dtype=keys.dtype)
+        op = torch.ops.nemotron.decode_attention
+        best = best_seconds(
+            {
+                "native": partial(op, q, keys, values, read, lengths, head_dim**-0.5),
+                "sdpa": partial(gathered_attention, q, keys, values, read, bias),
+            },
+            TIMING_REPEATS,
+        )
+        return min(best, key=best.__getitem__)
 
     def start(self, threads: int) -> threading.Thread:
         """Compile in the background (a daemon thread with the engine's thread count)."""
@@ -291,9 +359,3 @@ def can_compile(model: NemotronModel, device: torch.device, tensor_parallel: int
     if cxx_compiler() is None:
         return "no C++ compiler (g++, c++, clang++ or $CXX) for inductor's CPU kernels"
     return None
-
-
-def cxx_compiler() -> str | None:
-    """The C++ compiler inductor would find on PATH, if any."""
-    names = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
-    return next((found for name in names if name and (found := shutil.which(name))), None)

@@ -10,16 +10,20 @@ the fastest kernel for the nearest measured row count.
 
 Candidates per stored format:
 - bf16: `linear` (F.linear), `mv` (torch.mv; one row only);
-- int8 / int4: the stored format's own kernel, plus `linear` and `mv` on a bf16 copy of the
-  matrix, when the copies of every matrix that would use them fit in COPY_SHARE of the memory
-  available (host_budget) — a copy costs 2 bytes per weight on top of the stored ones;
+- int8 / int4: torch's kernel for the stored format (`int8`, `int4`), our own
+  (service/runtime/native, where it could be built on this machine: `int8-native`,
+  `int4-native` with fp32 activations, `int8-q8`, `int4-q8` with the activations quantized to
+  int8 per group of 32 as llama.cpp does, which adds that rounding), plus
+  `linear` and `mv` on a bf16 copy of the matrix, when the copies of every matrix that would
+  use them fit in COPY_SHARE of the memory available (host_budget) — a copy costs 2 bytes per
+  weight on top of the stored ones. A layout no chosen kernel reads is dropped after the choice;
 - fp32: `linear` only. fp32 engines are the exact reference (tests compare them token for
   token, alone and batched): one kernel keeps them batch-invariant.
 
 The choices are cached in the engine repository (`kernel-choices/<engine>-<machine>.json`),
 keyed by the machine's identity (CPU model, its instruction-set flags, the compute threads,
-torch's version), so a restart on the same kind of machine measures nothing; a different
-machine measures again.
+torch's version), and by whether the native kernels loaded, so a restart on the same kind of
+machine measures nothing; a different machine measures again.
 """
 
 from __future__ import annotations
@@ -28,11 +32,11 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,28 +46,27 @@ from torch import Tensor, nn
 from engine_build.embedded import default_cache_dir
 from engine_build.events import log_event
 from engine_build.model import Linear
+from service.runtime import native
 from service.runtime.memory import host_budget
 from service.runtime.quantized import Int4Linear, Int8Linear
 
 ROW_BUCKETS = (1, 4, 16, 64)
 COPY_SHARE = 0.25  # of the memory available: at most this for bf16 copies of quantized matrices
 REPEATS = 20
-CHOICES_VERSION = 1
+CHOICES_VERSION = 2
 Kernel = Callable[[Tensor], Tensor]
+QUANTIZED = ("int8", "int4")
+# The native kernels per stored format: "native" takes the activations in fp32, "q8" quantizes
+# them to int8 per group of 32 first (as llama.cpp does) and multiplies in integers.
+NATIVE_OPS = {
+    "int4": {"native": "int4_matmul", "q8": "int4_matmul_q8"},
+    "int8": {"native": "int8_matmul", "q8": "int8_matmul_q8"},
+}
 
 
 def machine_identity(threads: int) -> dict[str, str]:
     """What a measurement depends on: CPU model and ISA flags, threads, torch."""
-    model, flags = platform.processor() or platform.machine(), ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model in ("", platform.machine()):
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = " ".join(sorted(value.split()))
-    except OSError:
-        pass
+    model, flags = native.cpu_model_and_flags()
     return {
         "cpu": model,
         "flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16],
@@ -107,11 +110,19 @@ def matrices(model: nn.Module) -> dict[str, Matrix]:
     return found
 
 
-def kernels_for(matrix: Matrix, dense: Tensor | None) -> dict[str, Kernel]:
-    """The candidate kernels of one matrix (`dense`: its bf16 copy where one may be held)."""
+def kernels_for(
+    matrix: Matrix, dense: Tensor | None, operands: tuple[Tensor, ...] | None = None
+) -> dict[str, Kernel]:
+    """The candidate kernels of one matrix (`dense`: its bf16 copy where one may be held;
+    `operands`: its tensors in the native kernels' layout, where those are loaded)."""
     candidates: dict[str, Kernel] = {}
-    if matrix.fmt in ("int8", "int4"):
+    if matrix.fmt in QUANTIZED:
         candidates[matrix.fmt] = matrix.module.forward
+        if operands is not None:
+            for variant, op in NATIVE_OPS[matrix.fmt].items():
+                if variant == "q8" and matrix.in_features % native.GROUP:
+                    continue  # its activation groups are 32 wide
+                candidates[f"{matrix.fmt}-{variant}"] = native_kernel(matrix, operands, op)
     else:
         dense = matrix.module.weight
     if dense is not None:
@@ -122,25 +133,48 @@ def kernels_for(matrix: Matrix, dense: Tensor | None) -> dict[str, Kernel]:
     return candidates
 
 
+def native_kernel(matrix: Matrix, operands: tuple[Tensor, ...], op: str) -> Kernel:
+    """x [..., in] -> [..., out] through `torch.ops.nemotron.<op>`."""
+    call = getattr(torch.ops.nemotron, op)
+    width, height = matrix.in_features, matrix.out_features
+    return lambda x: call(x.reshape(-1, width).contiguous(), *operands).reshape(
+        *x.shape[:-1], height
+    )
+
+
+def native_operands(matrix: Matrix) -> tuple[Tensor, ...] | None:
+    """The matrix's tensors for its native kernel, when the native kernels are loaded."""
+    if matrix.fmt not in QUANTIZED or not native.available():
+        return None
+    return matrix.module.native_operands()
+
+
 def time_kernels(
     candidates: dict[str, Kernel], rows: int, in_features: int, dtype: torch.dtype
 ) -> dict[str, float]:
-    """Best seconds of one call of each candidate on `rows` random rows.
-
-    The candidates take turns, call by call, and each keeps its fastest call: a burst of other
-    work on the machine then slows every candidate alike instead of the one it happened to hit.
-    """
+    """Best seconds of one call of each candidate on `rows` random rows."""
     x = torch.randn(rows, in_features).to(dtype)
-    best = dict.fromkeys(candidates, float("inf"))
     with torch.inference_mode():
-        for kernel in candidates.values():
-            for _ in range(2):
-                kernel(x)
-        for _ in range(REPEATS):
-            for name, kernel in candidates.items():
-                start = time.perf_counter()
-                kernel(x)
-                best[name] = min(best[name], time.perf_counter() - start)
+        return best_seconds({name: partial(kernel, x) for name, kernel in candidates.items()})
+
+
+def best_seconds(
+    calls: dict[str, Callable[[], object]], repeats: int = REPEATS, warmups: int = 2
+) -> dict[str, float]:
+    """Best seconds of one call of each of `calls`.
+
+    The calls take turns, one by one, and each keeps its fastest: a burst of other work on the
+    machine then slows every candidate alike instead of the one it happened to hit.
+    """
+    best = dict.fromkeys(calls, float("inf"))
+    for call in calls.values():
+        for _ in range(warmups):
+            call()
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
@@ -149,8 +183,8 @@ def measure(found: dict[str, Matrix], allow_copies: bool) -> dict[str, dict[str,
     choices: dict[str, dict[str, str]] = {}
     for matrix in {m.signature: m for m in found.values()}.values():
         dtype = torch.float32 if matrix.fmt == "fp32" else torch.bfloat16
-        copy = matrix.dense() if allow_copies and matrix.fmt in ("int8", "int4") else None
-        candidates = kernels_for(matrix, copy)
+        copy = matrix.dense() if allow_copies and matrix.fmt in QUANTIZED else None
+        candidates = kernels_for(matrix, copy, native_operands(matrix))
         table: dict[str, str] = {}
         for rows in ROW_BUCKETS:
             usable = {k: v for k, v in candidates.items() if k != "mv" or rows == 1}
@@ -166,13 +200,22 @@ def measure(found: dict[str, Matrix], allow_copies: bool) -> dict[str, dict[str,
 class ChosenKernels(nn.Module):
     """A matrix's module with the measured kernel per row count."""
 
-    def __init__(self, matrix: Matrix, table: dict[str, str], copy: Tensor | None) -> None:
+    def __init__(self, matrix: Matrix, table: dict[str, str]) -> None:
         super().__init__()
         self.inner = matrix.module
         self.in_features, self.out_features = matrix.in_features, matrix.out_features
+        chosen = set(table.values())
+        copy = matrix.dense() if chosen & {"linear", "mv"} and matrix.fmt in QUANTIZED else None
         if copy is not None:
             self.register_buffer("dense", copy, persistent=False)
-        kernels = kernels_for(matrix, copy)
+        operands = None
+        if any(name.startswith(f"{matrix.fmt}-") for name in chosen):
+            operands = matrix.module.native_operands()
+            for index, tensor in enumerate(operands):
+                self.register_buffer(f"native_{index}", tensor, persistent=False)
+        if matrix.fmt in QUANTIZED and matrix.fmt not in chosen:
+            matrix.module.drop_kernel_layout()  # its own kernel is never called
+        kernels = kernels_for(matrix, copy, operands)
         self.by_bucket = {int(rows): kernels[name] for rows, name in table.items()}
 
     def forward(self, x: Tensor) -> Tensor:
@@ -225,7 +268,9 @@ def apply_measured_kernels(model: nn.Module, engine_dir: Path, threads: int) -> 
         return {"choices": {}, "measured": False, "seconds": 0.0}
     identity = machine_identity(threads)
     path = choices_file(Path(engine_dir), identity)
-    quantized = [m for m in found.values() if m.fmt in ("int8", "int4")]
+    quantized = [m for m in found.values() if m.fmt in QUANTIZED]
+    if quantized:
+        native.load()  # built at the first start on this machine kind; candidates if it loads
     copy_bytes = sum(2 * m.out_features * m.in_features for m in quantized)
     allow_copies = bool(quantized) and copy_bytes <= COPY_SHARE * host_budget().available
     started = time.perf_counter()
@@ -236,6 +281,7 @@ def apply_measured_kernels(model: nn.Module, engine_dir: Path, threads: int) -> 
         record = {
             "machine": identity,
             "allow_bf16_copies": allow_copies,
+            "native_kernels": native.available(),
             "choices": measure(found, allow_copies),
         }
         _write(path, record)
@@ -258,12 +304,26 @@ def install(model: nn.Module, found: dict[str, Matrix], choices: dict[str, dict[
         table = choices.get(matrix.signature)
         if table is None:
             continue
-        needs_copy = matrix.fmt in ("int8", "int4") and any(
-            kernel in ("linear", "mv") for kernel in table.values()
-        )
-        wrapped = ChosenKernels(matrix, table, matrix.dense() if needs_copy else None)
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, wrapped)
+        setattr(model.get_submodule(parent), child, ChosenKernels(matrix, table))
+
+
+def force_kernels(model: nn.Module, variant: str) -> None:
+    """Serve every int8/int4 matrix of `model` through one kernel at every row count: torch's
+    for its format ("torch") or a native one ("native", "q8"), to measure that kernel's
+    numerics (bench/quality.py) where a timed choice would mix them."""
+    allowed = ("torch", *NATIVE_OPS["int4"])
+    if variant not in allowed:
+        raise ValueError(f"kernel variant {variant!r}: expected one of {', '.join(allowed)}")
+    if variant != "torch" and not native.load():
+        raise RuntimeError("the native kernels could not be built here (see the log)")
+    found = {name: m for name, m in matrices(model).items() if m.fmt in QUANTIZED}
+    name = "{fmt}" if variant == "torch" else "{fmt}-" + variant
+    choices = {
+        m.signature: dict.fromkeys(map(str, ROW_BUCKETS), name.format(fmt=m.fmt))
+        for m in found.values()
+    }
+    install(model, found, choices)
 
 
 def _read(
@@ -279,16 +339,23 @@ def _read(
     choices = record.get("choices")
     if record.get("allow_bf16_copies") != allow_copies or not isinstance(choices, dict):
         return None
+    native_loaded = native.available()
+    if record.get("native_kernels") != native_loaded:
+        return None
     buckets = {str(rows) for rows in ROW_BUCKETS}
     for signature in signatures:
         table = choices.get(signature)
         fmt = signature.partition(":")[0]
-        allowed = {"linear", "mv", fmt} if fmt in ("int8", "int4") else {"linear", "mv"}
+        allowed = {"linear", "mv"}
+        if fmt in QUANTIZED:
+            allowed.add(fmt)
+            if native_loaded:
+                allowed |= {f"{fmt}-{variant}" for variant in NATIVE_OPS[fmt]}
         if not isinstance(table, dict) or set(table) != buckets:
             return None
         if not set(table.values()) <= allowed or any(table[b] == "mv" for b in buckets - {"1"}):
             return None
-        if fmt in ("int8", "int4") and not allow_copies and set(table.values()) != {fmt}:
+        if fmt in QUANTIZED and not allow_copies and set(table.values()) & {"linear", "mv"}:
             return None
     return record
 

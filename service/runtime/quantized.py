@@ -5,10 +5,11 @@ format). PyTorch's CPU kernels multiply bf16 activations by them without a bf16 
 weights: `_weight_int8pack_mm` (per-channel scales) and `_weight_int4pack_mm_for_cpu` (groups
 with a scale and a zero point each, on a weight layout packed at load for this CPU).
 
-Where rounding enters (besides the quantization itself): the stored fp32 scales (and, for int4,
-minimums) become bf16 here, because the kernels take them in the activations' dtype. For an
+Where rounding enters (besides the quantization itself): for torch's kernels, the stored fp32
+scales (and, for int4, minimums) become bf16, because they take them in the activations' dtype;
+the native kernels (service/runtime/native) take them as stored, in fp32. For an
 int4 engine built from the embedded GGUF the stored values are the GGUF's fp16 scales and
-minimums exactly; this bf16 conversion is their only rounding.
+minimums exactly; for torch's kernels this bf16 conversion is their only rounding.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from engine_build.quantize import dequantize_int4, unpack_int4
+from service.runtime import native
 
 INT4_INNER_K_TILES = 1  # the CPU packing ignores tiling; the argument is required
 
@@ -33,6 +35,8 @@ class Int8Linear(nn.Module):
         aligned = torch.empty_like(weight, memory_format=torch.contiguous_format)
         self.register_buffer("weight_int8", aligned.copy_(weight), persistent=False)
         self.register_buffer("scale", scale.to(dtype).contiguous(), persistent=False)
+        # The stored fp32 scales, for the native kernel (which takes them unrounded).
+        self.register_buffer("scale_fp32", scale.float().contiguous(), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         """x [..., in] -> [..., out]."""
@@ -46,6 +50,14 @@ class Int8Linear(nn.Module):
 
     def release_sources(self) -> None:
         """Nothing beyond the kernel's own tensors is held."""
+
+    def native_operands(self) -> tuple[Tensor, Tensor] | None:
+        """`torch.ops.nemotron.int8_matmul`'s weight and fp32 scales."""
+        return self.weight_int8, self.scale_fp32
+
+    def drop_kernel_layout(self) -> None:
+        """torch's kernel will not be called: its bf16 scales go (the weights are shared)."""
+        self.scale = torch.empty(0)
 
 
 class Int4Linear(nn.Module):
@@ -80,6 +92,22 @@ class Int4Linear(nn.Module):
     def release_sources(self) -> None:
         """Drop the stored values once no copy will be made (they double the int4 memory)."""
         self.sources = None
+
+    def native_operands(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """`torch.ops.nemotron.int4_matmul`'s layout of the stored values (before
+        `release_sources`): the GGUF's own scales and minimums, exactly, as fp32. None: the
+        groups are not the kernel's 32 values."""
+        if self.group != native.GROUP:
+            return None
+        if self.sources is None:
+            raise RuntimeError("the int4 matrix's stored values were released")
+        packed, scale, low = self.sources
+        return native.int4_layout(unpack_int4(packed), scale, low)
+
+    def drop_kernel_layout(self) -> None:
+        """torch's kernel will not be called: free its packed copy of the weights."""
+        self.weight_int4 = torch.empty(0, dtype=torch.int32)
+        self.scales_and_zeros = torch.empty(0)
 
     def forward(self, x: Tensor) -> Tensor:
         """x [..., in] -> [..., out]."""

@@ -14,6 +14,8 @@ from torch._dynamo.utils import counters
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir as torch_default_cache_dir
 
 from engine_build.model import NemotronModel
+from service.runtime import compiled as compiled_module
+from service.runtime import native
 from service.runtime.compiled import CompiledDecode, can_compile, inductor_cache_dir
 from service.runtime.kv_pages import PagedKVStore
 from service.runtime.runner import ModelRunner, StepPlan
@@ -38,15 +40,21 @@ def _decode_plan(rows: list[tuple[int, int, list[int]]]) -> StepPlan:
     return StepPlan([t for t, _, _ in rows], positions, segments, list(range(len(rows))))
 
 
-def test_compiled_steps_give_the_eager_logits_and_kv_writes(model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("attention", ["native", "sdpa"])
+def test_compiled_steps_give_the_eager_logits_and_kv_writes(
+    model, tmp_path, monkeypatch, attention
+):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    # Either attention, whichever timed faster here (the native one needs its library built).
+    assert attention == "sdpa" or native.load()
+    monkeypatch.setattr(CompiledDecode, "choose_attention", lambda self, size: attention)
     graph = model.graph
     eager = ModelRunner(model, PagedKVStore(graph, 4, BLOCK, torch.float32))
     compiled = ModelRunner(model, PagedKVStore(graph, 4, BLOCK, torch.float32))
     # One size (compiling takes tens of seconds on two cores); the server test below compiles 1.
     compiled.compiled = CompiledDecode(model, compiled.store, sizes=(4,))
     compiled.compiled.compile_all()
-    assert compiled.compiled.failed is None
+    assert compiled.compiled.failed is None and compiled.compiled.attention == {4: attention}
     compiled.compiled.ready = (4,)  # whether or not it timed faster than eager on this machine
     graphs = counters["stats"]["unique_graphs"]
 
@@ -206,3 +214,14 @@ def test_inductor_cache_is_the_users_choice_else_the_product_cache(tmp_path):
     assert inductor_cache_dir(dynamo_default) == tmp_path / "inductor"
     chosen = {**product, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "mine")}
     assert inductor_cache_dir(chosen) == tmp_path / "mine"
+
+
+def test_the_attention_of_a_size_is_whichever_timed_faster(model, monkeypatch):
+    decode = CompiledDecode(model, PagedKVStore(model.graph, 4, BLOCK, torch.float32), (2,))
+    if not native.load():
+        assert decode.choose_attention(2) == "sdpa"
+        return
+    for fast in ("native", "sdpa"):
+        times = {fast: 1.0, ("sdpa" if fast == "native" else "native"): 2.0}
+        monkeypatch.setattr(compiled_module, "best_seconds", lambda calls, *a, t=times, **k: t)
+        assert decode.choose_attention(2) == fast

@@ -11,7 +11,7 @@ from engine_build.build import BuildRequest, build_engine
 from engine_build.profiles import load_profiles
 from engine_build.repository import EngineRepository
 from engine_build.synthetic import synthetic_config, write_synthetic_checkpoint
-from service.runtime import kernels
+from service.runtime import kernels, native
 from service.runtime.kernels import (
     ChosenKernels,
     apply_measured_kernels,
@@ -173,7 +173,7 @@ def test_bf16_copies_of_quantized_matrices_only_within_the_memory_share(
     assert record["allow_bf16_copies"] is False
     for signature, table in record["choices"].items():
         if signature.startswith("int4"):
-            assert set(table.values()) == {"int4"}
+            assert set(table.values()) <= {"int4", "int4-native", "int4-q8"}
     assert not any(hasattr(m, "dense") for m in model.modules() if isinstance(m, ChosenKernels))
 
 
@@ -192,3 +192,44 @@ def test_the_server_flag_switches_measurement_off_and_names_the_allowed_values(c
         parse_serve_config(["--kernel-choice", "fastest"], {})
     assert exit_info.value.code == 2
     assert "measure" in capsys.readouterr().err
+
+
+def test_served_through_the_native_kernels_the_model_computes_the_same(
+    engines, monkeypatch, tmp_path
+):
+    """Force the native kernels (where torch's win, the choice would never exercise them)."""
+    assert native.load(), "the native kernels did not build here"
+
+    def prefer(candidates, rows, in_features, dtype):
+        assert any(name.endswith("-native") for name in candidates)
+        return {name: 0.1 if name.endswith("-native") else 1.0 for name in candidates}
+
+    measured = kernels.time_kernels
+    monkeypatch.setattr(kernels, "time_kernels", prefer)
+    monkeypatch.setattr(kernels, "choices_file", lambda d, i: tmp_path / "native.json")
+    directory = engines["int4"].directory
+    before = _logits(load_rank_model(directory))
+    model = load_rank_model(directory)
+    record = apply_measured_kernels(model, directory, threads=1)
+    assert record["native_kernels"] is True
+    for signature, table in record["choices"].items():
+        assert set(table.values()) == {signature.partition(":")[0] + "-native"}
+    inner = [m.inner for m in model.modules() if isinstance(m, ChosenKernels)]
+    # torch's int4 layout is dropped once no chosen kernel reads it
+    assert all(m.weight_int4.numel() == 0 for m in inner if isinstance(m, Int4Linear))
+    after = _logits(model)
+    assert float((after - before).abs().max()) <= 0.05 * float(before.abs().max())
+    again = apply_measured_kernels(load_rank_model(directory), directory, threads=1)
+    assert again["measured"] is False and again["choices"] == record["choices"]
+    monkeypatch.setattr(native, "_state", {"loaded": False})  # a machine without a compiler
+    monkeypatch.setattr(kernels, "time_kernels", measured)
+    assert apply_measured_kernels(load_rank_model(directory), directory, threads=1)["measured"]
+
+
+def test_a_forced_kernel_serves_every_quantized_matrix_and_bad_names_list_the_allowed(engines):
+    model = load_rank_model(engines["int4"].directory)
+    kernels.force_kernels(model, "q8")
+    tables = [m.by_bucket for m in model.modules() if isinstance(m, ChosenKernels)]
+    assert tables and all(len(t) == len(kernels.ROW_BUCKETS) for t in tables)
+    with pytest.raises(ValueError, match="expected one of torch, native, q8"):
+        kernels.force_kernels(load_rank_model(engines["int4"].directory), "fastest")

@@ -1,0 +1,595 @@
+// CPU kernels of the decode step that PyTorch has no fast path for at a few rows:
+//
+//   nemotron::int4_matmul       x [M, K] times a weight-only 4-bit matrix (groups of 32 with an
+//                               fp32 scale and minimum each), for the few rows of a decode step;
+//   nemotron::int8_matmul       x [M, K] times an int8 matrix with an fp32 scale per output row;
+//   nemotron::int4_matmul_q8,   the same products with x quantized to int8 per group of 32 (an
+//   nemotron::int8_matmul_q8    fp32 step each, llama.cpp's Q8 blocks) and integer dot products
+//                               within a group: fewer instructions per weight, one more rounding;
+//   nemotron::decode_attention  one query per sequence over the slots of the paged KV store it
+//                               reads (no gathered copy), grouped-query heads.
+//
+// Built on the machine that runs it (service/runtime/native/__init__.py compiles this file with
+// -march=native), so the AVX2 paths below are taken where the CPU has AVX2 and the plain loops
+// otherwise. Arithmetic is fp32 throughout; the output is rounded once to the activations' dtype.
+// Rows are split over torch's intra-op threads (at::parallel_for), so torch.set_num_threads
+// governs them like every other kernel.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define NEMOTRON_AVX2 1
+#endif
+
+namespace {
+
+constexpr int64_t kGroup = 32;        // int4 values per group (the GGUF Q4_1 block)
+constexpr int64_t kGroupBytes = 16;   // byte j holds value j (low nibble) and j + 16 (high)
+constexpr int64_t kRowBlock = 4;      // activation rows sharing one decoded weight group
+constexpr int64_t kGrainRows = 16;    // weight rows per parallel task, at least
+constexpr int64_t kAttentionGrainWork = 1 << 16;  // multiply-adds per parallel attention task
+
+// The activations as fp32 [M, K] (a copy: the kernels read every row once per weight row).
+std::vector<float> rows_as_float(const at::Tensor& x) {
+  const int64_t count = x.numel();
+  std::vector<float> out(count);
+  if (x.scalar_type() == at::kFloat) {
+    const float* src = x.const_data_ptr<float>();
+    std::copy(src, src + count, out.begin());
+  } else {
+    const c10::BFloat16* src = x.const_data_ptr<c10::BFloat16>();
+    for (int64_t i = 0; i < count; ++i) out[i] = static_cast<float>(src[i]);
+  }
+  return out;
+}
+
+void store(const at::Tensor& out, int64_t index, float value) {
+  if (out.scalar_type() == at::kFloat) {
+    out.mutable_data_ptr<float>()[index] = value;
+  } else {
+    out.mutable_data_ptr<c10::BFloat16>()[index] = c10::BFloat16(value);
+  }
+}
+
+void check_rows(const at::Tensor& x, int64_t in_features, const char* op) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), op, ": x must be a contiguous [rows, in] matrix");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
+              ": x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.size(1) == in_features, op, ": x has ", x.size(1), " columns, the matrix ",
+              in_features);
+}
+
+#ifdef NEMOTRON_AVX2
+inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline __m256 bytes_to_float(__m128i eight_bytes_low) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(eight_bytes_low));
+}
+
+inline __m256 signed_bytes_to_float(__m128i eight_bytes_low) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(eight_bytes_low));
+}
+#endif
+
+// out[r] = sum over groups of scale[g] * dot(q_g, x_r,g) + low[g] * sum(x_r,g), r < rows.
+template <int64_t Rows>
+void int4_row(const uint8_t* q, const float* scale, const float* low, const float* x,
+              const float* xsum, int64_t in_features, int64_t groups, float* out) {
+  float totals[Rows];
+#ifdef NEMOTRON_AVX2
+  __m256 acc[Rows];
+  for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm256_setzero_ps();
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * kGroupBytes));
+    const __m128i lo = _mm_and_si128(bytes, mask);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+    const __m256 w0 = bytes_to_float(lo);
+    const __m256 w1 = bytes_to_float(_mm_srli_si128(lo, 8));
+    const __m256 w2 = bytes_to_float(hi);
+    const __m256 w3 = bytes_to_float(_mm_srli_si128(hi, 8));
+    const __m256 s = _mm256_set1_ps(scale[g]);
+    for (int64_t r = 0; r < Rows; ++r) {
+      const float* xr = x + r * in_features + g * kGroup;
+      __m256 d = _mm256_mul_ps(w0, _mm256_loadu_ps(xr));
+      d = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), d);
+      d = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), d);
+      d = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), d);
+      acc[r] = _mm256_fmadd_ps(d, s, acc[r]);
+    }
+  }
+  for (int64_t r = 0; r < Rows; ++r) totals[r] = horizontal_sum(acc[r]);
+#else
+  for (int64_t r = 0; r < Rows; ++r) totals[r] = 0.f;
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* qg = q + g * kGroupBytes;
+    for (int64_t r = 0; r < Rows; ++r) {
+      const float* xr = x + r * in_features + g * kGroup;
+      float d = 0.f;
+      for (int64_t j = 0; j < kGroupBytes; ++j) {
+        d += static_cast<float>(qg[j] & 0x0F) * xr[j] + static_cast<float>(qg[j] >> 4) * xr[j + 16];
+      }
+      totals[r] += scale[g] * d;
+    }
+  }
+#endif
+  for (int64_t r = 0; r < Rows; ++r) {
+    float minimums = 0.f;
+    for (int64_t g = 0; g < groups; ++g) minimums += low[g] * xsum[r * groups + g];
+    out[r] = totals[r] + minimums;
+  }
+}
+
+// The activations of one row as int8 per group of 32 (x ~= step * q), llama.cpp's Q8 blocks.
+void quantize_groups(const float* x, int64_t groups, int8_t* q, float* step) {
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* xg = x + g * kGroup;
+    float top = 0.f;
+    for (int64_t j = 0; j < kGroup; ++j) top = std::max(top, std::fabs(xg[j]));
+    const float s = top / 127.f;
+    const float inverse = s > 0.f ? 1.f / s : 0.f;
+    for (int64_t j = 0; j < kGroup; ++j) q[g * kGroup + j] = static_cast<int8_t>(std::nearbyint(xg[j] * inverse));
+    step[g] = s;
+  }
+}
+
+// As int4_row, with the activations as int8 groups: integer products within a group.
+template <int64_t Rows>
+void int4_row_q8(const uint8_t* q, const float* scale, const float* low, const int8_t* xq,
+                 const float* step, const float* xsum, int64_t in_features, int64_t groups,
+                 float* out) {
+  float totals[Rows];
+#ifdef NEMOTRON_AVX2
+  __m256 acc[Rows];
+  for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm256_setzero_ps();
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * kGroupBytes));
+    const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask),
+                                       _mm_and_si128(bytes, mask));
+    for (int64_t r = 0; r < Rows; ++r) {
+      const __m256i xr = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(xq + r * in_features + g * kGroup));
+      const __m256i pairs = _mm256_maddubs_epi16(w, xr);
+      const __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+      acc[r] = _mm256_fmadd_ps(d, _mm256_set1_ps(scale[g] * step[r * groups + g]), acc[r]);
+    }
+  }
+  for (int64_t r = 0; r < Rows; ++r) totals[r] = horizontal_sum(acc[r]);
+#else
+  for (int64_t r = 0; r < Rows; ++r) {
+    totals[r] = 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint8_t* qg = q + g * kGroupBytes;
+      const int8_t* xg = xq + r * in_features + g * kGroup;
+      int32_t d = 0;
+      for (int64_t j = 0; j < kGroupBytes; ++j) d += (qg[j] & 0x0F) * xg[j] + (qg[j] >> 4) * xg[j + 16];
+      totals[r] += scale[g] * step[r * groups + g] * static_cast<float>(d);
+    }
+  }
+#endif
+  for (int64_t r = 0; r < Rows; ++r) {
+    float minimums = 0.f;
+    for (int64_t g = 0; g < groups; ++g) minimums += low[g] * xsum[r * groups + g];
+    out[r] = totals[r] + minimums;
+  }
+}
+
+// Calls row(Rows constant) with Rows = block (1..kRowBlock): the row kernels are templates on
+// how many activation rows share each decoded weight group.
+template <typename Kernel>
+inline void with_block(int64_t block, Kernel row) {
+  switch (block) {
+    case 4: row(std::integral_constant<int64_t, 4>{}); break;
+    case 3: row(std::integral_constant<int64_t, 3>{}); break;
+    case 2: row(std::integral_constant<int64_t, 2>{}); break;
+    default: row(std::integral_constant<int64_t, 1>{}); break;
+  }
+}
+
+// out [rows, out features] of a product: weight rows split over torch's threads, each weight
+// row against blocks of up to kRowBlock activation rows; compute(n, r, block, values) writes
+// out[r .. r + block, n] into values, stored here in out's dtype.
+template <typename Compute>
+void for_each_output(const at::Tensor& out, Compute compute) {
+  const int64_t rows = out.size(0), out_features = out.size(1);
+  at::parallel_for(0, out_features, kGrainRows, [&](int64_t begin, int64_t end) {
+    float values[kRowBlock];
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t r = 0; r < rows; r += kRowBlock) {
+        const int64_t block = std::min(kRowBlock, rows - r);
+        compute(n, r, block, values);
+        for (int64_t i = 0; i < block; ++i) store(out, (r + i) * out_features + n, values[i]);
+      }
+    }
+  });
+}
+
+// Each row's sum per group of 32 (the 4-bit minimums multiply them).
+std::vector<float> group_sums(const std::vector<float>& xf, int64_t rows, int64_t in_features) {
+  const int64_t groups = in_features / kGroup;
+  std::vector<float> sums(rows * groups);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t g = 0; g < groups; ++g) {
+      float s = 0.f;
+      for (int64_t j = 0; j < kGroup; ++j) s += xf[r * in_features + g * kGroup + j];
+      sums[r * groups + g] = s;
+    }
+  }
+  return sums;
+}
+
+// The activations as llama.cpp's Q8 blocks: int8 per group of 32 with an fp32 step each, and
+// (for the 4-bit minimums) each group's sum in fp32.
+struct QuantizedRows {
+  std::vector<int8_t> values;
+  std::vector<float> step, sums;
+};
+
+QuantizedRows quantize_rows(const at::Tensor& x, int64_t groups) {
+  const int64_t rows = x.size(0), in_features = x.size(1);
+  const std::vector<float> xf = rows_as_float(x);
+  QuantizedRows q{std::vector<int8_t>(rows * in_features), std::vector<float>(rows * groups),
+                  group_sums(xf, rows, in_features)};
+  for (int64_t r = 0; r < rows; ++r) {
+    quantize_groups(xf.data() + r * in_features, groups, q.values.data() + r * in_features,
+                    q.step.data() + r * groups);
+  }
+  return q;
+}
+
+void check_int4(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& low,
+                const char* op) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              op, ": packed must be contiguous uint8 [out, in / 2]");
+  const int64_t out_features = packed.size(0), in_features = packed.size(1) * 2;
+  TORCH_CHECK(in_features % kGroup == 0, op, ": in features must be a multiple of ", kGroup);
+  for (const at::Tensor* t : {&scale, &low}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 &&
+                    t->size(0) == out_features && t->size(1) == in_features / kGroup,
+                op, ": scale and low must be contiguous float32 [out, in / 32]");
+  }
+}
+
+// Checks an int4 product's operands; its output [rows, out features], uninitialized.
+at::Tensor int4_output(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                       const at::Tensor& low, const char* op) {
+  check_int4(packed, scale, low, op);
+  check_rows(x, packed.size(1) * 2, op);
+  return at::empty({x.size(0), packed.size(0)}, x.options());
+}
+
+at::Tensor int4_matmul_q8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                          const at::Tensor& low) {
+  at::Tensor out = int4_output(x, packed, scale, low, "int4_matmul_q8");
+  if (out.numel() == 0) return out;
+  const int64_t rows = x.size(0), in_features = x.size(1), groups = in_features / kGroup;
+  const QuantizedRows xq = quantize_rows(x, groups);
+  const uint8_t* q = packed.const_data_ptr<uint8_t>();
+  const float* sc = scale.const_data_ptr<float>();
+  const float* lo = low.const_data_ptr<float>();
+  for_each_output(out, [&](int64_t n, int64_t r, int64_t block, float* values) {
+    with_block(block, [&](auto rows_in_block) {
+      int4_row_q8<decltype(rows_in_block)::value>(
+          q + n * groups * kGroupBytes, sc + n * groups, lo + n * groups,
+          xq.values.data() + r * in_features, xq.step.data() + r * groups,
+          xq.sums.data() + r * groups, in_features, groups, values);
+    });
+  });
+  return out;
+}
+
+at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                       const at::Tensor& low) {
+  at::Tensor out = int4_output(x, packed, scale, low, "int4_matmul");
+  if (out.numel() == 0) return out;
+  const int64_t rows = x.size(0), in_features = x.size(1), groups = in_features / kGroup;
+  const std::vector<float> xf = rows_as_float(x);
+  const std::vector<float> xsum = group_sums(xf, rows, in_features);
+  const uint8_t* q = packed.const_data_ptr<uint8_t>();
+  const float* sc = scale.const_data_ptr<float>();
+  const float* lo = low.const_data_ptr<float>();
+  for_each_output(out, [&](int64_t n, int64_t r, int64_t block, float* values) {
+    with_block(block, [&](auto rows_in_block) {
+      int4_row<decltype(rows_in_block)::value>(
+          q + n * groups * kGroupBytes, sc + n * groups, lo + n * groups,
+          xf.data() + r * in_features, xsum.data() + r * groups, in_features, groups, values);
+    });
+  });
+  return out;
+}
+
+// out[r] = scale * dot(w, x_r), r < rows.
+template <int64_t Rows>
+void int8_row(const int8_t* w, float scale, const float* x, int64_t in_features, float* out) {
+  float totals[Rows];
+  int64_t k = 0;
+#ifdef NEMOTRON_AVX2
+  __m256 acc[Rows];
+  for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm256_setzero_ps();
+  for (; k + 16 <= in_features; k += 16) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k));
+    const __m256 w0 = signed_bytes_to_float(bytes);
+    const __m256 w1 = signed_bytes_to_float(_mm_srli_si128(bytes, 8));
+    for (int64_t r = 0; r < Rows; ++r) {
+      const float* xr = x + r * in_features + k;
+      acc[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[r]);
+      acc[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc[r]);
+    }
+  }
+  for (int64_t r = 0; r < Rows; ++r) totals[r] = horizontal_sum(acc[r]);
+#else
+  for (int64_t r = 0; r < Rows; ++r) totals[r] = 0.f;
+#endif
+  for (; k < in_features; ++k) {
+    for (int64_t r = 0; r < Rows; ++r) totals[r] += static_cast<float>(w[k]) * x[r * in_features + k];
+  }
+  for (int64_t r = 0; r < Rows; ++r) out[r] = totals[r] * scale;
+}
+
+void check_int8(const at::Tensor& weight, const at::Tensor& scale, const char* op) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous(),
+              op, ": weight must be contiguous int8 [out, in]");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.dim() == 1 &&
+                  scale.size(0) == weight.size(0),
+              op, ": scale must be contiguous float32 [out]");
+}
+
+at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale) {
+  check_int8(weight, scale, "int8_matmul");
+  const int64_t out_features = weight.size(0), in_features = weight.size(1);
+  check_rows(x, in_features, "int8_matmul");
+  const int64_t rows = x.size(0);
+  at::Tensor out = at::empty({rows, out_features}, x.options());
+  if (rows == 0 || out_features == 0) return out;
+  const std::vector<float> xf = rows_as_float(x);
+  const int8_t* w = weight.const_data_ptr<int8_t>();
+  const float* sc = scale.const_data_ptr<float>();
+  for_each_output(out, [&](int64_t n, int64_t r, int64_t block, float* values) {
+    with_block(block, [&](auto rows_in_block) {
+      int8_row<decltype(rows_in_block)::value>(w + n * in_features, sc[n],
+                                               xf.data() + r * in_features, in_features, values);
+    });
+  });
+  return out;
+}
+
+// As int8_row, with the activations as int8 groups: integer products within a group.
+template <int64_t Rows>
+void int8_row_q8(const int8_t* w, float scale, const int8_t* xq, const float* step,
+                 int64_t in_features, int64_t groups, float* out) {
+  float totals[Rows];
+#ifdef NEMOTRON_AVX2
+  __m256 acc[Rows];
+  for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * kGroup));
+    const __m256i magnitude = _mm256_sign_epi8(wv, wv);  // |w| as unsigned bytes
+    for (int64_t r = 0; r < Rows; ++r) {
+      const __m256i xv = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(xq + r * in_features + g * kGroup));
+      // |w| * (x with w's sign): u8 x s8 pairs, at most 2 * 128 * 127 (no saturation)
+      const __m256i pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xv, wv));
+      const __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+      acc[r] = _mm256_fmadd_ps(d, _mm256_set1_ps(step[r * groups + g]), acc[r]);
+    }
+  }
+  for (int64_t r = 0; r < Rows; ++r) totals[r] = horizontal_sum(acc[r]);
+#else
+  for (int64_t r = 0; r < Rows; ++r) {
+    totals[r] = 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      int32_t d = 0;
+      for (int64_t j = 0; j < kGroup; ++j) d += w[g * kGroup + j] * xq[r * in_features + g * kGroup + j];
+      totals[r] += step[r * groups + g] * static_cast<float>(d);
+    }
+  }
+#endif
+  for (int64_t r = 0; r < Rows; ++r) out[r] = totals[r] * scale;
+}
+
+at::Tensor int8_matmul_q8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale) {
+  check_int8(weight, scale, "int8_matmul_q8");
+  const int64_t out_features = weight.size(0), in_features = weight.size(1);
+  TORCH_CHECK(in_features % kGroup == 0, "int8_matmul_q8: in features must be a multiple of ", kGroup);
+  check_rows(x, in_features, "int8_matmul_q8");
+  const int64_t rows = x.size(0), groups = in_features / kGroup;
+  at::Tensor out = at::empty({rows, out_features}, x.options());
+  if (rows == 0 || out_features == 0) return out;
+  const QuantizedRows xq = quantize_rows(x, groups);
+  const int8_t* w = weight.const_data_ptr<int8_t>();
+  const float* sc = scale.const_data_ptr<float>();
+  for_each_output(out, [&](int64_t n, int64_t r, int64_t block, float* values) {
+    with_block(block, [&](auto rows_in_block) {
+      int8_row_q8<decltype(rows_in_block)::value>(w + n * in_features, sc[n],
+                                                  xq.values.data() + r * in_features,
+                                                  xq.step.data() + r * groups, in_features,
+                                                  groups, values);
+    });
+  });
+  return out;
+}
+
+// A row of the store (fp32 or bf16) as fp32.
+template <typename T>
+inline void row_as_float(const T* src, int64_t count, float* dst) {
+  for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+#ifdef NEMOTRON_AVX2
+// Eight consecutive values of a row as fp32 lanes (bf16 is the top half of an fp32).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+#endif
+
+constexpr int64_t kQueryBlock = 4;  // query heads scored together against one key row
+
+// scores[j] = scale * dot(query_j, key) for the `count` (<= kQueryBlock) queries from `query`
+// (fp32, `dim` apart): the key row is read once for all of them, one accumulator each.
+template <typename T>
+inline void score_block(const float* query, int64_t count, const T* key, int64_t dim,
+                        float scale, float* scores, int64_t stride) {
+  float totals[kQueryBlock] = {0.f, 0.f, 0.f, 0.f};
+  int64_t i = 0;
+#ifdef NEMOTRON_AVX2
+  __m256 acc[kQueryBlock] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                             _mm256_setzero_ps()};
+  for (; i + 8 <= dim; i += 8) {
+    const __m256 k = load8(key + i);
+    for (int64_t j = 0; j < count; ++j) {
+      acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(query + j * dim + i), k, acc[j]);
+    }
+  }
+  for (int64_t j = 0; j < count; ++j) totals[j] = horizontal_sum(acc[j]);
+#endif
+  for (; i < dim; ++i) {
+    const float k = static_cast<float>(key[i]);
+    for (int64_t j = 0; j < count; ++j) totals[j] += query[j * dim + i] * k;
+  }
+  for (int64_t j = 0; j < count; ++j) scores[j * stride] = totals[j] * scale;
+}
+
+// acc_j += weights[j * stride] * value for the `group` accumulators (fp32, `dim` apart).
+template <typename T>
+inline void add_weighted(float* acc, int64_t group, const T* value, int64_t dim,
+                         const float* weights, int64_t stride) {
+  int64_t i = 0;
+#ifdef NEMOTRON_AVX2
+  for (; i + 8 <= dim; i += 8) {
+    const __m256 v = load8(value + i);
+    for (int64_t j = 0; j < group; ++j) {
+      float* a = acc + j * dim + i;
+      _mm256_storeu_ps(a, _mm256_fmadd_ps(_mm256_set1_ps(weights[j * stride]), v, _mm256_loadu_ps(a)));
+    }
+  }
+#endif
+  for (; i < dim; ++i) {
+    const float v = static_cast<float>(value[i]);
+    for (int64_t j = 0; j < group; ++j) acc[j * dim + i] += weights[j * stride] * v;
+  }
+}
+
+template <typename T>
+void attend_rows(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                 const at::Tensor& read, const at::Tensor& lengths, double scale,
+                 const at::Tensor& out) {
+  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t kv_heads = keys.size(1), slots = keys.size(0), width = read.size(1);
+  const int64_t group = heads / kv_heads;
+  const T* qp = q.const_data_ptr<T>();
+  const T* kp = keys.const_data_ptr<T>();
+  const T* vp = values.const_data_ptr<T>();
+  const int64_t* rp = read.const_data_ptr<int64_t>();
+  const int64_t* lp = lengths.const_data_ptr<int64_t>();
+  T* op = out.mutable_data_ptr<T>();
+  for (int64_t b = 0; b < batch; ++b) {  // checked before any thread starts: errors propagate
+    const int64_t length = std::min(std::max<int64_t>(lp[b], 1), width);
+    for (int64_t l = 0; l < length; ++l) {
+      const int64_t slot = rp[b * width + l];
+      TORCH_CHECK(slot >= 0 && slot < slots, "decode_attention: slot ", slot, " is outside the store");
+    }
+  }
+  // A task (one sequence's query heads of one KV head) is width * group * dim multiply-adds:
+  // at one short sequence, far less than waking a second thread costs, so small steps stay on
+  // the calling thread (parallel_for runs inline when the range fits in one grain).
+  const int64_t grain = std::max<int64_t>(1, kAttentionGrainWork / std::max<int64_t>(1, width * group * dim));
+  at::parallel_for(0, batch * kv_heads, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> query(group * dim), acc(group * dim), scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / kv_heads, h = task % kv_heads;
+      const int64_t length = std::min(std::max<int64_t>(lp[b], 1), width);
+      const int64_t* slot_of = rp + b * width;
+      scores.assign(group * length, 0.f);
+      row_as_float(qp + (b * heads + h * group) * dim, group * dim, query.data());
+      for (int64_t l = 0; l < length; ++l) {
+        const T* key = kp + (slot_of[l] * kv_heads + h) * dim;
+        for (int64_t j = 0; j < group; j += kQueryBlock) {
+          score_block(query.data() + j * dim, std::min(kQueryBlock, group - j), key, dim,
+                      static_cast<float>(scale), scores.data() + j * length + l, length);
+        }
+      }
+      for (int64_t j = 0; j < group; ++j) {
+        float* s = scores.data() + j * length;
+        const float top = *std::max_element(s, s + length);
+        float total = 0.f;
+        for (int64_t l = 0; l < length; ++l) total += (s[l] = std::exp(s[l] - top));
+        const float inverse = 1.f / total;
+        for (int64_t l = 0; l < length; ++l) s[l] *= inverse;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t l = 0; l < length; ++l) {
+        add_weighted(acc.data(), group, vp + (slot_of[l] * kv_heads + h) * dim, dim,
+                     scores.data() + l, length);
+      }
+      for (int64_t j = 0; j < group; ++j) {
+        T* dst = op + (b * heads + h * group + j) * dim;
+        for (int64_t i = 0; i < dim; ++i) dst[i] = static_cast<T>(acc[j * dim + i]);
+      }
+    }
+  });
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                            const at::Tensor& read, const at::Tensor& lengths, double scale) {
+  TORCH_CHECK(q.dim() == 3 && keys.dim() == 3 && values.sizes() == keys.sizes(),
+              "decode_attention: q [batch, heads, dim], keys and values [slots, kv heads, dim]");
+  TORCH_CHECK(q.is_contiguous() && keys.is_contiguous() && values.is_contiguous() &&
+                  read.is_contiguous() && lengths.is_contiguous(),
+              "decode_attention: contiguous tensors only");
+  TORCH_CHECK(q.scalar_type() == keys.scalar_type() && keys.scalar_type() == values.scalar_type(),
+              "decode_attention: q, keys and values must share a dtype");
+  TORCH_CHECK(q.size(2) == keys.size(2) && keys.size(1) > 0 && q.size(1) % keys.size(1) == 0,
+              "decode_attention: heads must be a multiple of kv heads, with the same head dim");
+  TORCH_CHECK(read.dim() == 2 && read.size(0) == q.size(0) && read.scalar_type() == at::kLong &&
+                  lengths.dim() == 1 && lengths.size(0) == q.size(0) &&
+                  lengths.scalar_type() == at::kLong && read.size(1) > 0,
+              "decode_attention: read int64 [batch, width > 0], lengths int64 [batch]");
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  if (q.scalar_type() == at::kFloat) {
+    attend_rows<float>(q, keys, values, read, lengths, scale, out);
+  } else {
+    TORCH_CHECK(q.scalar_type() == at::kBFloat16, "decode_attention: float32 or bfloat16 only");
+    attend_rows<c10::BFloat16>(q, keys, values, read, lengths, scale, out);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(nemotron, m) {
+  m.def("int4_matmul(Tensor x, Tensor packed, Tensor scale, Tensor low) -> Tensor");
+  m.def("int4_matmul_q8(Tensor x, Tensor packed, Tensor scale, Tensor low) -> Tensor");
+  m.def("int8_matmul(Tensor x, Tensor weight, Tensor scale) -> Tensor");
+  m.def("int8_matmul_q8(Tensor x, Tensor weight, Tensor scale) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor read, Tensor lengths, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(nemotron, CPU, m) {
+  m.impl("int4_matmul", &int4_matmul);
+  m.impl("int4_matmul_q8", &int4_matmul_q8);
+  m.impl("int8_matmul", &int8_matmul);
+  m.impl("int8_matmul_q8", &int8_matmul_q8);
+  m.impl("decode_attention", &decode_attention);
+}

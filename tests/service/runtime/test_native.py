@@ -1,0 +1,139 @@
+"""The native CPU kernels (service/runtime/native): built here, checked against torch."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine_build.quantize import dequantize_int4, quantize_int4, unpack_int4
+from service.runtime import native
+from service.runtime.compiled import gathered_attention
+
+
+@pytest.fixture(scope="module")
+def ops():
+    """The operators, built into the test run's cache (once per machine kind and source)."""
+    if not native.load():
+        pytest.fail("the native kernels did not build: is g++ missing? (see the log)")
+    return torch.ops.nemotron
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, share: float) -> None:
+    scale = float(expected.abs().max())
+    assert float((actual.float() - expected.float()).abs().max()) <= share * scale
+
+
+# The q8 kernels round the activations to int8 per group of 32 (a step of max|x| / 127): their
+# products are within a few percent of the largest output, not within the dtype's rounding.
+Q8_SHARE = 3e-2
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op", ["int4_matmul", "int4_matmul_q8"])
+def test_int4_matmul_is_the_dequantized_product(ops, rows, dtype, op):
+    weight = torch.randn(96, 160)
+    packed, scale, low = quantize_int4(weight)
+    operands = native.int4_layout(unpack_int4(packed), scale, low)
+    x = torch.randn(rows, 160).to(dtype)
+    expected = F.linear(x.float(), dequantize_int4(packed, scale, low, torch.float32))
+    out = getattr(ops, op)(x, *operands)
+    assert out.dtype == dtype and out.shape == (rows, 96)
+    share = Q8_SHARE if op.endswith("q8") else 1e-5 if dtype == torch.float32 else 1e-2
+    _close(out, expected, share)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 6])
+@pytest.mark.parametrize("op", ["int8_matmul", "int8_matmul_q8"])
+def test_int8_matmul_is_the_scaled_product(ops, rows, op):
+    weight = torch.randint(-128, 128, (64, 96), dtype=torch.int8)  # -128 too: |w| overflows int8
+    scale = torch.rand(64) / 100
+    x = torch.randn(rows, 96).to(torch.bfloat16)
+    expected = F.linear(x.float(), weight.float() * scale[:, None])
+    _close(getattr(ops, op)(x, weight, scale), expected, Q8_SHARE if op.endswith("q8") else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_is_sdpa_over_each_rows_slots(ops, dtype):
+    slots, kv_heads, heads, dim, width = 50, 2, 6, 64, 12
+    keys = torch.randn(slots, kv_heads, dim).to(dtype)
+    values = torch.randn(slots, kv_heads, dim).to(dtype)
+    q = torch.randn(3, heads, dim).to(dtype)
+    lengths = torch.tensor([1, 7, 12])
+    read = torch.randint(0, slots, (3, width))
+    bias = torch.full((3, 1, 1, width), float("-inf"), dtype=dtype)
+    for row, length in enumerate(lengths.tolist()):
+        bias[row, ..., :length] = 0
+    expected = gathered_attention(q.float(), keys.float(), values.float(), read, bias.float())
+    out = ops.decode_attention(q, keys, values, read, lengths, dim**-0.5)
+    assert out.dtype == dtype and out.shape == q.shape
+    _close(out, expected, 1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_bad_operands_are_named_in_the_error(ops):
+    values, ones = torch.zeros(8, 64, dtype=torch.uint8), torch.ones(8, 2)
+    packed, scale, low = native.int4_layout(values, ones, ones)
+    with pytest.raises(RuntimeError, match="x has 32 columns, the matrix 64"):
+        ops.int4_matmul(torch.randn(1, 32), packed, scale, low)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        ops.int4_matmul(torch.randn(1, 64).half(), packed, scale, low)
+    with pytest.raises(RuntimeError, match="scale and low must be"):
+        ops.int4_matmul(torch.randn(1, 64), packed, scale.bfloat16(), low)
+    with pytest.raises(RuntimeError, match="scale must be contiguous float32"):
+        ops.int8_matmul(torch.randn(1, 4), torch.zeros(2, 4, dtype=torch.int8), torch.ones(3))
+    with pytest.raises(RuntimeError, match="int8_matmul_q8: in features must be a multiple of 32"):
+        ops.int8_matmul_q8(torch.randn(1, 4), torch.zeros(2, 4, dtype=torch.int8), torch.ones(2))
+    keys = torch.randn(4, 1, 8)
+    q, lengths = torch.randn(1, 2, 8), torch.tensor([2])
+    with pytest.raises(RuntimeError, match="slot 9 is outside the store"):
+        ops.decode_attention(q, keys, keys, torch.tensor([[0, 9]]), lengths, 1.0)
+    with pytest.raises(RuntimeError, match="multiple of kv heads"):
+        ops.decode_attention(
+            torch.randn(1, 3, 8),
+            torch.randn(4, 2, 8),
+            torch.randn(4, 2, 8),
+            torch.tensor([[0, 1]]),
+            lengths,
+            1.0,
+        )
+    with pytest.raises(ValueError, match="not a multiple of 32"):
+        native.int4_layout(values[:, :48], ones[:, :1], ones[:, :1])
+
+
+def test_the_operators_compile_into_a_graph(ops):
+    weight = torch.randint(-127, 128, (16, 32), dtype=torch.int8)
+    scale = torch.rand(16)
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(ops.int8_matmul(x * 2, weight, scale))
+
+    x = torch.randn(2, 32)
+    compiled = torch.compile(step, fullgraph=True)
+    torch.testing.assert_close(compiled(x), step(x))
+
+
+def test_a_second_build_reuses_the_library(ops, monkeypatch):
+    root = native.default_cache_dir(os.environ) / "native"
+
+    def no_compile(*args):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(native, "_command", no_compile)
+    library = native._build(native.cxx_compiler(), root)
+    assert library.is_file() and library.name == native.LIBRARY
+
+
+def test_a_failed_build_leaves_torchs_kernels_and_says_why(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(native, "_state", {})  # this process's attempt, undone after the test
+    monkeypatch.setenv("CXX", "false")
+    monkeypatch.setenv("NEMOTRON_CACHE_DIR", str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="nemotron"):
+        assert native.load() is False
+    assert native.available() is False
+    events = [r for r in caplog.records if r.getMessage() == "native_kernels_unavailable"]
+    assert events and "failed" in events[0].fields["reason"]
+    assert not list((tmp_path / "native").glob("*/" + native.LIBRARY))
