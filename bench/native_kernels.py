@@ -4,7 +4,7 @@
 
 For each distinct weight matrix of the embedded model's int4 engine (the int8 lm_head included),
 the candidates that service/runtime/kernels.py chooses among (torch's `int4`/`int8`, our
-`*-native` and `*-q8`, F.linear on a bf16 copy) at 1, 4 and 16 rows; then the decode step's
+`*-native`, F.linear on a bf16 copy) at 1, 4 and 16 rows; then the decode step's
 attention, `decode_attention` against SDPA over gathered slots, at a few batch sizes and context
 lengths with the model's heads, reading slots scattered over a store of STORE_SLOTS. Best time of
 `--repeats` calls in turns (kernels.best_seconds), and for one row the bytes the stored format

@@ -1,7 +1,7 @@
 """Quality of the embedded model's engines against the fp32 engine (the GGUF's exact values).
 
     python -m bench.quality [--precisions fp32 bf16 int8 int4] [--tokens 2048] [--new-tokens 32]
-        [--kernels torch native q8]
+        [--kernels torch native]
 
 For each engine of the cpu profile: the perplexity of a fixed local text
 (tests/data/perplexity_text.txt: prose paragraphs of this repository's docs, frozen), and the
@@ -9,8 +9,8 @@ greedy tokens of the 16 prompts the GPU check uses (10 text prompts, 6 chat prom
 with the fp32 engine's as the tokens before the first divergence. fp32 is the reference because
 the embedded model's import dequantizes the GGUF exactly into fp32. The int8 and int4 engines'
 perplexity is also given with every matrix through one kernel (`--kernels`: torch's, our native
-one, our q8 one that rounds the activations to int8 first): the runtime picks among them by speed
-per row count (service/runtime/kernels.py), so each must hold the quality on its own. Greedy
+one): the runtime picks among them by speed per row count (service/runtime/kernels.py), so each
+must hold the quality on its own. Greedy
 tokens come from the runtime, with whatever kernels it chose on this machine.
 """
 
@@ -35,7 +35,7 @@ PRECISIONS = ("fp32", "bf16", "int8", "int4")
 
 def perplexity(engine_dir: Path, tokens: int, kernel: str | None = None) -> tuple[float, int]:
     """exp(mean next-token cross-entropy) of the text's first `tokens` tokens, in one forward;
-    `kernel` (torch, native, q8): every int8/int4 matrix through that kernel (None: as loaded,
+    `kernel` (torch, native): every int8/int4 matrix through that kernel (None: as loaded,
     torch's)."""
     from service.runtime.kernels import force_kernels
     from service.runtime.loader import load_rank_model
@@ -103,8 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--kernels",
         nargs="*",
-        default=["torch", "native", "q8"],
-        choices=["torch", "native", "q8"],
+        default=["torch", "native"],
+        choices=["torch", "native"],
         help="int8/int4: the perplexity again with every matrix through each of these kernels",
     )
     args = parser.parse_args(argv)

@@ -10,10 +10,8 @@ the fastest kernel for the nearest measured row count.
 
 Candidates per stored format:
 - bf16: `linear` (F.linear), `mv` (torch.mv; one row only);
-- int8 / int4: torch's kernel for the stored format (`int8`, `int4`), our own
-  (service/runtime/native, where it could be built on this machine: `int8-native`,
-  `int4-native` with fp32 activations, `int8-q8`, `int4-q8` with the activations quantized to
-  int8 per group of 32 as llama.cpp does, which adds that rounding), plus
+- int8 / int4: torch's kernel for the stored format (`int8`, `int4`), our own (`int8-native`,
+  `int4-native`: service/runtime/native, where it could be built on this machine), plus
   `linear` and `mv` on a bf16 copy of the matrix, when the copies of every matrix that would
   use them fit in COPY_SHARE of the memory available (host_budget) — a copy costs 2 bytes per
   weight on top of the stored ones. A layout no chosen kernel reads is dropped after the choice;
@@ -56,12 +54,10 @@ REPEATS = 20
 CHOICES_VERSION = 2
 Kernel = Callable[[Tensor], Tensor]
 QUANTIZED = ("int8", "int4")
-# The native kernels per stored format: "native" takes the activations in fp32, "q8" quantizes
-# them to int8 per group of 32 first (as llama.cpp does) and multiplies in integers.
-NATIVE_OPS = {
-    "int4": {"native": "int4_matmul", "q8": "int4_matmul_q8"},
-    "int8": {"native": "int8_matmul", "q8": "int8_matmul_q8"},
-}
+# The native kernel (torch.ops.nemotron.<op>) per stored format. Kernels that round the
+# activations to int8 first (llama.cpp's Q8 blocks) were measured ~25% faster at one row and
+# left out: they cost int4 +2.07% perplexity against fp32 (allowance 2%), int8 +0.50% (0.5%).
+NATIVE_OPS = {"int4": "int4_matmul", "int8": "int8_matmul"}
 
 
 def machine_identity(threads: int) -> dict[str, str]:
@@ -119,10 +115,8 @@ def kernels_for(
     if matrix.fmt in QUANTIZED:
         candidates[matrix.fmt] = matrix.module.forward
         if operands is not None:
-            for variant, op in NATIVE_OPS[matrix.fmt].items():
-                if variant == "q8" and matrix.in_features % native.GROUP:
-                    continue  # its activation groups are 32 wide
-                candidates[f"{matrix.fmt}-{variant}"] = native_kernel(matrix, operands, op)
+            op = NATIVE_OPS[matrix.fmt]
+            candidates[f"{matrix.fmt}-native"] = native_kernel(matrix, op, operands)
     else:
         dense = matrix.module.weight
     if dense is not None:
@@ -133,7 +127,7 @@ def kernels_for(
     return candidates
 
 
-def native_kernel(matrix: Matrix, operands: tuple[Tensor, ...], op: str) -> Kernel:
+def native_kernel(matrix: Matrix, op: str, operands: tuple[Tensor, ...]) -> Kernel:
     """x [..., in] -> [..., out] through `torch.ops.nemotron.<op>`."""
     call = getattr(torch.ops.nemotron, op)
     width, height = matrix.in_features, matrix.out_features
@@ -209,7 +203,7 @@ class ChosenKernels(nn.Module):
         if copy is not None:
             self.register_buffer("dense", copy, persistent=False)
         operands = None
-        if any(name.startswith(f"{matrix.fmt}-") for name in chosen):
+        if f"{matrix.fmt}-native" in chosen:
             operands = matrix.module.native_operands()
             for index, tensor in enumerate(operands):
                 self.register_buffer(f"native_{index}", tensor, persistent=False)
@@ -310,9 +304,9 @@ def install(model: nn.Module, found: dict[str, Matrix], choices: dict[str, dict[
 
 def force_kernels(model: nn.Module, variant: str) -> None:
     """Serve every int8/int4 matrix of `model` through one kernel at every row count: torch's
-    for its format ("torch") or a native one ("native", "q8"), to measure that kernel's
-    numerics (bench/quality.py) where a timed choice would mix them."""
-    allowed = ("torch", *NATIVE_OPS["int4"])
+    for its format ("torch") or the native one ("native"), to measure that kernel's numerics
+    (bench/quality.py) where a timed choice would mix them."""
+    allowed = ("torch", "native")
     if variant not in allowed:
         raise ValueError(f"kernel variant {variant!r}: expected one of {', '.join(allowed)}")
     if variant != "torch" and not native.load():
@@ -348,9 +342,7 @@ def _read(
         fmt = signature.partition(":")[0]
         allowed = {"linear", "mv"}
         if fmt in QUANTIZED:
-            allowed.add(fmt)
-            if native_loaded:
-                allowed |= {f"{fmt}-{variant}" for variant in NATIVE_OPS[fmt]}
+            allowed |= {fmt, f"{fmt}-native"} if native_loaded else {fmt}
         if not isinstance(table, dict) or set(table) != buckets:
             return None
         if not set(table.values()) <= allowed or any(table[b] == "mv" for b in buckets - {"1"}):

@@ -3,10 +3,9 @@
 PyTorch has no fast path for a few rows times a 4-bit grouped matrix on a CPU without AMX
 (`_weight_int4pack_mm_for_cpu` read at about a quarter of the copy bandwidth on an AMD EPYC,
 docs/benchmarks.md), and its attention for one query per sequence costs a library call and a
-gathered copy of every key and value it reads. kernels.cpp holds operators for those:
-`torch.ops.nemotron.int4_matmul` and `int8_matmul` (fp32 activations), `int4_matmul_q8` and
-`int8_matmul_q8` (activations quantized to int8 per group of 32, integer products, as
-llama.cpp's Q4_1 x Q8 and Q8 x Q8 dots), and `decode_attention`.
+gathered copy of every key and value it reads. kernels.cpp holds three operators for those:
+`torch.ops.nemotron.int4_matmul`, `int8_matmul` (fp32 activations and arithmetic) and
+`decode_attention`.
 
 They are built at first use with the C++ compiler the compiled decode step needs anyway (g++ in
 the image), `-O3 -march=native` against this torch, into
@@ -173,8 +172,8 @@ def _register_fakes() -> None:
     ) -> Tensor:
         return q.new_empty(q.shape)
 
-    for op in ("int4_matmul", "int4_matmul_q8", "int8_matmul", "int8_matmul_q8"):
-        torch.library.register_fake(f"nemotron::{op}", matmul_fake)
+    torch.library.register_fake("nemotron::int4_matmul", matmul_fake)
+    torch.library.register_fake("nemotron::int8_matmul", matmul_fake)
     torch.library.register_fake("nemotron::decode_attention", attention_fake)
 
 

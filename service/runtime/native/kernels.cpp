@@ -3,9 +3,6 @@
 //   nemotron::int4_matmul       x [M, K] times a weight-only 4-bit matrix (groups of 32 with an
 //                               fp32 scale and minimum each), for the few rows of a decode step;
 //   nemotron::int8_matmul       x [M, K] times an int8 matrix with an fp32 scale per output row;
-//   nemotron::int4_matmul_q8,   the same products with x quantized to int8 per group of 32 (an
-//   nemotron::int8_matmul_q8    fp32 step each, llama.cpp's Q8 blocks) and integer dot products
-//                               within a group: fewer instructions per weight, one more rounding;
 //   nemotron::decode_attention  one query per sequence over the slots of the paged KV store it
 //                               reads (no gathered copy), grouped-query heads.
 //
@@ -137,62 +134,6 @@ void int4_row(const uint8_t* q, const float* scale, const float* low, const floa
   }
 }
 
-// The activations of one row as int8 per group of 32 (x ~= step * q), llama.cpp's Q8 blocks.
-void quantize_groups(const float* x, int64_t groups, int8_t* q, float* step) {
-  for (int64_t g = 0; g < groups; ++g) {
-    const float* xg = x + g * kGroup;
-    float top = 0.f;
-    for (int64_t j = 0; j < kGroup; ++j) top = std::max(top, std::fabs(xg[j]));
-    const float s = top / 127.f;
-    const float inverse = s > 0.f ? 1.f / s : 0.f;
-    for (int64_t j = 0; j < kGroup; ++j) q[g * kGroup + j] = static_cast<int8_t>(std::nearbyint(xg[j] * inverse));
-    step[g] = s;
-  }
-}
-
-// As int4_row, with the activations as int8 groups: integer products within a group.
-template <int64_t Rows>
-void int4_row_q8(const uint8_t* q, const float* scale, const float* low, const int8_t* xq,
-                 const float* step, const float* xsum, int64_t in_features, int64_t groups,
-                 float* out) {
-  float totals[Rows];
-#ifdef NEMOTRON_AVX2
-  __m256 acc[Rows];
-  for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm256_setzero_ps();
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  const __m256i ones = _mm256_set1_epi16(1);
-  for (int64_t g = 0; g < groups; ++g) {
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * kGroupBytes));
-    const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask),
-                                       _mm_and_si128(bytes, mask));
-    for (int64_t r = 0; r < Rows; ++r) {
-      const __m256i xr = _mm256_loadu_si256(
-          reinterpret_cast<const __m256i*>(xq + r * in_features + g * kGroup));
-      const __m256i pairs = _mm256_maddubs_epi16(w, xr);
-      const __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-      acc[r] = _mm256_fmadd_ps(d, _mm256_set1_ps(scale[g] * step[r * groups + g]), acc[r]);
-    }
-  }
-  for (int64_t r = 0; r < Rows; ++r) totals[r] = horizontal_sum(acc[r]);
-#else
-  for (int64_t r = 0; r < Rows; ++r) {
-    totals[r] = 0.f;
-    for (int64_t g = 0; g < groups; ++g) {
-      const uint8_t* qg = q + g * kGroupBytes;
-      const int8_t* xg = xq + r * in_features + g * kGroup;
-      int32_t d = 0;
-      for (int64_t j = 0; j < kGroupBytes; ++j) d += (qg[j] & 0x0F) * xg[j] + (qg[j] >> 4) * xg[j + 16];
-      totals[r] += scale[g] * step[r * groups + g] * static_cast<float>(d);
-    }
-  }
-#endif
-  for (int64_t r = 0; r < Rows; ++r) {
-    float minimums = 0.f;
-    for (int64_t g = 0; g < groups; ++g) minimums += low[g] * xsum[r * groups + g];
-    out[r] = totals[r] + minimums;
-  }
-}
-
 // Calls row(Rows constant) with Rows = block (1..kRowBlock): the row kernels are templates on
 // how many activation rows share each decoded weight group.
 template <typename Kernel>
@@ -237,25 +178,6 @@ std::vector<float> group_sums(const std::vector<float>& xf, int64_t rows, int64_
   return sums;
 }
 
-// The activations as llama.cpp's Q8 blocks: int8 per group of 32 with an fp32 step each, and
-// (for the 4-bit minimums) each group's sum in fp32.
-struct QuantizedRows {
-  std::vector<int8_t> values;
-  std::vector<float> step, sums;
-};
-
-QuantizedRows quantize_rows(const at::Tensor& x, int64_t groups) {
-  const int64_t rows = x.size(0), in_features = x.size(1);
-  const std::vector<float> xf = rows_as_float(x);
-  QuantizedRows q{std::vector<int8_t>(rows * in_features), std::vector<float>(rows * groups),
-                  group_sums(xf, rows, in_features)};
-  for (int64_t r = 0; r < rows; ++r) {
-    quantize_groups(xf.data() + r * in_features, groups, q.values.data() + r * in_features,
-                    q.step.data() + r * groups);
-  }
-  return q;
-}
-
 void check_int4(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& low,
                 const char* op) {
   TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
@@ -275,26 +197,6 @@ at::Tensor int4_output(const at::Tensor& x, const at::Tensor& packed, const at::
   check_int4(packed, scale, low, op);
   check_rows(x, packed.size(1) * 2, op);
   return at::empty({x.size(0), packed.size(0)}, x.options());
-}
-
-at::Tensor int4_matmul_q8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
-                          const at::Tensor& low) {
-  at::Tensor out = int4_output(x, packed, scale, low, "int4_matmul_q8");
-  if (out.numel() == 0) return out;
-  const int64_t rows = x.size(0), in_features = x.size(1), groups = in_features / kGroup;
-  const QuantizedRows xq = quantize_rows(x, groups);
-  const uint8_t* q = packed.const_data_ptr<uint8_t>();
-  const float* sc = scale.const_data_ptr<float>();
-  const float* lo = low.const_data_ptr<float>();
-  for_each_output(out, [&](int64_t n, int64_t r, int64_t block, float* values) {
-    with_block(block, [&](auto rows_in_block) {
-      int4_row_q8<decltype(rows_in_block)::value>(
-          q + n * groups * kGroupBytes, sc + n * groups, lo + n * groups,
-          xq.values.data() + r * in_features, xq.step.data() + r * groups,
-          xq.sums.data() + r * groups, in_features, groups, values);
-    });
-  });
-  return out;
 }
 
 at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
@@ -367,63 +269,6 @@ at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& weight, const at::
     with_block(block, [&](auto rows_in_block) {
       int8_row<decltype(rows_in_block)::value>(w + n * in_features, sc[n],
                                                xf.data() + r * in_features, in_features, values);
-    });
-  });
-  return out;
-}
-
-// As int8_row, with the activations as int8 groups: integer products within a group.
-template <int64_t Rows>
-void int8_row_q8(const int8_t* w, float scale, const int8_t* xq, const float* step,
-                 int64_t in_features, int64_t groups, float* out) {
-  float totals[Rows];
-#ifdef NEMOTRON_AVX2
-  __m256 acc[Rows];
-  for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm256_setzero_ps();
-  const __m256i ones = _mm256_set1_epi16(1);
-  for (int64_t g = 0; g < groups; ++g) {
-    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * kGroup));
-    const __m256i magnitude = _mm256_sign_epi8(wv, wv);  // |w| as unsigned bytes
-    for (int64_t r = 0; r < Rows; ++r) {
-      const __m256i xv = _mm256_loadu_si256(
-          reinterpret_cast<const __m256i*>(xq + r * in_features + g * kGroup));
-      // |w| * (x with w's sign): u8 x s8 pairs, at most 2 * 128 * 127 (no saturation)
-      const __m256i pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xv, wv));
-      const __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-      acc[r] = _mm256_fmadd_ps(d, _mm256_set1_ps(step[r * groups + g]), acc[r]);
-    }
-  }
-  for (int64_t r = 0; r < Rows; ++r) totals[r] = horizontal_sum(acc[r]);
-#else
-  for (int64_t r = 0; r < Rows; ++r) {
-    totals[r] = 0.f;
-    for (int64_t g = 0; g < groups; ++g) {
-      int32_t d = 0;
-      for (int64_t j = 0; j < kGroup; ++j) d += w[g * kGroup + j] * xq[r * in_features + g * kGroup + j];
-      totals[r] += step[r * groups + g] * static_cast<float>(d);
-    }
-  }
-#endif
-  for (int64_t r = 0; r < Rows; ++r) out[r] = totals[r] * scale;
-}
-
-at::Tensor int8_matmul_q8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale) {
-  check_int8(weight, scale, "int8_matmul_q8");
-  const int64_t out_features = weight.size(0), in_features = weight.size(1);
-  TORCH_CHECK(in_features % kGroup == 0, "int8_matmul_q8: in features must be a multiple of ", kGroup);
-  check_rows(x, in_features, "int8_matmul_q8");
-  const int64_t rows = x.size(0), groups = in_features / kGroup;
-  at::Tensor out = at::empty({rows, out_features}, x.options());
-  if (rows == 0 || out_features == 0) return out;
-  const QuantizedRows xq = quantize_rows(x, groups);
-  const int8_t* w = weight.const_data_ptr<int8_t>();
-  const float* sc = scale.const_data_ptr<float>();
-  for_each_output(out, [&](int64_t n, int64_t r, int64_t block, float* values) {
-    with_block(block, [&](auto rows_in_block) {
-      int8_row_q8<decltype(rows_in_block)::value>(w + n * in_features, sc[n],
-                                                  xq.values.data() + r * in_features,
-                                                  xq.step.data() + r * groups, in_features,
-                                                  groups, values);
     });
   });
   return out;
@@ -580,16 +425,12 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
 
 TORCH_LIBRARY(nemotron, m) {
   m.def("int4_matmul(Tensor x, Tensor packed, Tensor scale, Tensor low) -> Tensor");
-  m.def("int4_matmul_q8(Tensor x, Tensor packed, Tensor scale, Tensor low) -> Tensor");
   m.def("int8_matmul(Tensor x, Tensor weight, Tensor scale) -> Tensor");
-  m.def("int8_matmul_q8(Tensor x, Tensor weight, Tensor scale) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor read, Tensor lengths, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(nemotron, CPU, m) {
   m.impl("int4_matmul", &int4_matmul);
-  m.impl("int4_matmul_q8", &int4_matmul_q8);
   m.impl("int8_matmul", &int8_matmul);
-  m.impl("int8_matmul_q8", &int8_matmul_q8);
   m.impl("decode_attention", &decode_attention);
 }

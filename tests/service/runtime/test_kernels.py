@@ -173,7 +173,7 @@ def test_bf16_copies_of_quantized_matrices_only_within_the_memory_share(
     assert record["allow_bf16_copies"] is False
     for signature, table in record["choices"].items():
         if signature.startswith("int4"):
-            assert set(table.values()) <= {"int4", "int4-native", "int4-q8"}
+            assert set(table.values()) <= {"int4", "int4-native"}
     assert not any(hasattr(m, "dense") for m in model.modules() if isinstance(m, ChosenKernels))
 
 
@@ -228,8 +228,8 @@ def test_served_through_the_native_kernels_the_model_computes_the_same(
 
 def test_a_forced_kernel_serves_every_quantized_matrix_and_bad_names_list_the_allowed(engines):
     model = load_rank_model(engines["int4"].directory)
-    kernels.force_kernels(model, "q8")
+    kernels.force_kernels(model, "native")
     tables = [m.by_bucket for m in model.modules() if isinstance(m, ChosenKernels)]
     assert tables and all(len(t) == len(kernels.ROW_BUCKETS) for t in tables)
-    with pytest.raises(ValueError, match="expected one of torch, native, q8"):
+    with pytest.raises(ValueError, match="expected one of torch, native"):
         kernels.force_kernels(load_rank_model(engines["int4"].directory), "fastest")
