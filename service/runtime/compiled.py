@@ -32,6 +32,7 @@ import logging
 import os
 import threading
 import time
+import types
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -39,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._dynamo.guards import GuardFilterEntry
 
 from engine_build.embedded import default_cache_dir
 from engine_build.events import log_event
@@ -184,7 +186,9 @@ class CompiledDecode:
         self.attention: dict[int, str] = {}
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._compiled: Callable[..., Tensor] = torch.compile(self._step, fullgraph=True)
+        self._compiled: Callable[..., Tensor] = torch.compile(
+            own_code(self._step), fullgraph=True, options={"guard_filter_fn": argument_guards}
+        )
         # The store's slot count follows the memory budget: dynamic, so that the cached
         # artefacts serve any budget (a static count would key them to this one).
         for tensor in (*store.keys.values(), *store.values.values()):
@@ -320,6 +324,36 @@ class CompiledDecode:
             self._thread.join(timeout)
             return not self._thread.is_alive()
         return True
+
+
+def own_code(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """`method` (bound) over a copy of its code object: its own cache of compiled graphs.
+
+    Dynamo keeps compiled graphs, and their guards, per code object. `argument_guards` drops the
+    guards that told two CompiledDecode objects' graphs apart (their model and store), so each
+    object's step gets a code object, and so a cache, of its own.
+    """
+    function = method.__func__  # type: ignore[attr-defined]
+    copy = types.FunctionType(
+        function.__code__.replace(), function.__globals__, function.__name__, function.__defaults__
+    )
+    return types.MethodType(copy, method.__self__)  # type: ignore[attr-defined]
+
+
+def argument_guards(guards: Sequence[GuardFilterEntry]) -> list[bool]:
+    """Keep the guards on the step's arguments (their sizes pick each batch size's graph) and
+    on global state (grad mode, the shape environment); drop those on the model and the store,
+    fixed once loaded, and on module globals.
+
+    The dropped ones were ~5,700 checks (every module's hooks and attributes, every weight's
+    metadata) on every call: ~3 ms of a ~20 ms batch-1 step on two AVX2 cores
+    (docs/benchmarks.md, issue 13).
+    """
+    return [not (guard.is_global or _on_self(guard.name)) for guard in guards]
+
+
+def _on_self(name: str) -> bool:
+    return name == "self" or name.startswith(("self.", "self["))
 
 
 def compiling() -> bool:

@@ -85,34 +85,68 @@ inline __m256 signed_bytes_to_float(__m128i eight_bytes_low) {
 }
 #endif
 
+// sum(a[i] * b[i]), i < count.
+inline float dot(const float* a, const float* b, int64_t count) {
+  int64_t i = 0;
+  float total = 0.f;
+#ifdef NEMOTRON_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= count; i += 8) {
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  }
+  total = horizontal_sum(acc);
+#endif
+  for (; i < count; ++i) total += a[i] * b[i];
+  return total;
+}
+
+#ifdef NEMOTRON_AVX2
+// One group of 32 int4 values as fp32, in four vectors of 8 (values j and j + 16 share byte j).
+struct Group {
+  __m256 w[4];
+  explicit Group(const uint8_t* q) {
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+    const __m128i lo = _mm_and_si128(bytes, mask);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+    w[0] = bytes_to_float(lo);
+    w[1] = bytes_to_float(_mm_srli_si128(lo, 8));
+    w[2] = bytes_to_float(hi);
+    w[3] = bytes_to_float(_mm_srli_si128(hi, 8));
+  }
+  // dot(values, x[0 .. 32]) in 8 lanes.
+  __m256 dot(const float* x) const {
+    __m256 d = _mm256_mul_ps(w[0], _mm256_loadu_ps(x));
+    d = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x + 8), d);
+    d = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x + 16), d);
+    return _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x + 24), d);
+  }
+};
+#endif
+
 // out[r] = sum over groups of scale[g] * dot(q_g, x_r,g) + low[g] * sum(x_r,g), r < rows.
 template <int64_t Rows>
 void int4_row(const uint8_t* q, const float* scale, const float* low, const float* x,
               const float* xsum, int64_t in_features, int64_t groups, float* out) {
   float totals[Rows];
 #ifdef NEMOTRON_AVX2
-  __m256 acc[Rows];
-  for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm256_setzero_ps();
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  for (int64_t g = 0; g < groups; ++g) {
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * kGroupBytes));
-    const __m128i lo = _mm_and_si128(bytes, mask);
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-    const __m256 w0 = bytes_to_float(lo);
-    const __m256 w1 = bytes_to_float(_mm_srli_si128(lo, 8));
-    const __m256 w2 = bytes_to_float(hi);
-    const __m256 w3 = bytes_to_float(_mm_srli_si128(hi, 8));
+  // Two accumulators per row, even and odd groups: one row's additions are not one long chain.
+  __m256 acc[2][Rows];
+  for (int64_t r = 0; r < Rows; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
+  const auto add_group = [&](int64_t g, __m256* into) {
+    const Group group(q + g * kGroupBytes);
     const __m256 s = _mm256_set1_ps(scale[g]);
     for (int64_t r = 0; r < Rows; ++r) {
-      const float* xr = x + r * in_features + g * kGroup;
-      __m256 d = _mm256_mul_ps(w0, _mm256_loadu_ps(xr));
-      d = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), d);
-      d = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), d);
-      d = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), d);
-      acc[r] = _mm256_fmadd_ps(d, s, acc[r]);
+      into[r] = _mm256_fmadd_ps(group.dot(x + r * in_features + g * kGroup), s, into[r]);
     }
+  };
+  int64_t g = 0;
+  for (; g + 2 <= groups; g += 2) {
+    add_group(g, acc[0]);
+    add_group(g + 1, acc[1]);
   }
-  for (int64_t r = 0; r < Rows; ++r) totals[r] = horizontal_sum(acc[r]);
+  if (g < groups) add_group(g, acc[0]);
+  for (int64_t r = 0; r < Rows; ++r) totals[r] = horizontal_sum(_mm256_add_ps(acc[0][r], acc[1][r]));
 #else
   for (int64_t r = 0; r < Rows; ++r) totals[r] = 0.f;
   for (int64_t g = 0; g < groups; ++g) {
@@ -127,11 +161,7 @@ void int4_row(const uint8_t* q, const float* scale, const float* low, const floa
     }
   }
 #endif
-  for (int64_t r = 0; r < Rows; ++r) {
-    float minimums = 0.f;
-    for (int64_t g = 0; g < groups; ++g) minimums += low[g] * xsum[r * groups + g];
-    out[r] = totals[r] + minimums;
-  }
+  for (int64_t r = 0; r < Rows; ++r) out[r] = totals[r] + dot(low, xsum + r * groups, groups);
 }
 
 // Calls row(Rows constant) with Rows = block (1..kRowBlock): the row kernels are templates on
@@ -225,19 +255,20 @@ void int8_row(const int8_t* w, float scale, const float* x, int64_t in_features,
   float totals[Rows];
   int64_t k = 0;
 #ifdef NEMOTRON_AVX2
-  __m256 acc[Rows];
-  for (int64_t r = 0; r < Rows; ++r) acc[r] = _mm256_setzero_ps();
+  // Two accumulators per row (the two halves of each 16 values): shorter addition chains.
+  __m256 acc0[Rows], acc1[Rows];
+  for (int64_t r = 0; r < Rows; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
   for (; k + 16 <= in_features; k += 16) {
     const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k));
     const __m256 w0 = signed_bytes_to_float(bytes);
     const __m256 w1 = signed_bytes_to_float(_mm_srli_si128(bytes, 8));
     for (int64_t r = 0; r < Rows; ++r) {
       const float* xr = x + r * in_features + k;
-      acc[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[r]);
-      acc[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc[r]);
+      acc0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc0[r]);
+      acc1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc1[r]);
     }
   }
-  for (int64_t r = 0; r < Rows; ++r) totals[r] = horizontal_sum(acc[r]);
+  for (int64_t r = 0; r < Rows; ++r) totals[r] = horizontal_sum(_mm256_add_ps(acc0[r], acc1[r]));
 #else
   for (int64_t r = 0; r < Rows; ++r) totals[r] = 0.f;
 #endif

@@ -51,11 +51,13 @@ def test_compiled_steps_give_the_eager_logits_and_kv_writes(
     graph = model.graph
     eager = ModelRunner(model, PagedKVStore(graph, 4, BLOCK, torch.float32))
     compiled = ModelRunner(model, PagedKVStore(graph, 4, BLOCK, torch.float32))
-    # One size (compiling takes tens of seconds on two cores); the server test below compiles 1.
-    compiled.compiled = CompiledDecode(model, compiled.store, sizes=(4,))
+    # Two sizes (compiling takes tens of seconds each on two cores): each batch runs its own
+    # size's graph, told apart by the arguments' guards alone (the model's are dropped).
+    compiled.compiled = CompiledDecode(model, compiled.store, sizes=(2, 4))
     compiled.compiled.compile_all()
-    assert compiled.compiled.failed is None and compiled.compiled.attention == {4: attention}
-    compiled.compiled.ready = (4,)  # whether or not it timed faster than eager on this machine
+    assert compiled.compiled.failed is None
+    assert compiled.compiled.attention == {2: attention, 4: attention}
+    compiled.compiled.ready = (2, 4)  # whether or not they timed faster than eager here
     graphs = counters["stats"]["unique_graphs"]
 
     prompt = [7, 3, 9, 1, 4]  # sequence A (blocks 0, 1) prefills eagerly in both runners
@@ -63,23 +65,30 @@ def test_compiled_steps_give_the_eager_logits_and_kv_writes(
     assert torch.equal(eager.execute(prefill), compiled.execute(prefill))
     steps = [
         # A decodes beside B, whose one-token prompt is its first decode row (context 0):
-        # 2 rows padded to 4, the context padded to the dynamic dimension's minimum for B
+        # 2 rows, the context padded to the dynamic dimension's minimum for B
         _decode_plan([(5, 5, [0, 1]), (8, 0, [2])]),
         _decode_plan([(2, 6, [0, 1]), (6, 1, [2])]),
-        _decode_plan([(11, 7, [0, 1])]),  # one row, padded to 4
+        _decode_plan([(11, 7, [0, 1])]),  # one row, padded to 2
         _decode_plan([(12, 8, [0, 1]), (13, 2, [2]), (14, 0, [3])]),  # 3 rows, padded to 4
+        _decode_plan([(15, 9, [0, 1]), (16, 3, [2])]),  # back to size 2
     ]
     for plan in steps:
-        expected, got = eager.execute(plan), compiled.execute(plan)
+        expected = eager.execute(plan)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as trace:
+            got = compiled.execute(plan)
         assert got.shape == expected.shape
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        # This object's own graph: the other parameter's CompiledDecode, made earlier in this
+        # process over the same model, chose the other attention.
+        ran = {event.name for event in trace.events()}
+        assert ("nemotron::decode_attention" in ran) == (attention == "native")
     slots = eager.store.scratch_slot  # the scratch slot holds padding rows' writes only
     for layer in graph.attention_layers:
         for kind in ("keys", "values"):
             written = getattr(compiled.store, kind)[layer][:slots]
             torch.testing.assert_close(written, getattr(eager.store, kind)[layer][:slots])
     assert counters["stats"]["unique_graphs"] == graphs  # new contexts and batches: no compile
-    assert compiled.compiled.ready == (4,)  # no compiled step failed over to eager meanwhile
+    assert compiled.compiled.ready == (2, 4)  # no compiled step failed over to eager meanwhile
 
 
 @pytest.mark.parametrize(("eager_s", "compiled_s", "used"), [(2.0, 1.0, True), (1.0, 2.0, False)])
