@@ -58,6 +58,10 @@ COMPILE_THREAD = "decode-compile"
 # The context the timing attends over: attention's share of a step grows with it, and a
 # compiled attention that loses at long contexts must show it.
 TIMING_CONTEXT = 512
+# The generated wrapper checks no sizes, strides, alignments or scalars of what it is given (its
+# arguments are ours, checked by their guards; the weights and store are fixed once loaded):
+# ~600 checks a step in Python, ~3 ms of a ~25 ms batch-1 step here (docs/benchmarks.md).
+INDUCTOR_OPTIONS = {"size_asserts": False, "scalar_asserts": False, "alignment_asserts": False}
 
 
 def inductor_cache_dir(environ: dict[str, str] | os._Environ[str]) -> Path:
@@ -187,7 +191,9 @@ class CompiledDecode:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._compiled: Callable[..., Tensor] = torch.compile(
-            own_code(self._step), fullgraph=True, options={"guard_filter_fn": argument_guards}
+            own_code(self._step),
+            fullgraph=True,
+            options={"guard_filter_fn": argument_guards, **INDUCTOR_OPTIONS},
         )
         # The store's slot count follows the memory budget: dynamic, so that the cached
         # artefacts serve any budget (a static count would key them to this one).

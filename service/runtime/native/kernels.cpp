@@ -320,50 +320,110 @@ inline __m256 load8(const c10::BFloat16* p) {
 }
 #endif
 
+#ifdef NEMOTRON_AVX2
+// exp of eight lanes, within 2 ulp of expf for x in [-87.3, 0] (below it: ~1e-38, not 0).
+// Cephes' expf: exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts),
+// exp(r) by its degree-7 polynomial.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
+#endif
+
+// s = softmax(s) over `count` scores, in place.
+inline void softmax(float* s, int64_t count) {
+  const float top = *std::max_element(s, s + count);
+  float total = 0.f;
+  int64_t l = 0;
+#ifdef NEMOTRON_AVX2
+  __m256 sum = _mm256_setzero_ps();
+  for (; l + 8 <= count; l += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + l), _mm256_set1_ps(top)));
+    _mm256_storeu_ps(s + l, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  total = horizontal_sum(sum);
+#endif
+  for (; l < count; ++l) total += (s[l] = std::exp(s[l] - top));
+  const float inverse = 1.f / total;
+  for (l = 0; l < count; ++l) s[l] *= inverse;
+}
+
 constexpr int64_t kQueryBlock = 4;  // query heads scored together against one key row
 
-// scores[j] = scale * dot(query_j, key) for the `count` (<= kQueryBlock) queries from `query`
-// (fp32, `dim` apart): the key row is read once for all of them, one accumulator each.
-template <typename T>
-inline void score_block(const float* query, int64_t count, const T* key, int64_t dim,
-                        float scale, float* scores, int64_t stride) {
-  float totals[kQueryBlock] = {0.f, 0.f, 0.f, 0.f};
+// scores[j * stride] = scale * dot(query_j, key) for the Count (<= kQueryBlock) queries from
+// `query` (fp32, `dim` apart): the key row is read once for all of them, one accumulator each.
+template <int64_t Count, typename T>
+inline void score_block(const float* query, const T* key, int64_t dim, float scale,
+                        float* scores, int64_t stride) {
+  float totals[Count];
   int64_t i = 0;
 #ifdef NEMOTRON_AVX2
-  __m256 acc[kQueryBlock] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                             _mm256_setzero_ps()};
+  __m256 acc[Count];
+  for (int64_t j = 0; j < Count; ++j) acc[j] = _mm256_setzero_ps();
   for (; i + 8 <= dim; i += 8) {
     const __m256 k = load8(key + i);
-    for (int64_t j = 0; j < count; ++j) {
+    for (int64_t j = 0; j < Count; ++j) {
       acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(query + j * dim + i), k, acc[j]);
     }
   }
-  for (int64_t j = 0; j < count; ++j) totals[j] = horizontal_sum(acc[j]);
+  for (int64_t j = 0; j < Count; ++j) totals[j] = horizontal_sum(acc[j]);
+#else
+  for (int64_t j = 0; j < Count; ++j) totals[j] = 0.f;
 #endif
   for (; i < dim; ++i) {
     const float k = static_cast<float>(key[i]);
-    for (int64_t j = 0; j < count; ++j) totals[j] += query[j * dim + i] * k;
+    for (int64_t j = 0; j < Count; ++j) totals[j] += query[j * dim + i] * k;
   }
-  for (int64_t j = 0; j < count; ++j) scores[j * stride] = totals[j] * scale;
+  for (int64_t j = 0; j < Count; ++j) scores[j * stride] = totals[j] * scale;
 }
 
-// acc_j += weights[j * stride] * value for the `group` accumulators (fp32, `dim` apart).
-template <typename T>
-inline void add_weighted(float* acc, int64_t group, const T* value, int64_t dim,
-                         const float* weights, int64_t stride) {
+// out_j = sum over l < length of weights[j * stride + l] * value_l, j < Count (<= kQueryBlock),
+// value_l the row at values + offsets[l]; out fp32, `dim` apart. Sixteen lanes of every row at a
+// time, so that Count x 2 accumulators stay in registers across the rows.
+template <int64_t Count, typename T>
+void weighted_values(const T* values, const int64_t* offsets, int64_t length, int64_t dim,
+                     const float* weights, int64_t stride, float* out) {
   int64_t i = 0;
 #ifdef NEMOTRON_AVX2
-  for (; i + 8 <= dim; i += 8) {
-    const __m256 v = load8(value + i);
-    for (int64_t j = 0; j < group; ++j) {
-      float* a = acc + j * dim + i;
-      _mm256_storeu_ps(a, _mm256_fmadd_ps(_mm256_set1_ps(weights[j * stride]), v, _mm256_loadu_ps(a)));
+  for (; i + 16 <= dim; i += 16) {
+    __m256 acc[Count][2];
+    for (int64_t j = 0; j < Count; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+    for (int64_t l = 0; l < length; ++l) {
+      const T* v = values + offsets[l] + i;
+      const __m256 v0 = load8(v), v1 = load8(v + 8);
+      for (int64_t j = 0; j < Count; ++j) {
+        const __m256 w = _mm256_set1_ps(weights[j * stride + l]);
+        acc[j][0] = _mm256_fmadd_ps(w, v0, acc[j][0]);
+        acc[j][1] = _mm256_fmadd_ps(w, v1, acc[j][1]);
+      }
+    }
+    for (int64_t j = 0; j < Count; ++j) {
+      _mm256_storeu_ps(out + j * dim + i, acc[j][0]);
+      _mm256_storeu_ps(out + j * dim + i + 8, acc[j][1]);
     }
   }
 #endif
   for (; i < dim; ++i) {
-    const float v = static_cast<float>(value[i]);
-    for (int64_t j = 0; j < group; ++j) acc[j * dim + i] += weights[j * stride] * v;
+    for (int64_t j = 0; j < Count; ++j) {
+      float total = 0.f;
+      for (int64_t l = 0; l < length; ++l) {
+        total += weights[j * stride + l] * static_cast<float>(values[offsets[l] + i]);
+      }
+      out[j * dim + i] = total;
+    }
   }
 }
 
@@ -393,31 +453,30 @@ void attend_rows(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& 
   const int64_t grain = std::max<int64_t>(1, kAttentionGrainWork / std::max<int64_t>(1, width * group * dim));
   at::parallel_for(0, batch * kv_heads, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> query(group * dim), acc(group * dim), scores;
+    std::vector<int64_t> offsets(width);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / kv_heads, h = task % kv_heads;
       const int64_t length = std::min(std::max<int64_t>(lp[b], 1), width);
       const int64_t* slot_of = rp + b * width;
-      scores.assign(group * length, 0.f);
+      for (int64_t l = 0; l < length; ++l) offsets[l] = (slot_of[l] * kv_heads + h) * dim;
+      scores.resize(group * length);
       row_as_float(qp + (b * heads + h * group) * dim, group * dim, query.data());
-      for (int64_t l = 0; l < length; ++l) {
-        const T* key = kp + (slot_of[l] * kv_heads + h) * dim;
-        for (int64_t j = 0; j < group; j += kQueryBlock) {
-          score_block(query.data() + j * dim, std::min(kQueryBlock, group - j), key, dim,
-                      static_cast<float>(scale), scores.data() + j * length + l, length);
-        }
+      for (int64_t j = 0; j < group; j += kQueryBlock) {
+        with_block(std::min(kQueryBlock, group - j), [&](auto count) {
+          constexpr int64_t Count = decltype(count)::value;
+          for (int64_t l = 0; l < length; ++l) {
+            score_block<Count>(query.data() + j * dim, kp + offsets[l], dim,
+                               static_cast<float>(scale), scores.data() + j * length + l, length);
+          }
+        });
       }
-      for (int64_t j = 0; j < group; ++j) {
-        float* s = scores.data() + j * length;
-        const float top = *std::max_element(s, s + length);
-        float total = 0.f;
-        for (int64_t l = 0; l < length; ++l) total += (s[l] = std::exp(s[l] - top));
-        const float inverse = 1.f / total;
-        for (int64_t l = 0; l < length; ++l) s[l] *= inverse;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t l = 0; l < length; ++l) {
-        add_weighted(acc.data(), group, vp + (slot_of[l] * kv_heads + h) * dim, dim,
-                     scores.data() + l, length);
+      for (int64_t j = 0; j < group; ++j) softmax(scores.data() + j * length, length);
+      for (int64_t j = 0; j < group; j += kQueryBlock) {
+        with_block(std::min(kQueryBlock, group - j), [&](auto count) {
+          weighted_values<decltype(count)::value>(vp, offsets.data(), length, dim,
+                                                  scores.data() + j * length, length,
+                                                  acc.data() + j * dim);
+        });
       }
       for (int64_t j = 0; j < group; ++j) {
         T* dst = op + (b * heads + h * group + j) * dim;

@@ -50,12 +50,15 @@ def test_int8_matmul_is_the_scaled_product(ops, rows):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_is_sdpa_over_each_rows_slots(ops, dtype):
-    slots, kv_heads, heads, dim, width = 50, 2, 6, 64, 12
-    keys = torch.randn(slots, kv_heads, dim).to(dtype)
+# query heads per KV head 3 (the embedded model), 8 (the 49B: two blocks of 4) and 5 (4 + 1);
+# head dims with and without a remainder past the 16-lane loops
+@pytest.mark.parametrize(("heads", "dim"), [(6, 64), (16, 72), (10, 40)])
+def test_decode_attention_is_sdpa_over_each_rows_slots(ops, dtype, heads, dim):
+    slots, kv_heads, width = 50, 2, 21
+    keys = torch.randn(slots, kv_heads, dim).to(dtype) * 3  # a wide spread of scores
     values = torch.randn(slots, kv_heads, dim).to(dtype)
     q = torch.randn(3, heads, dim).to(dtype)
-    lengths = torch.tensor([1, 7, 12])
+    lengths = torch.tensor([1, 7, 21])  # softmax: the scalar tail only, and 8-lane blocks + tail
     read = torch.randint(0, slots, (3, width))
     bias = torch.full((3, 1, 1, width), float("-inf"), dtype=dtype)
     for row, length in enumerate(lengths.tolist()):
