@@ -275,7 +275,7 @@ def apply_measured_kernels(model: nn.Module, engine_dir: Path, threads: int) -> 
         record = {
             "machine": identity,
             "allow_bf16_copies": allow_copies,
-            "native_kernels": native.available(),
+            "native_kernels": native.library_key(),
             "choices": measure(found, allow_copies),
         }
         _write(path, record)
@@ -334,7 +334,7 @@ def _read(
     if record.get("allow_bf16_copies") != allow_copies or not isinstance(choices, dict):
         return None
     native_loaded = native.available()
-    if record.get("native_kernels") != native_loaded:
+    if record.get("native_kernels") != native.library_key():  # measured with other kernels
         return None
     buckets = {str(rows) for rows in ROW_BUCKETS}
     for signature in signatures:

@@ -43,7 +43,8 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++20")
 GROUP = 32  # int4 values per group (kernels.cpp: kGroup)
 
 _lock = threading.Lock()
-_state: dict[str, bool] = {}  # "loaded": the outcome of this process's one attempt
+# "loaded": the outcome of this process's one attempt; "library": the loaded library's key
+_state: dict[str, bool | str] = {}
 
 
 def cxx_compiler() -> str | None:
@@ -69,7 +70,14 @@ def cpu_model_and_flags() -> tuple[str, str]:
 
 def available() -> bool:
     """Whether the operators are loaded in this process (without trying to build them)."""
-    return _state.get("loaded", False)
+    return _state.get("loaded") is True
+
+
+def library_key() -> str | None:
+    """The loaded library's key (a digest of its source, compiler, torch and CPU), else None:
+    what was measured with one library says nothing about another."""
+    key = _state.get("library")
+    return key if available() and isinstance(key, str) else None
 
 
 def load(environ: Mapping[str, str] = os.environ) -> bool:
@@ -77,7 +85,7 @@ def load(environ: Mapping[str, str] = os.environ) -> bool:
     with _lock:
         if "loaded" not in _state:
             _state["loaded"] = _load(environ)
-        return _state["loaded"]
+        return available()
 
 
 def _load(environ: Mapping[str, str]) -> bool:
@@ -93,6 +101,7 @@ def _load(environ: Mapping[str, str]) -> bool:
         log_event("native_kernels_unavailable", logging.WARNING, reason=str(err)[-2000:])
         return False
     log_event("native_kernels_loaded", logging.INFO, library=str(library))
+    _state["library"] = library.parent.name
     return True
 
 

@@ -100,44 +100,62 @@ inline float dot(const float* a, const float* b, int64_t count) {
   return total;
 }
 
-#ifdef NEMOTRON_AVX2
-// One group of 32 int4 values as fp32, in four vectors of 8 (values j and j + 16 share byte j).
-struct Group {
-  __m256 w[4];
-  explicit Group(const uint8_t* q) {
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-    const __m128i lo = _mm_and_si128(bytes, mask);
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-    w[0] = bytes_to_float(lo);
-    w[1] = bytes_to_float(_mm_srli_si128(lo, 8));
-    w[2] = bytes_to_float(hi);
-    w[3] = bytes_to_float(_mm_srli_si128(hi, 8));
-  }
-  // dot(values, x[0 .. 32]) in 8 lanes.
-  __m256 dot(const float* x) const {
-    __m256 d = _mm256_mul_ps(w[0], _mm256_loadu_ps(x));
-    d = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x + 8), d);
-    d = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x + 16), d);
-    return _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x + 24), d);
+// The activations of an int4 product as int16 per group of 32: x ~ step[g] * x16, step[g] =
+// max|x_g| / 32767 (0 for an all-zero group), rounded to nearest; each value within step / 2
+// of its fp32 one (a relative 1.5e-5 of the group's largest, where bf16 activations already
+// carry 2e-3). Integer products of 4-bit weights and int16 activations (pairs summed in int32:
+// 32 x 15 x 32767 fits) replace converting every weight to fp32.
+struct Int16Rows {
+  int64_t groups;               // per row: in / 32, rounded up (the last may be shorter)
+  std::vector<int16_t> values;  // [rows, in]
+  std::vector<float> step;      // [rows, groups]
+  std::vector<float> sum;       // [rows, groups]: fp32 sums of the group's activations
+  Int16Rows(const std::vector<float>& xf, int64_t rows, int64_t in_features)
+      : groups((in_features + kGroup - 1) / kGroup), values(rows * in_features),
+        step(rows * groups), sum(rows * groups) {
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t first = r * in_features + g * kGroup;
+        const int64_t count = std::min(kGroup, in_features - g * kGroup);
+        float top = 0.f, total = 0.f;
+        for (int64_t j = 0; j < count; ++j) {
+          top = std::max(top, std::abs(xf[first + j]));
+          total += xf[first + j];
+        }
+        step[r * groups + g] = top / 32767.f;
+        sum[r * groups + g] = total;
+        const float inverse = top > 0.f ? 32767.f / top : 0.f;
+        for (int64_t j = 0; j < count; ++j) {
+          values[first + j] = static_cast<int16_t>(std::nearbyint(xf[first + j] * inverse));
+        }
+      }
+    }
   }
 };
-#endif
 
-// out[r] = sum over groups of scale[g] * dot(q_g, x_r,g) + low[g] * sum(x_r,g), r < rows.
+// out[r] = sum over groups of scale[g] * step_r[g] * dot(q_g, x16_r,g) + low[g] * sum_r[g].
 template <int64_t Rows>
-void int4_row(const uint8_t* q, const float* scale, const float* low, const float* x,
-              const float* xsum, int64_t in_features, int64_t groups, float* out) {
+void int4_row(const uint8_t* q, const float* scale, const float* low, const Int16Rows& x,
+              int64_t row, int64_t in_features, int64_t groups, float* out) {
   float totals[Rows];
+  const int16_t* x16 = x.values.data() + row * in_features;
+  const float* step = x.step.data() + row * groups;
 #ifdef NEMOTRON_AVX2
   // Two accumulators per row, even and odd groups: one row's additions are not one long chain.
   __m256 acc[2][Rows];
   for (int64_t r = 0; r < Rows; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
+  const __m128i mask = _mm_set1_epi8(0x0F);
   const auto add_group = [&](int64_t g, __m256* into) {
-    const Group group(q + g * kGroupBytes);
-    const __m256 s = _mm256_set1_ps(scale[g]);
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * kGroupBytes));
+    const __m256i low16 = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, mask));  // values 0..15
+    const __m256i high16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask));
     for (int64_t r = 0; r < Rows; ++r) {
-      into[r] = _mm256_fmadd_ps(group.dot(x + r * in_features + g * kGroup), s, into[r]);
+      const int16_t* xr = x16 + r * in_features + g * kGroup;
+      const __m256i pairs = _mm256_add_epi32(
+          _mm256_madd_epi16(low16, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr))),
+          _mm256_madd_epi16(high16, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 16))));
+      into[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pairs),
+                                _mm256_set1_ps(scale[g] * step[r * groups + g]), into[r]);
     }
   };
   int64_t g = 0;
@@ -152,16 +170,16 @@ void int4_row(const uint8_t* q, const float* scale, const float* low, const floa
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* qg = q + g * kGroupBytes;
     for (int64_t r = 0; r < Rows; ++r) {
-      const float* xr = x + r * in_features + g * kGroup;
-      float d = 0.f;
-      for (int64_t j = 0; j < kGroupBytes; ++j) {
-        d += static_cast<float>(qg[j] & 0x0F) * xr[j] + static_cast<float>(qg[j] >> 4) * xr[j + 16];
-      }
-      totals[r] += scale[g] * d;
+      const int16_t* xr = x16 + r * in_features + g * kGroup;
+      int32_t d = 0;
+      for (int64_t j = 0; j < kGroupBytes; ++j) d += (qg[j] & 0x0F) * xr[j] + (qg[j] >> 4) * xr[j + 16];
+      totals[r] += scale[g] * step[r * groups + g] * static_cast<float>(d);
     }
   }
 #endif
-  for (int64_t r = 0; r < Rows; ++r) out[r] = totals[r] + dot(low, xsum + r * groups, groups);
+  for (int64_t r = 0; r < Rows; ++r) {
+    out[r] = totals[r] + dot(low, x.sum.data() + (row + r) * groups, groups);
+  }
 }
 
 // Calls row(Rows constant) with Rows = block (1..kRowBlock): the row kernels are templates on
@@ -194,20 +212,6 @@ void for_each_output(const at::Tensor& out, Compute compute) {
   });
 }
 
-// Each row's sum per group of 32 (the 4-bit minimums multiply them).
-std::vector<float> group_sums(const std::vector<float>& xf, int64_t rows, int64_t in_features) {
-  const int64_t groups = in_features / kGroup;
-  std::vector<float> sums(rows * groups);
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t g = 0; g < groups; ++g) {
-      float s = 0.f;
-      for (int64_t j = 0; j < kGroup; ++j) s += xf[r * in_features + g * kGroup + j];
-      sums[r * groups + g] = s;
-    }
-  }
-  return sums;
-}
-
 void check_int4(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& low,
                 const char* op) {
   TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
@@ -234,46 +238,61 @@ at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::
   at::Tensor out = int4_output(x, packed, scale, low, "int4_matmul");
   if (out.numel() == 0) return out;
   const int64_t rows = x.size(0), in_features = x.size(1), groups = in_features / kGroup;
-  const std::vector<float> xf = rows_as_float(x);
-  const std::vector<float> xsum = group_sums(xf, rows, in_features);
+  const Int16Rows x16(rows_as_float(x), rows, in_features);
   const uint8_t* q = packed.const_data_ptr<uint8_t>();
   const float* sc = scale.const_data_ptr<float>();
   const float* lo = low.const_data_ptr<float>();
   for_each_output(out, [&](int64_t n, int64_t r, int64_t block, float* values) {
     with_block(block, [&](auto rows_in_block) {
-      int4_row<decltype(rows_in_block)::value>(
-          q + n * groups * kGroupBytes, sc + n * groups, lo + n * groups,
-          xf.data() + r * in_features, xsum.data() + r * groups, in_features, groups, values);
+      int4_row<decltype(rows_in_block)::value>(q + n * groups * kGroupBytes, sc + n * groups,
+                                               lo + n * groups, x16, r, in_features, groups,
+                                               values);
     });
   });
   return out;
 }
 
-// out[r] = scale * dot(w, x_r), r < rows.
+// out[r] = scale * sum over groups of step_r[g] * dot(w_g, x16_r,g), r < rows: int8 weights
+// times the int16 activations (Int16Rows), pairs summed in int32 (32 x 128 x 32767 fits).
 template <int64_t Rows>
-void int8_row(const int8_t* w, float scale, const float* x, int64_t in_features, float* out) {
+void int8_row(const int8_t* w, float scale, const Int16Rows& x, int64_t row, int64_t in_features,
+              float* out) {
+  const int64_t groups = x.groups, full = in_features / kGroup;
   float totals[Rows];
-  int64_t k = 0;
+  int64_t g = 0;
 #ifdef NEMOTRON_AVX2
-  // Two accumulators per row (the two halves of each 16 values): shorter addition chains.
-  __m256 acc0[Rows], acc1[Rows];
-  for (int64_t r = 0; r < Rows; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
-  for (; k + 16 <= in_features; k += 16) {
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k));
-    const __m256 w0 = signed_bytes_to_float(bytes);
-    const __m256 w1 = signed_bytes_to_float(_mm_srli_si128(bytes, 8));
+  __m256 acc[2][Rows];
+  for (int64_t r = 0; r < Rows; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
+  const auto add_group = [&](int64_t group, __m256* into) {
+    const __m128i* wg = reinterpret_cast<const __m128i*>(w + group * kGroup);
+    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wg));
+    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wg + 1));
     for (int64_t r = 0; r < Rows; ++r) {
-      const float* xr = x + r * in_features + k;
-      acc0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc0[r]);
-      acc1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc1[r]);
+      const int16_t* xr = x.values.data() + (row + r) * in_features + group * kGroup;
+      const __m256i pairs = _mm256_add_epi32(
+          _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr))),
+          _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 16))));
+      into[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pairs),
+                                _mm256_set1_ps(x.step[(row + r) * groups + group]), into[r]);
     }
+  };
+  for (; g + 2 <= full; g += 2) {
+    add_group(g, acc[0]);
+    add_group(g + 1, acc[1]);
   }
-  for (int64_t r = 0; r < Rows; ++r) totals[r] = horizontal_sum(_mm256_add_ps(acc0[r], acc1[r]));
+  if (g < full) add_group(g++, acc[0]);
+  for (int64_t r = 0; r < Rows; ++r) totals[r] = horizontal_sum(_mm256_add_ps(acc[0][r], acc[1][r]));
 #else
   for (int64_t r = 0; r < Rows; ++r) totals[r] = 0.f;
 #endif
-  for (; k < in_features; ++k) {
-    for (int64_t r = 0; r < Rows; ++r) totals[r] += static_cast<float>(w[k]) * x[r * in_features + k];
+  for (; g < groups; ++g) {  // what the vector loop left: every group, or a last short one
+    const int64_t first = g * kGroup, count = std::min(kGroup, in_features - first);
+    for (int64_t r = 0; r < Rows; ++r) {
+      const int16_t* xr = x.values.data() + (row + r) * in_features + first;
+      int32_t d = 0;
+      for (int64_t j = 0; j < count; ++j) d += w[first + j] * xr[j];
+      totals[r] += x.step[(row + r) * groups + g] * static_cast<float>(d);
+    }
   }
   for (int64_t r = 0; r < Rows; ++r) out[r] = totals[r] * scale;
 }
@@ -293,13 +312,13 @@ at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& weight, const at::
   const int64_t rows = x.size(0);
   at::Tensor out = at::empty({rows, out_features}, x.options());
   if (rows == 0 || out_features == 0) return out;
-  const std::vector<float> xf = rows_as_float(x);
+  const Int16Rows x16(rows_as_float(x), rows, in_features);
   const int8_t* w = weight.const_data_ptr<int8_t>();
   const float* sc = scale.const_data_ptr<float>();
   for_each_output(out, [&](int64_t n, int64_t r, int64_t block, float* values) {
     with_block(block, [&](auto rows_in_block) {
-      int8_row<decltype(rows_in_block)::value>(w + n * in_features, sc[n],
-                                               xf.data() + r * in_features, in_features, values);
+      int8_row<decltype(rows_in_block)::value>(w + n * in_features, sc[n], x16, r, in_features,
+                                               values);
     });
   });
   return out;
