@@ -4,8 +4,8 @@ PyTorch has no fast path for a few rows times a 4-bit grouped matrix on a CPU wi
 (`_weight_int4pack_mm_for_cpu` read at about a quarter of the copy bandwidth on an AMD EPYC,
 docs/benchmarks.md), and its attention for one query per sequence costs a library call and a
 gathered copy of every key and value it reads. kernels.cpp holds three operators for those:
-`torch.ops.nemotron.int4_matmul`, `int8_matmul` (fp32 activations and arithmetic) and
-`decode_attention`.
+`torch.ops.nemotron.int4_matmul`, `int8_matmul` (activations as int16 per group of 32, products
+summed in integers, scales applied in fp32) and `decode_attention` (fp32 arithmetic).
 
 They are built at first use with the C++ compiler the compiled decode step needs anyway (g++ in
 the image), `-O3 -march=native` against this torch, into
