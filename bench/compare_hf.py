@@ -232,6 +232,22 @@ class Results:
     hf_levels: dict[int, float] = field(default_factory=dict)
 
 
+def start_compiled(
+    engine_dir: Path, options: RuntimeOptions, loop: asyncio.AbstractEventLoop
+) -> TorchRuntime:
+    """Our runtime on `engine_dir`, started, once every compiled decode size is in use."""
+    runtime = open_runtime(engine_dir, options)
+    loop.run_until_complete(runtime.start())  # from here on, tensor work stays in its thread
+    started = time.perf_counter()
+    compiled = runtime.wait_compiled()
+    print(
+        f"ours: decode compiled for batch sizes {compiled or 'none'} in "
+        f"{time.perf_counter() - started:.0f} s after ready",
+        flush=True,
+    )
+    return runtime
+
+
 def main() -> None:
     """Run every comparison and print the report."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -267,15 +283,7 @@ def main() -> None:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     options = RuntimeOptions(kv_cache_bytes=2_000_000_000, compiled_decode=args.compiled_decode)
-    runtime = open_runtime(engine.directory, options)
-    loop.run_until_complete(runtime.start())  # from here on, tensor work stays in its thread
-    started = time.perf_counter()
-    compiled = runtime.wait_compiled()  # measured once every compiled size is in use
-    print(
-        f"ours: decode compiled for batch sizes {compiled or 'none'} in "
-        f"{time.perf_counter() - started:.0f} s after ready",
-        flush=True,
-    )
+    runtime = start_compiled(engine.directory, options, loop)
     workload = Workload(args.requests, (16, 128), (32, 64), seed=0)
     specs = make_requests(workload, runtime.tokenizer.encode, runtime.graph.vocab_size)
     prompt32 = make_requests(

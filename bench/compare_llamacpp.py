@@ -25,7 +25,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from bench.compare_hf import (
     machine,
     memory_bandwidth_gbs,
     our_decode_rate,
+    start_compiled,
     weight_bytes_read_per_step,
 )
 from bench.loadgen import LoadReport, Workload, make_requests, run_load
@@ -43,7 +43,6 @@ from engine_build.profiles import load_profiles
 from engine_build.repository import EngineEntry, EngineRepository
 from service.runtime.compiled import SIZES as COMPILED_SIZES
 from service.runtime.compute import reserve_cores_for_compute_threads, run_in_compute_thread
-from service.runtime.factory import open_runtime
 from service.runtime.sizing import RuntimeOptions
 from service.server.flags import batch_sizes
 
@@ -217,15 +216,7 @@ def measure_ours(engine: EngineEntry, s: Settings) -> OurRun:
     options = RuntimeOptions(
         kv_cache_bytes=KV_CACHE_BYTES, threads=s.threads, compiled_decode=s.compiled_decode
     )
-    runtime = open_runtime(engine.directory, options)
-    loop.run_until_complete(runtime.start())  # from here on, tensor work stays in its thread
-    started = time.perf_counter()
-    compiled = runtime.wait_compiled()  # measured once every compiled size is in use
-    print(
-        f"ours: decode compiled for batch sizes {compiled or 'none'} in "
-        f"{time.perf_counter() - started:.0f} s after ready",
-        flush=True,
-    )
+    runtime = start_compiled(engine.directory, options, loop)
     encode, vocab = runtime.tokenizer.encode, runtime.graph.vocab_size
     lengths = (s.prompt_tokens, s.prompt_tokens), (s.new_tokens, s.new_tokens)
     prompt = make_requests(Workload(1, lengths[0], (1, 1), seed=1), encode, vocab)
