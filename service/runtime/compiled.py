@@ -36,11 +36,11 @@ import types
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch._dynamo.guards import GuardFilterEntry
 
 from engine_build.embedded import default_cache_dir
 from engine_build.events import log_event
@@ -51,6 +51,9 @@ from service.runtime.kv_pages import PagedKVStore
 from service.runtime.native import cxx_compiler
 from service.runtime.options import COMPILED_DECODE_SIZES
 
+if TYPE_CHECKING:  # importing torch._dynamo takes seconds; serving without compiling skips it
+    from torch._dynamo.guards import GuardFilterEntry
+
 SIZES = COMPILED_DECODE_SIZES
 MIN_CONTEXT = 2  # the dynamic context dimension starts here (a size-1 dimension specializes)
 TIMING_REPEATS = 5
@@ -60,7 +63,7 @@ COMPILE_THREAD = "decode-compile"
 TIMING_CONTEXT = 512
 # The generated wrapper checks no sizes, strides, alignments or scalars of what it is given (its
 # arguments are ours, checked by their guards; the weights and store are fixed once loaded):
-# ~600 checks a step in Python, ~3 ms of a ~25 ms batch-1 step here (docs/benchmarks.md).
+# ~640 checks a step in Python, ~3 ms of a ~25 ms batch-1 step here (docs/benchmarks.md).
 INDUCTOR_OPTIONS = {"size_asserts": False, "scalar_asserts": False, "alignment_asserts": False}
 
 
@@ -350,6 +353,11 @@ def argument_guards(guards: Sequence[GuardFilterEntry]) -> list[bool]:
     """Keep the guards on the step's arguments (their sizes pick each batch size's graph) and
     on global state (grad mode, the shape environment); drop those on the model and the store,
     fixed once loaded, and on module globals.
+
+    So nothing checks, on a call, what was fixed when a size's graph was made: the model's
+    modules and kernel choices, the store's tensors, `CompiledDecode.attention`. None of them
+    changes after `compile_decode` (kernel choices are installed before it; a size's attention
+    is chosen just before its graph); whatever would change them must make a new CompiledDecode.
 
     The dropped ones were ~5,700 checks (every module's hooks and attributes, every weight's
     metadata) on every call: ~3 ms of a ~20 ms batch-1 step on two AVX2 cores

@@ -20,8 +20,9 @@ Candidates per stored format:
 
 The choices are cached in the engine repository (`kernel-choices/<engine>-<machine>.json`),
 keyed by the machine's identity (CPU model, its instruction-set flags, the compute threads,
-torch's version), and by whether the native kernels loaded, so a restart on the same kind of
-machine measures nothing; a different machine measures again.
+torch's version), and by the native kernels' library they were measured with (none where it
+did not load), so a restart on the same kind of machine measures nothing; a different machine,
+or changed native kernels, measures again.
 """
 
 from __future__ import annotations

@@ -102,11 +102,13 @@ inline float dot(const float* a, const float* b, int64_t count) {
   return total;
 }
 
-// The activations of an int4 product as int16 per group of 32: x ~ step[g] * x16, step[g] =
-// max|x_g| / 32767 (0 for an all-zero group), rounded to nearest; each value within step / 2
-// of its fp32 one (a relative 1.5e-5 of the group's largest, where bf16 activations already
-// carry 2e-3). Integer products of 4-bit weights and int16 activations (pairs summed in int32:
-// 32 x 15 x 32767 fits) replace converting every weight to fp32.
+// The activations of a product as int16 per group of 32: x ~ step[g] * x16, step[g] =
+// max|x_g| / 32767, rounded to nearest; each value within step / 2 of its fp32 one, 1.5e-5 of
+// the group's largest (finer than the bf16 the activations arrive in for values above 1/128 of
+// their group's largest, coarser below). Integer products of the 4-bit or int8 weights and
+// int16 activations (pairs summed in int32) replace converting every weight to fp32. A group
+// whose largest is below 1e-30 is all zeros (step 0); one holding an inf or NaN gets an
+// infinite step and zero values, so its products come out NaN, as fp32 arithmetic's would.
 struct Int16Rows {
   int64_t groups;               // per row: in / 32, rounded up (the last may be shorter)
   std::vector<int16_t> values;  // [rows, in]
@@ -120,13 +122,17 @@ struct Int16Rows {
         const int64_t first = r * in_features + g * kGroup;
         const int64_t count = std::min(kGroup, in_features - g * kGroup);
         float top = 0.f, total = 0.f;
+        bool finite = true;
         for (int64_t j = 0; j < count; ++j) {
+          finite = finite && std::isfinite(xf[first + j]);
           top = std::max(top, std::abs(xf[first + j]));
           total += xf[first + j];
         }
+        if (!finite) top = std::numeric_limits<float>::infinity();
+        if (top < 1e-30f) top = 0.f;
         step[r * groups + g] = top / 32767.f;
         sum[r * groups + g] = total;
-        const float inverse = top > 0.f ? 32767.f / top : 0.f;
+        const float inverse = top > 0.f && finite ? 32767.f / top : 0.f;
         for (int64_t j = 0; j < count; ++j) {
           values[first + j] = static_cast<int16_t>(std::nearbyint(xf[first + j] * inverse));
         }
@@ -342,11 +348,12 @@ inline __m256 load8(const c10::BFloat16* p) {
 #endif
 
 #ifdef NEMOTRON_AVX2
-// exp of eight lanes, within 2 ulp of expf for x in [-87.3, 0] (below it: ~1e-38, not 0).
+// exp of eight lanes: within 1 ulp of the correctly rounded exp for x in [-87.3, 0] (checked
+// in steps of 1e-4; below -87.3: ~1e-38, not 0); NaN stays NaN.
 // Cephes' expf: exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts),
 // exp(r) by its degree-7 polynomial.
 inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  x = _mm256_max_ps(_mm256_set1_ps(-87.3f), x);  // maxps returns its second operand for NaN
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);

@@ -55,7 +55,7 @@ def test_int8_matmul_is_the_scaled_product(ops, rows, in_features):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 # query heads per KV head 3 (the embedded model), 8 (the 49B: two blocks of 4) and 5 (4 + 1);
 # head dims with and without a remainder past the 16-lane loops
-@pytest.mark.parametrize(("heads", "dim"), [(6, 64), (16, 72), (10, 40)])
+@pytest.mark.parametrize(("heads", "dim"), [(6, 64), (16, 72), (10, 36)])
 def test_decode_attention_is_sdpa_over_each_rows_slots(ops, dtype, heads, dim):
     slots, kv_heads, width = 50, 2, 21
     keys = torch.randn(slots, kv_heads, dim).to(dtype) * 3  # a wide spread of scores
@@ -70,6 +70,21 @@ def test_decode_attention_is_sdpa_over_each_rows_slots(ops, dtype, heads, dim):
     out = ops.decode_attention(q, keys, values, read, lengths, dim**-0.5)
     assert out.dtype == dtype and out.shape == q.shape
     _close(out, expected, 1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_non_finite_activations_stay_non_finite_and_tiny_ones_stay_finite(ops):
+    """The products round activations to int16 per group: a NaN or inf must not vanish in the
+    rounding (fp32 arithmetic would carry it), nor may a group of tiny values overflow it."""
+    x = torch.randn(3, 96)
+    x[0, 5] = float("nan")
+    x[1, 40] = float("inf")
+    x[2] *= 1e-35  # a scale of 32767 / max|x| past float's range
+    int8_weight, int8_scale = torch.randint(-128, 128, (16, 96), dtype=torch.int8), torch.rand(16)
+    packed, scale, low = quantize_int4(torch.randn(16, 96))
+    operands = native.int4_layout(unpack_int4(packed), scale, low)
+    for out in (ops.int8_matmul(x, int8_weight, int8_scale), ops.int4_matmul(x, *operands)):
+        assert not torch.isfinite(out[:2]).any()
+        assert torch.isfinite(out[2]).all() and float(out[2].abs().max()) < 1e-30
 
 
 def test_bad_operands_are_named_in_the_error(ops):
