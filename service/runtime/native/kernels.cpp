@@ -54,13 +54,26 @@ std::vector<float> rows_as_float(const at::Tensor& x) {
   return out;
 }
 
-void store(const at::Tensor& out, int64_t index, float value) {
-  if (out.scalar_type() == at::kFloat) {
-    out.mutable_data_ptr<float>()[index] = value;
-  } else {
-    out.mutable_data_ptr<c10::BFloat16>()[index] = c10::BFloat16(value);
+// Where values go in an output of either dtype: the pointer resolved once per product (getting
+// it from the tensor checks its storage and dtype, too slow for every element).
+struct Output {
+  float* f32 = nullptr;
+  c10::BFloat16* bf16 = nullptr;
+  explicit Output(const at::Tensor& out) {
+    if (out.scalar_type() == at::kFloat) {
+      f32 = out.mutable_data_ptr<float>();
+    } else {
+      bf16 = out.mutable_data_ptr<c10::BFloat16>();
+    }
   }
-}
+  void store(int64_t index, float value) const {
+    if (f32 != nullptr) {
+      f32[index] = value;
+    } else {
+      bf16[index] = c10::BFloat16(value);
+    }
+  }
+};
 
 void check_rows(const at::Tensor& x, int64_t in_features, const char* op) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), op, ": x must be a contiguous [rows, in] matrix");
@@ -208,13 +221,14 @@ inline void with_block(int64_t block, Kernel row) {
 template <typename Compute>
 void for_each_output(const at::Tensor& out, Compute compute) {
   const int64_t rows = out.size(0), out_features = out.size(1);
+  const Output destination(out);
   at::parallel_for(0, out_features, kGrainRows, [&](int64_t begin, int64_t end) {
     float values[kRowBlock];
     for (int64_t n = begin; n < end; ++n) {
       for (int64_t r = 0; r < rows; r += kRowBlock) {
         const int64_t block = std::min(kRowBlock, rows - r);
         compute(n, r, block, values);
-        for (int64_t i = 0; i < block; ++i) store(out, (r + i) * out_features + n, values[i]);
+        for (int64_t i = 0; i < block; ++i) destination.store((r + i) * out_features + n, values[i]);
       }
     }
   });
