@@ -91,12 +91,12 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-inline __m256 bytes_to_float(__m128i eight_bytes_low) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(eight_bytes_low));
-}
-
-inline __m256 signed_bytes_to_float(__m128i eight_bytes_low) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(eight_bytes_low));
+// dot(w, x) over a group of 32 in 8 fp32 lanes: w as int16 in two halves (values 0..15 and
+// 16..31), x the group's int16 activations; pairs summed in int32 (4 x 128 x 32767 fits).
+inline __m256 group_dot(__m256i w_first, __m256i w_second, const int16_t* x) {
+  const __m256i* xv = reinterpret_cast<const __m256i*>(x);
+  return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(w_first, _mm256_loadu_si256(xv)),
+                                             _mm256_madd_epi16(w_second, _mm256_loadu_si256(xv + 1))));
 }
 #endif
 
@@ -171,11 +171,7 @@ void int4_row(const uint8_t* q, const float* scale, const float* low, const Int1
     const __m256i low16 = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, mask));  // values 0..15
     const __m256i high16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask));
     for (int64_t r = 0; r < Rows; ++r) {
-      const int16_t* xr = x16 + r * in_features + g * kGroup;
-      const __m256i pairs = _mm256_add_epi32(
-          _mm256_madd_epi16(low16, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr))),
-          _mm256_madd_epi16(high16, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 16))));
-      into[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pairs),
+      into[r] = _mm256_fmadd_ps(group_dot(low16, high16, x16 + r * in_features + g * kGroup),
                                 _mm256_set1_ps(scale[g] * step[r * groups + g]), into[r]);
     }
   };
@@ -291,10 +287,7 @@ void int8_row(const int8_t* w, float scale, const Int16Rows& x, int64_t row, int
     const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wg + 1));
     for (int64_t r = 0; r < Rows; ++r) {
       const int16_t* xr = x.values.data() + (row + r) * in_features + group * kGroup;
-      const __m256i pairs = _mm256_add_epi32(
-          _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr))),
-          _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 16))));
-      into[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pairs),
+      into[r] = _mm256_fmadd_ps(group_dot(w0, w1, xr),
                                 _mm256_set1_ps(x.step[(row + r) * groups + group]), into[r]);
     }
   };
